@@ -1,0 +1,1 @@
+"""Annotation inputs of ``annotate_join``: CSV row schemas and validation, reader agreement."""

@@ -1,0 +1,208 @@
+"""The dataset card shipped with every release: ``card.md`` and ``card/montage.png``.
+
+The card counts the cohort by site, era, vendor, label and slice thickness, and audits
+shortcuts: how well one acquisition attribute alone (site, vendor, study year) predicts the
+typicality label. A rule that predicts each group's majority label scoring well above the
+overall majority baseline means a model can learn the hospital instead of the disease.
+Everything here depends only on its inputs, so the card's bytes are reproducible.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ctcurate.io.atomic import write_bytes
+from ctcurate.release import MetaValue
+
+CARD = "card.md"
+CARD_DIR = "card"
+MONTAGE = "montage.png"
+#: An attribute whose majority rule beats the baseline by more than this is flagged.
+SHORTCUT_LIFT = 0.10
+#: Cases shown in the montage per label value.
+MONTAGE_PER_LABEL = 4
+#: HU window of the montage (lung window).
+MONTAGE_WINDOW = (-1000.0, 400.0)
+#: Overlay colours of label values 1..3 (normal lung, GGO, consolidation).
+LABEL_COLOURS = ("#3b82f6", "#f59e0b", "#dc2626")
+
+Rows = Sequence[Mapping[str, MetaValue]]
+LoadCase = Callable[[str], tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]]
+
+#: (card heading, key in the case metadata) of the count tables.
+GROUPINGS = (
+    ("split", "split"),
+    ("site", "site"),
+    ("era", "era"),
+    ("cohort", "cohort"),
+    ("vendor", "manufacturer"),
+    ("slice thickness (mm)", "slice_thickness_mm"),
+    ("study year", "study_year"),
+)
+#: (card name, metadata key) of the attributes audited as shortcuts.
+SHORTCUTS = (("site", "site"), ("vendor", "manufacturer"), ("study year", "study_year"))
+
+
+def group_value(value: MetaValue) -> str:
+    """A metadata value as a group name (``unknown`` for missing)."""
+    if value is None:
+        return "unknown"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def count_table(rows: Rows, key: str) -> list[tuple[str, int, int, int]]:
+    """(group, non-typical cases, typical cases, total) per value of ``key``, sorted."""
+    table: dict[str, list[int]] = {}
+    for row in rows:
+        counts = table.setdefault(group_value(row.get(key)), [0, 0])
+        counts[1 if row.get("typical") == 1 else 0] += 1
+    return [(g, c[0], c[1], c[0] + c[1]) for g, c in sorted(table.items())]
+
+
+def shortcut_audit(rows: Rows, key: str) -> dict[str, Any]:
+    """How well the majority label of each ``key`` group predicts the label.
+
+    Returns ``groups``, ``accuracy`` of the per-group majority rule (in-sample, ties go to
+    the overall majority label), ``baseline`` (accuracy of always predicting the overall
+    majority label) and ``lift`` = accuracy - baseline.
+    """
+    labels = [1 if r.get("typical") == 1 else 0 for r in rows]
+    if not labels:
+        return {"groups": 0, "accuracy": 0.0, "baseline": 0.0, "lift": 0.0}
+    overall = Counter(labels)
+    majority = 1 if overall[1] > overall[0] else 0
+    by_group: dict[str, Counter[int]] = {}
+    for row, label in zip(rows, labels, strict=True):
+        by_group.setdefault(group_value(row.get(key)), Counter())[label] += 1
+    correct = 0
+    for counts in by_group.values():
+        if counts[0] == counts[1]:
+            correct += counts[majority]
+        else:
+            correct += max(counts[0], counts[1])
+    accuracy = correct / len(labels)
+    baseline = overall[majority] / len(labels)
+    return {
+        "groups": len(by_group),
+        "accuracy": round(accuracy, 4),
+        "baseline": round(baseline, 4),
+        "lift": round(accuracy - baseline, 4),
+    }
+
+
+def render_card(rows: Rows, excluded: Sequence[Mapping[str, str]], release_id: str) -> str:
+    """The markdown text of the dataset card."""
+    typical = sum(1 for r in rows if r.get("typical") == 1)
+    lines = [
+        "# Dataset card",
+        "",
+        f"Release `{release_id}`: {len(rows)} cases packed "
+        f"({typical} typical, {len(rows) - typical} non-typical), {len(excluded)} excluded.",
+        "",
+        "Label: `typical` = 1 for consensus RSNA grades 1-2 (typical / indeterminate),",
+        "0 for grades 3-4 (atypical / negative).",
+        "",
+        "## Shortcut audit",
+        "",
+        "Accuracy of predicting the label from one attribute alone (majority label per",
+        "group, in-sample) against always predicting the overall majority label. A large",
+        f"lift (> {SHORTCUT_LIFT:.2f}) means a model could score by recognising the attribute",
+        "instead of the disease.",
+        "",
+        "| attribute | groups | accuracy | baseline | lift | |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, key in SHORTCUTS:
+        audit = shortcut_audit(rows, key)
+        flag = "**shortcut risk**" if audit["lift"] > SHORTCUT_LIFT else ""
+        lines.append(
+            f"| {name} | {audit['groups']} | {audit['accuracy']:.3f} | "
+            f"{audit['baseline']:.3f} | {audit['lift']:+.3f} | {flag} |"
+        )
+    for heading, key in GROUPINGS:
+        lines += [
+            "",
+            f"## Cases by {heading}",
+            "",
+            f"| {heading} | non-typical | typical | total |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {g} | {n0} | {n1} | {n} |" for g, n0, n1, n in count_table(rows, key)]
+    reasons = Counter(e["reason"] for e in excluded)
+    lines += ["", "## Excluded cases", "", "| reason | cases |", "|---|---:|"]
+    lines += [f"| {reason} | {n} |" for reason, n in sorted(reasons.items())]
+    lines += [
+        "",
+        "## Example cases",
+        "",
+        f"![montage]({CARD_DIR}/{MONTAGE})",
+        "",
+        "Middle slice of each case (lung window) with the label overlay: blue normal lung,",
+        "orange ground-glass opacity, red consolidation.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def montage_cases(rows: Rows) -> list[str]:
+    """Case ids shown in the montage: the first few by case id of each label value."""
+    chosen: list[str] = []
+    for label in (1, 0):
+        ids = sorted(str(r["case_id"]) for r in rows if r.get("typical") == label)
+        chosen += ids[:MONTAGE_PER_LABEL]
+    return chosen
+
+
+def render_montage(
+    cases: Sequence[tuple[str, int, npt.NDArray[np.int16], npt.NDArray[np.uint8]]],
+) -> bytes:
+    """PNG bytes of the middle slices of ``(case_id, typical, image, label)`` with overlays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    cols = min(MONTAGE_PER_LABEL, max(len(cases), 1))
+    nrows = max(1, -(-len(cases) // cols))
+    overlay = ListedColormap(list(LABEL_COLOURS))
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.4 * nrows), squeeze=False)
+    try:
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, (case_id, typical, image, label) in zip(axes.ravel(), cases, strict=False):
+            mid = image.shape[0] // 2
+            ax.imshow(image[mid], cmap="gray", vmin=MONTAGE_WINDOW[0], vmax=MONTAGE_WINDOW[1])
+            masked = np.ma.masked_equal(label[mid].astype(np.int16), 0)
+            ax.imshow(masked, cmap=overlay, vmin=1, vmax=3, alpha=0.4, interpolation="nearest")
+            ax.set_title(f"{case_id[:10]}  typical={typical}", fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def write_card(
+    release_dir: Path,
+    rows: Rows,
+    excluded: Sequence[Mapping[str, str]],
+    release_id: str,
+    load_case: LoadCase,
+) -> None:
+    """Write ``card.md`` and ``card/montage.png`` into ``release_dir``."""
+    release_dir = Path(release_dir)
+    write_bytes(release_dir / CARD, render_card(rows, excluded, release_id).encode("utf-8"))
+    typical = {str(r["case_id"]): 1 if r.get("typical") == 1 else 0 for r in rows}
+    shown = [(cid, typical[cid], *load_case(cid)) for cid in montage_cases(rows)]
+    write_bytes(release_dir / CARD_DIR / MONTAGE, render_montage(shown))

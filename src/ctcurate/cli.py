@@ -1,0 +1,323 @@
+"""The ``ctcurate`` command line: one short command per DVC stage, no logic.
+
+Each command parses its options, loads and validates its ``params.yaml`` section and calls
+the stage's ``run``. A :class:`~ctcurate.errors.CtcurateError` ends in one line on stderr
+and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ctcurate import __version__
+from ctcurate.errors import CtcurateError
+from ctcurate.params import (
+    AnnotateJoinParams,
+    EvaluateParams,
+    IndexParams,
+    PackParams,
+    S,
+    SelectParams,
+    SnapshotParams,
+    SynthParams,
+    TrainParams,
+    load_section,
+)
+
+app = typer.Typer(
+    name="ctcurate",
+    help=(
+        "Turn an archive of anonymized CT DICOM into curated, versioned AI datasets "
+        "(snapshot, index, select, annotate-join, pack) and train / evaluate models on them."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[
+    Path,
+    typer.Option("--params", help="params.yaml holding this stage's section.", dir_okay=False),
+]
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _section_or_default(params: Path, name: str, model: type[S]) -> S:
+    """The validated section; the model's defaults when the default params file is absent."""
+    if params == DEFAULT_PARAMS and not params.exists():
+        return model()
+    return load_section(params, name, model)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctcurate {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Curated, versioned CT datasets."""
+
+
+@app.command()
+def synth(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Folder to write archive/, annotations/ and truth.parquet into.",
+            file_okay=False,
+        ),
+    ],
+    patients: Annotated[
+        int | None, typer.Option(help="Number of patients (overrides params).", min=1)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (overrides params).", min=0)] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Generate the built-in synthetic multi-hospital CT archive."""
+    from ctcurate import synth as stage
+
+    section = _section_or_default(params, "synth", SynthParams)
+    overrides = {k: v for k, v in {"patients": patients, "seed": seed}.items() if v is not None}
+    if overrides:
+        section = SynthParams.model_validate(section.model_dump() | overrides)
+    stage.run(out=out, params=section)
+
+
+@app.command()
+def snapshot(
+    archive: Annotated[
+        Path, typer.Option("--archive", help="Archive root folder.", file_okay=False)
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Listing Parquet file to write.", dir_okay=False)
+    ],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """List the archive (relative path, size, mtime), sorted, into one Parquet file."""
+    from ctcurate import snapshot as stage
+
+    stage.run(
+        archive=archive, out=out, params=_section_or_default(params, "snapshot", SnapshotParams)
+    )
+
+
+@app.command()
+def index(
+    archive: Annotated[
+        Path, typer.Option("--archive", help="Archive root folder.", file_okay=False)
+    ],
+    snapshot: Annotated[
+        Path, typer.Option("--snapshot", help="Listing from `snapshot`.", dir_okay=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Index folder to write.", file_okay=False)],
+    workers: Annotated[
+        int | None, typer.Option(help="Local worker processes (overrides params).", min=1)
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler address (tcp://HOST:PORT); local pool if omitted."),
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Read DICOM headers into instances / series / quarantine tables and a DuckDB catalog."""
+    from ctcurate import index as stage
+
+    section = _section_or_default(params, "index", IndexParams)
+    if workers is not None:
+        section = IndexParams.model_validate(section.model_dump() | {"workers": workers})
+    stage.run(archive=archive, snapshot=snapshot, out=out, params=section, scheduler=scheduler)
+
+
+class QueryFormat(StrEnum):
+    """Output formats of ``ctcurate query``."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL over the views instances, series, quarantine.")],
+    catalog: Annotated[
+        Path, typer.Option("--catalog", help="catalog.duckdb from `index`.", dir_okay=False)
+    ] = Path("data/index/catalog.duckdb"),
+    fmt: Annotated[
+        QueryFormat, typer.Option("--format", help="Output format.")
+    ] = QueryFormat.table,
+) -> None:
+    """Ad-hoc cohort queries over the index catalog."""
+    from ctcurate import query as stage
+
+    sys.stdout.write(stage.run(catalog=catalog, sql=sql, fmt=fmt.value))
+
+
+@app.command("select")
+def select_(
+    index: Annotated[
+        Path, typer.Option("--index", help="Index folder from `index`.", file_okay=False)
+    ],
+    rules: Annotated[
+        Path, typer.Option("--rules", help="Folder of *.sql rule files.", file_okay=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Selection folder to write.", file_okay=False)],
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth",
+            help="Synthetic ground truth, for precision / recall in the report.",
+            dir_okay=False,
+        ),
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Apply the selection rules and the era split to the indexed series."""
+    from ctcurate import select as stage
+
+    stage.run(
+        index_dir=index,
+        rules_dir=rules,
+        out=out,
+        truth=truth,
+        params=_section_or_default(params, "select", SelectParams),
+    )
+
+
+@app.command("annotate-join")
+def annotate_join(
+    selected: Annotated[
+        Path, typer.Option("--selected", help="series.parquet from `select`.", dir_okay=False)
+    ],
+    annotations: Annotated[
+        Path,
+        typer.Option("--annotations", help="Folder with pcr.csv and grades.csv.", file_okay=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Cases folder to write.", file_okay=False)],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Link PCR results and reader grades to the selected series."""
+    from ctcurate import annotate_join as stage
+
+    stage.run(
+        selected=selected,
+        annotations_dir=annotations,
+        out=out,
+        params=_section_or_default(params, "annotate_join", AnnotateJoinParams),
+    )
+
+
+@app.command()
+def pack(
+    cases: Annotated[
+        Path, typer.Option("--cases", help="cases.parquet from `annotate-join`.", dir_okay=False)
+    ],
+    index: Annotated[
+        Path, typer.Option("--index", help="Index folder from `index`.", file_okay=False)
+    ],
+    archive: Annotated[
+        Path, typer.Option("--archive", help="Archive root folder.", file_okay=False)
+    ],
+    annotations: Annotated[
+        Path,
+        typer.Option(
+            "--annotations", help="Folder with seg/ lesion masks (DICOM SEG).", file_okay=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Release folder to write.", file_okay=False)],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Build a content-addressed HDF5 release (volumes, masks, labels, splits, manifest)."""
+    from ctcurate import pack as stage
+
+    stage.run(
+        cases=cases,
+        index_dir=index,
+        archive=archive,
+        annotations_dir=annotations,
+        out=out,
+        params=_section_or_default(params, "pack", PackParams),
+    )
+
+
+@app.command()
+def verify(
+    release: Annotated[
+        Path, typer.Argument(help="Release folder holding manifest.json.", file_okay=False)
+    ],
+) -> None:
+    """Re-hash a release against its manifest; non-zero exit on any mismatch."""
+    from ctcurate import release as stage
+
+    typer.echo(stage.verify(release))
+
+
+@app.command()
+def train(
+    release: Annotated[
+        Path, typer.Option("--release", help="Release folder from `pack`.", file_okay=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Models folder to write.", file_okay=False)],
+    live: Annotated[
+        Path, typer.Option("--live", help="DVCLive folder for training curves.", file_okay=False)
+    ] = Path("dvclive/train"),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Train the lung / lesion segmentation and typicality models on a release."""
+    from ctcurate import train as stage
+
+    stage.run(
+        release=release,
+        out=out,
+        live=live,
+        params=_section_or_default(params, "train", TrainParams),
+    )
+
+
+@app.command()
+def evaluate(
+    release: Annotated[
+        Path, typer.Option("--release", help="Release folder from `pack`.", file_okay=False)
+    ],
+    models: Annotated[
+        Path, typer.Option("--models", help="Models folder from `train`.", file_okay=False)
+    ],
+    metrics: Annotated[
+        Path, typer.Option("--metrics", help="Metrics JSON file to write.", dir_okay=False)
+    ],
+    plots: Annotated[
+        Path, typer.Option("--plots", help="Folder for plot data and images.", file_okay=False)
+    ],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Evaluate the models on the release's test split."""
+    from ctcurate import evaluate as stage
+
+    stage.run(
+        release=release,
+        models=models,
+        metrics=metrics,
+        plots=plots,
+        params=_section_or_default(params, "evaluate", EvaluateParams),
+    )
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and a non-zero exit."""
+    try:
+        app()
+    except CtcurateError as exc:
+        sys.stderr.write(f"ctcurate: error: {exc}\n")
+        sys.exit(exc.exit_code)

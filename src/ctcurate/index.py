@@ -1,0 +1,515 @@
+"""index: DICOM headers of every listed archive file → instances, series, quarantine.
+
+Every file of the snapshot listing ends in exactly one of ``instances.parquet`` (indexed),
+``quarantine.parquet`` (a reason code and a detail naming tags, never values) or
+``skipped.parquet`` (DICOMDIR, byte-identical copies of an instance), and the run checks
+``files_seen == files_indexed + files_quarantined + files_skipped`` before publishing.
+
+Duplicates are keyed on (site, SOPInstanceUID): within one site, identical bytes are indexed
+once and the other copies skipped, different bytes quarantine every copy ``uid_conflict``.
+The same instance sent by two sites is indexed under both and flagged
+``uid_shared_across_sites`` (sites anonymize independently, so their bytes may differ).
+
+Layers: pure table builders (:func:`resolve_duplicates`, :func:`instances_table`,
+:func:`series_table`, :func:`series_geometry`, :func:`build_report`) and :func:`run`, which
+reads the listing, fans the header reads out over a local process pool and publishes the
+output folder atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import multiprocessing
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from itertools import pairwise, repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ctcurate.errors import AccountingError, CtcurateError, InputError
+from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.dicom import FileOutcome, init_worker, scan_files
+from ctcurate.io.tables import read_parquet, write_parquet
+from ctcurate.log import get_logger, progress
+from ctcurate.params import IndexParams
+
+log = get_logger("index")
+
+#: Slices closer than this along the normal share one position (mm).
+DUPLICATE_TOL_MM = 0.01
+#: A step larger than this multiple of the median step is a gap (missing slices).
+GAP_FACTOR = 1.5
+#: Steps differing by more than this make the spacing "varying" (mm).
+SPACING_TOL_MM = 0.05
+#: Stacking direction more than this off the slice normal is a gantry tilt (degrees).
+TILT_TOL_DEG = 0.5
+#: Normals further than this from every patient axis are "oblique" (degrees).
+OBLIQUE_LIMIT_DEG = 30.0
+#: Orientation components differing by more than this are another orientation.
+ORIENTATION_TOL = 1e-3
+_MM_DECIMALS, _DEG_DECIMALS = 6, 4
+
+#: Body region guess: the first field (BodyPartExamined, SeriesDescription,
+#: ConvolutionKernel) holding one of these words decides, regions tried in this order.
+REGION_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("chest", re.compile(r"CHEST|THORA|TORAX|LUNG|PULM|THX")),
+    ("head", re.compile(r"HEAD|BRAIN|SKULL|CRAN|NEURO|CEREB|SINUS|ORBIT")),
+    ("abdomen", re.compile(r"ABD|PELVI|LIVER|KIDNEY|RENAL|PANCREA|COLON")),
+)
+
+_STR, _F64, _I64 = pa.string(), pa.float64(), pa.int64()
+INSTANCE_SCHEMA = pa.schema(
+    [
+        pa.field("path", _STR, nullable=False),
+        ("size", _I64),
+        ("mtime_ns", _I64),
+        ("site", _STR),
+        ("sop_instance_uid", _STR),
+        ("sop_class_uid", _STR),
+        ("series_instance_uid", _STR),
+        ("study_instance_uid", _STR),
+        ("patient_id", _STR),
+        ("study_date", pa.date32()),
+        ("modality", _STR),
+        ("image_type", _STR),
+        ("series_description", _STR),
+        ("body_part_examined", _STR),
+        ("convolution_kernel", _STR),
+        ("manufacturer", _STR),
+        ("slice_thickness", _F64),
+        ("pixel_spacing_row", _F64),
+        ("pixel_spacing_col", _F64),
+        ("rows", _I64),
+        ("columns", _I64),
+        ("image_position_x", _F64),
+        ("image_position_y", _F64),
+        ("image_position_z", _F64),
+        ("image_orientation", pa.list_(_F64)),
+        ("instance_number", _I64),
+        ("transfer_syntax_uid", _STR),
+        ("rescale_slope", _F64),
+        ("rescale_intercept", _F64),
+        ("burned_in_annotation", _STR),
+        ("flags", pa.list_(_STR)),
+    ]
+)
+#: Series columns copied from the series' instances (first non-null value in path order).
+SERIES_COPIED = (
+    "study_instance_uid",
+    "patient_id",
+    "study_date",
+    "modality",
+    "sop_class_uid",
+    "image_type",
+    "series_description",
+    "body_part_examined",
+    "convolution_kernel",
+    "manufacturer",
+    "rows",
+    "columns",
+    "pixel_spacing_row",
+    "pixel_spacing_col",
+    "slice_thickness",
+)
+SERIES_SCHEMA = pa.schema(
+    [
+        pa.field("series_instance_uid", _STR, nullable=False),
+        ("site", _STR),
+        *[INSTANCE_SCHEMA.field(name) for name in SERIES_COPIED],
+        ("slice_count", _I64),
+        ("orientation", _STR),
+        ("gantry_tilt_deg", _F64),
+        ("spacing_min_mm", _F64),
+        ("spacing_max_mm", _F64),
+        ("z_coverage_mm", _F64),
+        ("n_gaps", _I64),
+        ("n_duplicate_positions", _I64),
+        ("body_region", _STR),
+        ("flags", pa.list_(_STR)),
+    ]
+)
+REASON_SCHEMA = pa.schema(
+    [
+        pa.field("path", _STR, nullable=False),
+        pa.field("reason", _STR, nullable=False),
+        ("detail", _STR),
+    ]
+)
+VIEWS = ("instances", "series", "quarantine", "skipped")
+
+
+# --- pure core ------------------------------------------------------------------------------
+
+
+def resolve_duplicates(
+    outcomes: Sequence[FileOutcome], digest: Callable[[str], str | None]
+) -> list[FileOutcome]:
+    """Apply the duplicate rules to indexed outcomes sorted by path.
+
+    ``digest(path)`` returns a content hash of the file (``None`` if it cannot be read);
+    it is called only for files sharing (site, SOPInstanceUID) with another file.
+    """
+    out = list(outcomes)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, o in enumerate(out):
+        if o.record is not None:
+            key = (o.record["site"] or "", o.record["sop_instance_uid"])
+            groups.setdefault(key, []).append(i)
+    for idxs in groups.values():
+        if len(idxs) < 2:
+            continue
+        digests = [digest(out[i].path) for i in idxs]
+        if None not in digests and len(set(digests)) == 1:
+            kept = out[idxs[0]].path
+            for i in idxs[1:]:
+                out[i] = FileOutcome(
+                    out[i].path, "skipped", "duplicate_identical", f"same bytes as {kept}"
+                )
+        else:
+            detail = f"SOPInstanceUID shared by {len(idxs)} files of the site, bytes differ"
+            for i in idxs:
+                out[i] = FileOutcome(out[i].path, "quarantined", "uid_conflict", detail)
+    sites: dict[str, set[str]] = {}
+    for o in out:
+        if o.record is not None:
+            sites.setdefault(o.record["sop_instance_uid"], set()).add(o.record["site"] or "")
+    for i, o in enumerate(out):
+        if o.record is not None and len(sites[o.record["sop_instance_uid"]]) > 1:
+            flags = sorted({*o.record["flags"], "uid_shared_across_sites"})
+            out[i] = replace(o, record={**o.record, "flags": flags})
+    return out
+
+
+def instances_table(outcomes: Iterable[FileOutcome]) -> pa.Table:
+    """The ``instances`` table of the indexed outcomes, sorted by path."""
+    rows = sorted((o.record for o in outcomes if o.record is not None), key=lambda r: r["path"])
+    return pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA)
+
+
+def reasons_table(outcomes: Iterable[FileOutcome], status: str) -> pa.Table:
+    """``path, reason, detail`` of the outcomes with ``status``, sorted by path."""
+    rows = sorted(
+        (
+            {"path": o.path, "reason": o.reason, "detail": o.detail}
+            for o in outcomes
+            if o.status == status
+        ),
+        key=lambda r: str(r["path"]),
+    )
+    return pa.Table.from_pylist(rows, schema=REASON_SCHEMA)
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Geometry of one series from its slice positions along the slice normal."""
+
+    orientation: str = "unknown"
+    gantry_tilt_deg: float | None = None
+    spacing_min_mm: float | None = None
+    spacing_max_mm: float | None = None
+    z_coverage_mm: float | None = None
+    n_gaps: int = 0
+    n_duplicate_positions: int = 0
+    flags: tuple[str, ...] = field(default=())
+
+
+def orientation_label(normal: np.ndarray) -> str:
+    """``axial``/``coronal``/``sagittal`` for a unit slice normal near a patient axis."""
+    a = np.abs(normal)
+    axis = int(np.argmax(a))
+    angle = math.degrees(math.acos(min(1.0, float(a[axis]))))
+    if angle > OBLIQUE_LIMIT_DEG:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def series_geometry(positions: np.ndarray, orientations: np.ndarray) -> SeriesGeometry:
+    """Spacing, coverage, gaps, duplicates, orientation and tilt of one series.
+
+    Parameters
+    ----------
+    positions
+        ``(n, 3)`` ImagePositionPatient in mm; NaN where unknown.
+    orientations
+        ``(n, 6)`` ImageOrientationPatient; NaN where unknown.
+
+    Positions are projected on the slice normal (row × column direction of the first slice
+    with a known geometry) and sorted; steps within :data:`DUPLICATE_TOL_MM` are duplicate
+    positions, steps over :data:`GAP_FACTOR` × the median step are gaps. The gantry tilt is
+    the angle between the normal and the line from the first to the last slice position.
+    """
+    flags: list[str] = []
+    ok = np.isfinite(positions).all(axis=1) & np.isfinite(orientations).all(axis=1)
+    if not ok.all():
+        flags.append("missing_geometry")
+    if not ok.any():
+        return SeriesGeometry(flags=tuple(flags))
+    pos, ori = positions[ok], orientations[ok]
+    ref = ori[0]
+    if float(np.abs(ori - ref).max()) > ORIENTATION_TOL:
+        flags.append("mixed_orientation")
+    normal = np.cross(ref[:3] / np.linalg.norm(ref[:3]), ref[3:] / np.linalg.norm(ref[3:]))
+    norm = float(np.linalg.norm(normal))
+    if norm < 0.5:  # row and column directions (nearly) parallel
+        return SeriesGeometry(flags=(*flags, "bad_image_orientation_patient"))
+    normal = normal / norm
+    along = pos @ normal
+    order = np.argsort(along, kind="stable")
+    steps = np.diff(along[order])
+    duplicate = steps <= DUPLICATE_TOL_MM
+    spacing = steps[~duplicate]
+    n_dup = int(duplicate.sum())
+    n_gaps, smin, smax, tilt = 0, None, None, None
+    if spacing.size:
+        median = float(np.median(spacing))
+        n_gaps = int((spacing > GAP_FACTOR * median).sum())
+        smin, smax = float(spacing.min()), float(spacing.max())
+        stack = pos[order[-1]] - pos[order[0]]
+        cos = abs(float(stack @ normal)) / float(np.linalg.norm(stack))
+        tilt = round(math.degrees(math.acos(min(1.0, cos))), _DEG_DECIMALS)
+        if n_gaps:
+            flags.append("gaps")
+        if smax - smin > SPACING_TOL_MM:
+            flags.append("varying_spacing")
+        if tilt > TILT_TOL_DEG:
+            flags.append("gantry_tilt")
+    if n_dup:
+        flags.append("duplicate_positions")
+    return SeriesGeometry(
+        orientation=orientation_label(normal),
+        gantry_tilt_deg=tilt,
+        spacing_min_mm=None if smin is None else round(smin, _MM_DECIMALS),
+        spacing_max_mm=None if smax is None else round(smax, _MM_DECIMALS),
+        z_coverage_mm=round(float(along[order[-1]] - along[order[0]]), _MM_DECIMALS),
+        n_gaps=n_gaps,
+        n_duplicate_positions=n_dup,
+        flags=tuple(flags),
+    )
+
+
+def body_region(body_part: str | None, description: str | None, kernel: str | None) -> str:
+    """Guess ``chest``/``head``/``abdomen``/``unknown`` from the series' words."""
+    for text in (body_part, description, kernel):
+        if not text:
+            continue
+        upper = text.upper()
+        for region, pattern in REGION_PATTERNS:
+            if pattern.search(upper):
+                return region
+    return "unknown"
+
+
+def _group_bounds(keys: list[tuple[str, str]]) -> Iterator[tuple[int, int]]:
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            yield start, i
+            start = i
+
+
+def series_table(instances: pa.Table) -> pa.Table:
+    """One row per (site, series_instance_uid) of ``instances``, sorted by those."""
+    cols = instances.to_pydict()
+    n = instances.num_rows
+    order = sorted(
+        range(n),
+        key=lambda i: (
+            cols["site"][i] is None,
+            cols["site"][i] or "",
+            cols["series_instance_uid"][i],
+            cols["path"][i],
+        ),
+    )
+    keys = [(cols["site"][i] or "", cols["series_instance_uid"][i]) for i in order]
+    xyz = np.array(
+        [[np.nan if v is None else v for v in cols[f"image_position_{a}"]] for a in "xyz"],
+        dtype=np.float64,
+    ).T.reshape(n, 3)
+    ori = np.full((n, 6), np.nan)
+    for i, value in enumerate(cols["image_orientation"]):
+        if value is not None:
+            ori[i] = value
+    rows: list[dict[str, Any]] = []
+    for start, stop in _group_bounds(keys):
+        members = order[start:stop]
+        first = members[0]
+        row: dict[str, Any] = {
+            "series_instance_uid": cols["series_instance_uid"][first],
+            "site": cols["site"][first],
+        }
+        for name in SERIES_COPIED:
+            row[name] = next((cols[name][i] for i in members if cols[name][i] is not None), None)
+        geo = series_geometry(xyz[members], ori[members])
+        flags = {f for i in members for f in cols["flags"][i]} | set(geo.flags)
+        if len({cols["study_instance_uid"][i] for i in members}) > 1:
+            flags.add("mixed_study")
+        if len({(cols["rows"][i], cols["columns"][i]) for i in members}) > 1:
+            flags.add("mixed_matrix")
+        row |= {
+            "slice_count": len(members),
+            "orientation": geo.orientation,
+            "gantry_tilt_deg": geo.gantry_tilt_deg,
+            "spacing_min_mm": geo.spacing_min_mm,
+            "spacing_max_mm": geo.spacing_max_mm,
+            "z_coverage_mm": geo.z_coverage_mm,
+            "n_gaps": geo.n_gaps,
+            "n_duplicate_positions": geo.n_duplicate_positions,
+            "body_region": body_region(
+                row["body_part_examined"], row["series_description"], row["convolution_kernel"]
+            ),
+            "flags": sorted(flags),
+        }
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=SERIES_SCHEMA)
+
+
+def build_report(
+    files_seen: int, quarantine: pa.Table, skipped: pa.Table, n_indexed: int, n_series: int
+) -> dict[str, Any]:
+    """``report.json`` of one run; raises AccountingError if the files do not balance."""
+    report = {
+        "files_seen": files_seen,
+        "files_indexed": n_indexed,
+        "files_quarantined": quarantine.num_rows,
+        "files_skipped": skipped.num_rows,
+        "quarantine_reasons": dict(sorted(Counter(quarantine["reason"].to_pylist()).items())),
+        "skip_reasons": dict(sorted(Counter(skipped["reason"].to_pylist()).items())),
+        "series": n_series,
+    }
+    accounted = n_indexed + quarantine.num_rows + skipped.num_rows
+    if accounted != files_seen:
+        msg = (
+            f"index does not balance: {files_seen} files seen, {n_indexed} indexed + "
+            f"{quarantine.num_rows} quarantined + {skipped.num_rows} skipped = {accounted}"
+        )
+        raise AccountingError(msg)
+    return report
+
+
+# --- I/O ------------------------------------------------------------------------------------
+
+
+def read_listing(snapshot: Path) -> list[tuple[str, int, int]]:
+    """The snapshot listing as sorted ``(path, size, mtime_ns)``; unique paths required."""
+    table = read_parquet(snapshot, columns=["path", "size", "mtime_ns"])
+    paths = table["path"].to_pylist()
+    sizes = table["size"].to_pylist()
+    mtimes = table["mtime_ns"].to_pylist()
+    entries: list[tuple[str, int, int]] = []
+    for row, (p, s, m) in enumerate(zip(paths, sizes, mtimes, strict=True)):
+        if p is None:
+            msg = f"{snapshot}: row {row} has no path"
+            raise InputError(msg)
+        entries.append((p, -1 if s is None else s, -1 if m is None else m))
+    entries.sort()
+    for a, b in pairwise(entries):
+        if a[0] == b[0]:
+            msg = f"{snapshot}: a path is listed twice (row of {a[0]!r})"
+            raise InputError(msg)
+    return entries
+
+
+def _chunks(entries: Sequence[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
+    return [list(entries[i : i + size]) for i in range(0, len(entries), size)]
+
+
+def scan(
+    archive: Path, entries: Sequence[tuple[str, int, int]], params: IndexParams
+) -> list[FileOutcome]:
+    """Read every listed file on ``params.workers`` processes; outcomes in listing order."""
+    if not entries:
+        return []
+    per_chunk = max(1, min(params.chunk_files, math.ceil(len(entries) / (4 * params.workers))))
+    chunks = _chunks(entries, per_chunk)
+    max_bytes = int(params.max_file_mb * 2**20)
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    with ProcessPoolExecutor(
+        max_workers=min(params.workers, len(chunks)),
+        mp_context=context,
+        initializer=init_worker,
+        initargs=(params.timeout_s,),
+    ) as pool:
+        results = pool.map(scan_files, repeat(str(archive)), chunks, repeat(max_bytes))
+        flat = (o for chunk in results for o in chunk)
+        return list(progress(flat, len(entries), "index", log))
+
+
+def sha256_or_none(archive: Path, path: str) -> str | None:
+    """Hex sha256 of an archive file, ``None`` if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with archive.joinpath(*path.split("/")).open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def write_catalog(folder: Path) -> None:
+    """``catalog.duckdb`` in ``folder``: views over the Parquet files, by relative path."""
+    import duckdb
+
+    con = duckdb.connect(str(folder / "catalog.duckdb"))
+    try:
+        con.execute(f"SET file_search_path = '{_sql_text(str(folder.resolve()))}'")
+        for view in VIEWS:
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{view}.parquet')")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+def _sql_text(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def run(
+    archive: Path,
+    snapshot: Path,
+    out: Path,
+    params: IndexParams,
+    scheduler: str | None,
+) -> None:
+    """Index every file of the ``snapshot`` listing of ``archive`` into the folder ``out``."""
+    if scheduler is not None:
+        msg = (
+            "--scheduler is not yet supported: the Dask executor is planned; "
+            "run without it to use the local process pool (--workers N)"
+        )
+        raise CtcurateError(msg)
+    archive = Path(archive)
+    if not archive.is_dir():
+        msg = f"{archive}: archive folder not found"
+        raise InputError(msg)
+    entries = read_listing(Path(snapshot))
+    log.info("listing holds %d files; %d workers", len(entries), params.workers)
+    outcomes = scan(archive, entries, params)
+    outcomes = resolve_duplicates(outcomes, lambda p: sha256_or_none(archive, p))
+    instances = instances_table(outcomes)
+    quarantine = reasons_table(outcomes, "quarantined")
+    skipped = reasons_table(outcomes, "skipped")
+    series = series_table(instances)
+    report = build_report(len(entries), quarantine, skipped, instances.num_rows, series.num_rows)
+    with atomic_dir(Path(out)) as tmp:
+        write_parquet(tmp / "instances.parquet", instances)
+        write_parquet(tmp / "series.parquet", series)
+        write_parquet(tmp / "quarantine.parquet", quarantine)
+        write_parquet(tmp / "skipped.parquet", skipped)
+        write_catalog(tmp)
+        write_json(tmp / "report.json", report)
+    log.info(
+        "indexed %d, quarantined %d, skipped %d of %d files; %d series",
+        instances.num_rows,
+        quarantine.num_rows,
+        skipped.num_rows,
+        len(entries),
+        series.num_rows,
+    )

@@ -1,0 +1,757 @@
+"""DICOM header reading for ``index``: one archive file in, one outcome out.
+
+A file is read header-only (pydicom, ``stop_before_pixels``) and checked without decoding
+any pixel:
+
+- it must be DICOM: a preamble with file meta, or else the core attributes
+  (SOPInstanceUID, SeriesInstanceUID, Modality) with valid UIDs — ``dcmread(force=True)``
+  alone accepts text and random bytes;
+- PHI-bearing attributes must be empty, also inside sequences (tag names are reported,
+  never values);
+- its transfer syntax must have an installed pixel decoder;
+- its pixel data must be all there: a length check from Rows, Columns, SamplesPerPixel,
+  BitsAllocated and NumberOfFrames against the bytes after the PixelData tag (native
+  syntaxes), or a walk over the fragment headers (encapsulated syntaxes).
+
+Every failure becomes a quarantine reason; no exception escapes :func:`read_instance`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+import re
+import signal
+import struct
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import FrameType
+from typing import Any, BinaryIO, Literal
+
+import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+Status = Literal["indexed", "quarantined", "skipped"]
+
+#: Attributes whose non-empty value means the file was not anonymized (keywords).
+PHI_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "OperatorsName",
+)
+#: Attributes a file without preamble / file meta must carry to be accepted as DICOM.
+CORE_KEYWORDS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID", "Modality")
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+NATIVE_SYNTAXES = frozenset(
+    {
+        ImplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        DeflatedExplicitVRLittleEndian,
+    }
+)
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # PixelData, Float, DoubleFloat
+_ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"})
+_LONG_VRS |= {b"UR", b"UT", b"UV"}
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_MAX_CHARS = 64
+_MAX_SEQ_DEPTH = 16
+_HEAD_BYTES = 1 << 16
+_INT64_LIMIT = 1 << 63
+_EMPTY_CHARS = " \x00^="  # a PN made of separators only is empty
+_MIN_AXIS_NORM = 0.5  # ImageOrientationPatient row / column vectors shorter than this are bad
+
+_PHI_TAGS = {int(BaseTag(pydicom.datadict.tag_for_keyword(k) or 0)): k for k in PHI_KEYWORDS}
+
+
+@dataclass(frozen=True, slots=True)
+class FileOutcome:
+    """What became of one listed file.
+
+    ``record`` holds the ``instances`` columns when ``status == "indexed"``; ``reason`` and
+    ``detail`` say why a file was quarantined or skipped (tag names, never values).
+    """
+
+    path: str
+    status: Status
+    reason: str | None = None
+    detail: str | None = None
+    record: dict[str, Any] | None = None
+
+
+class _Reject(Exception):
+    """Ends the checks of one file with a quarantine or skip outcome."""
+
+    def __init__(self, reason: str, detail: str, status: Status = "quarantined") -> None:
+        super().__init__(reason)
+        self.reason, self.detail, self.status = reason, detail, status
+
+
+class _FileTimeout(BaseException):
+    """Raised by the alarm when one file takes longer than the per-file time cap.
+
+    A ``BaseException`` so that no ``except Exception`` inside a reader swallows it.
+    """
+
+
+_timeout_s: float = 0.0
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise _FileTimeout
+
+
+def init_worker(timeout_s: float) -> None:
+    """Prepare a worker process: per-file time cap (SIGALRM) and a quiet pydicom logger."""
+    import logging
+
+    global _timeout_s  # noqa: PLW0603 - per-process setting of a pool worker
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # its messages may quote values
+    if timeout_s > 0 and hasattr(signal, "setitimer"):
+        signal.signal(signal.SIGALRM, _on_alarm)
+        _timeout_s = timeout_s
+
+
+def scan_files(
+    archive: str, entries: Sequence[tuple[str, int, int]], max_bytes: int
+) -> list[FileOutcome]:
+    """Read every ``(path, size, mtime_ns)`` of ``entries`` under ``archive`` (worker task).
+
+    In a process set up by :func:`init_worker` each file gets the per-file time cap; a file
+    exceeding it is quarantined ``timeout``.
+    """
+    root = Path(archive)
+    out: list[FileOutcome] = []
+    for path, size, mtime_ns in entries:
+        if _timeout_s > 0:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, _timeout_s)
+                outcome = read_instance(root, path, size, mtime_ns, max_bytes)
+            except _FileTimeout:
+                outcome = FileOutcome(path, "quarantined", "timeout", f"over {_timeout_s:g} s")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        else:
+            outcome = read_instance(root, path, size, mtime_ns, max_bytes)
+        out.append(outcome)
+    return out
+
+
+def read_instance(
+    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int
+) -> FileOutcome:
+    """Read and check one listed file; never raises for anything the file contains.
+
+    Parameters
+    ----------
+    archive
+        Archive root.
+    path, size, mtime_ns
+        The file's listing row (``path`` POSIX, relative to ``archive``).
+    max_bytes
+        Larger files are quarantined ``too_large`` without being read.
+    """
+    try:
+        record = _read_checked(archive, path, size, mtime_ns, max_bytes)
+    except _Reject as rej:
+        return FileOutcome(path, rej.status, rej.reason, rej.detail)
+    except OSError as exc:
+        return FileOutcome(path, "quarantined", "unreadable", f"I/O error ({type(exc).__name__})")
+    except Exception as exc:  # a malformed header must not end the batch: quarantine it
+        return FileOutcome(
+            path, "quarantined", "unreadable", f"header does not parse ({type(exc).__name__})"
+        )
+    return FileOutcome(path, "indexed", record=record)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _resolve(archive: Path, path: str) -> Path:
+    rel = PurePosixPath(path)
+    if not path or rel.is_absolute() or ".." in rel.parts:
+        msg = "listing path is outside the archive"
+        raise _Reject(reason="unreadable", detail=msg)
+    return archive.joinpath(*rel.parts)
+
+
+def _read_checked(
+    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int
+) -> dict[str, Any]:
+    full = _resolve(archive, path)
+    try:
+        st = full.stat()
+    except FileNotFoundError:
+        msg = "file vanished since the snapshot"
+        raise _Reject(reason="unreadable", detail=msg) from None
+    except OSError as exc:
+        msg = f"cannot stat ({type(exc).__name__})"
+        raise _Reject(reason="unreadable", detail=msg) from None
+    if not full.is_file():
+        msg = "not a regular file"
+        raise _Reject(reason="unreadable", detail=msg)
+    if st.st_size > max_bytes:
+        msg = f"{st.st_size} bytes, over the {max_bytes} byte cap (max_file_mb)"
+        raise _Reject(reason="too_large", detail=msg)
+    flags: list[str] = []
+    if st.st_size != size or st.st_mtime_ns != mtime_ns:
+        flags.append("changed_since_snapshot")
+
+    with full.open("rb") as fp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head = fp.read(_HEAD_BYTES)
+        has_preamble = head[128:132] == b"DICM"
+        meta_ts = _meta_transfer_syntax(head) if has_preamble else None
+        fp.seek(0)
+        ds, stream, stream_size = _parse(fp, st.st_size, has_preamble, meta_ts, max_bytes)
+        has_meta = "TransferSyntaxUID" in ds.file_meta
+        trusted = has_preamble and has_meta
+        if _sop_class(ds) == DICOMDIR_SOP_CLASS:
+            msg = "media storage directory (DICOMDIR)"
+            raise _Reject(reason="dicomdir", detail=msg, status="skipped")
+        if not trusted:  # garbage parsed with force=True is not DICOM, whatever its lengths
+            _check_core(ds, trusted=False)
+        _check_complete(ds)
+        _check_core(ds, trusted=trusted)
+        phi = phi_tags(ds)
+        if phi:
+            raise _Reject(reason="phi_present", detail=",".join(phi))
+        ts = str(ds.file_meta.TransferSyntaxUID) if has_meta else None
+        _check_decoder(ts)
+        _check_pixels(ds, ts, stream, stream_size)
+        if not has_meta:
+            flags.append("no_meta")
+        return instance_record(ds, path, size, mtime_ns, ts, flags)
+
+
+def _parse(
+    fp: BinaryIO, size: int, has_preamble: bool, meta_ts: str | None, max_bytes: int
+) -> tuple[Dataset, BinaryIO, int]:
+    """Parse up to the pixel data; return the dataset and the stream positioned there."""
+    try:
+        if meta_ts == DeflatedExplicitVRLittleEndian:
+            return _parse_deflated(fp, max_bytes)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    except (_Reject, OSError):
+        raise
+    except (EOFError, struct.error) as exc:
+        reason = "truncated" if has_preamble else "not_dicom"
+        msg = f"header ends early ({type(exc).__name__})"
+        raise _Reject(reason=reason, detail=msg) from None
+    except Exception as exc:
+        if not has_preamble:
+            raise _Reject(
+                reason="not_dicom", detail="no DICOM preamble and no parsable header"
+            ) from None
+        raise _Reject(
+            reason="unreadable", detail=f"header does not parse ({type(exc).__name__})"
+        ) from None
+    return ds, fp, size
+
+
+def _meta_transfer_syntax(head: bytes) -> str | None:
+    """The TransferSyntaxUID of the file meta group (explicit VR little endian)."""
+    _, ts = _walk_meta(head)
+    return ts
+
+
+def _walk_meta(head: bytes) -> tuple[int, str | None]:
+    """Offset of the first byte after the file meta group, and its TransferSyntaxUID."""
+    pos, ts = 132, None
+    while pos + 8 <= len(head):
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        vr = head[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                break
+            (length,) = struct.unpack_from("<L", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        if length == _UNDEFINED:
+            break
+        if elem == 0x0010:
+            ts = head[start : start + length].decode("ascii", "replace").strip(" \x00")
+        pos = start + length
+    return pos, ts
+
+
+def _parse_deflated(fp: BinaryIO, max_bytes: int) -> tuple[Dataset, BinaryIO, int]:
+    """Inflate a Deflated Explicit VR Little Endian body with a size cap, then parse it.
+
+    pydicom inflates the whole body before reading any element, so a small file can claim
+    gigabytes; the cap is ``max_bytes`` of inflated data.
+    """
+    data = fp.read()
+    meta_end, _ = _walk_meta(data)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data[meta_end:], max_bytes + 1)
+    except zlib.error:
+        msg = "deflated body does not inflate"
+        raise _Reject(reason="truncated", detail=msg) from None
+    if len(body) > max_bytes or inflater.unconsumed_tail:
+        msg = f"deflated body inflates past the {max_bytes} byte cap (max_file_mb)"
+        raise _Reject(reason="too_large", detail=msg)
+    meta = pydicom.dcmread(io.BytesIO(data[:meta_end]), force=True).file_meta
+    stream = io.BytesIO(body)
+    ds = read_dataset(
+        stream,
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=lambda tag, vr, length: int(tag) in PIXEL_TAGS,
+    )
+    ds.file_meta = meta
+    return ds, stream, len(body)
+
+
+def _check_complete(ds: Dataset) -> None:
+    """A top-level value shorter than its declared length means the file was cut."""
+    for tag in ds.keys():  # noqa: SIM118 - keys() does not convert raw elements
+        raw = ds.get_item(tag)
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != _UNDEFINED
+            and raw.value is not None
+            and len(raw.value) < raw.length
+        ):
+            msg = f"{_tag_name(int(tag))} declares more bytes than the file holds"
+            raise _Reject(reason="truncated", detail=msg)
+
+
+def _sop_class(ds: Dataset) -> str | None:
+    for keyword in ("SOPClassUID", "MediaStorageSOPClassUID"):
+        source = ds if keyword == "SOPClassUID" else ds.file_meta
+        try:
+            value = source.get(keyword)
+        except Exception:  # an unconvertible UID is no UID
+            continue
+        if isinstance(value, str):
+            text = value.strip(" \x00")
+            if valid_uid(text):
+                return text
+    return None
+
+
+def _check_core(ds: Dataset, *, trusted: bool) -> None:
+    problems = [kw for kw in CORE_KEYWORDS if _core_value(ds, kw) is None]
+    if problems:
+        if trusted:
+            raise _Reject(
+                reason="missing_attributes", detail="missing or invalid " + ",".join(problems)
+            )
+        msg = "no DICOM file meta and missing or invalid " + ",".join(problems)
+        raise _Reject(reason="not_dicom", detail=msg)
+
+
+def _core_value(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # unconvertible bytes count as missing
+        return None
+    if value is None or isinstance(value, (MultiValue, DicomSequence, bytes)):
+        return None
+    text = str(value).strip(" \x00")
+    if not text:
+        return None
+    if keyword.endswith("UID"):
+        return text if valid_uid(text) else None
+    return text if text.isprintable() and len(text) <= 16 else None
+
+
+def valid_uid(text: str) -> bool:
+    """Whether ``text`` is a DICOM UID (digits and dots, at most 64 characters)."""
+    return len(text) <= _UID_MAX_CHARS and _UID_RE.match(text) is not None
+
+
+def _tag_name(tag: int) -> str:
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+# --- PHI -----------------------------------------------------------------------------------
+
+
+def phi_tags(ds: Dataset) -> list[str]:
+    """Names of the non-empty PHI-bearing attributes of ``ds``, sorted, unique.
+
+    Attributes inside sequences are named by their path (``Seq>Attribute``). Values are
+    never returned.
+    """
+    return sorted(set(_phi_walk(ds, "", 0)))
+
+
+def _phi_walk(ds: Dataset, prefix: str, depth: int) -> list[str]:
+    found: list[str] = []
+    for tag in list(ds.keys()):
+        itag = int(tag)
+        if itag in _PHI_TAGS:
+            try:
+                present = _non_empty(ds[tag].value)
+            except Exception:  # bytes that do not convert are still bytes: not empty
+                present = True
+            if present:
+                found.append(prefix + _PHI_TAGS[itag])
+            continue
+        if depth >= _MAX_SEQ_DEPTH or not _is_sequence(ds, tag):
+            continue
+        try:
+            items = ds[tag].value
+        except Exception:  # an unparsable sequence holds nothing we can check
+            continue
+        if isinstance(items, DicomSequence):
+            for item in items:
+                found += _phi_walk(item, f"{prefix}{_tag_name(itag)}>", depth + 1)
+    return found
+
+
+def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
+    elem = ds.get_item(tag)
+    if elem is None:
+        return False
+    vr = elem.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+    return vr == "SQ" or isinstance(getattr(elem, "value", None), DicomSequence)
+
+
+def _non_empty(value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, DicomSequence):
+        return len(value) > 0
+    if isinstance(value, (MultiValue, list, tuple)):
+        return any(_non_empty(v) for v in value)
+    if isinstance(value, bytes):
+        return value.strip(b" \x00") != b""
+    return str(value).strip(_EMPTY_CHARS) != ""
+
+
+# --- transfer syntax and pixel data ---------------------------------------------------------
+
+
+def _check_decoder(ts: str | None) -> None:
+    if ts is None or ts in NATIVE_SYNTAXES:
+        return
+    try:
+        available = bool(get_decoder(UID(ts)).is_available)
+    except (NotImplementedError, ValueError):
+        available = False
+    if not available:
+        name = UID(ts).name if valid_uid(ts) else "not a UID"
+        raise _Reject(
+            reason="unsupported_transfer_syntax", detail=f"no installed decoder for {ts} ({name})"
+        )
+
+
+def requires_pixels(ds: Dataset) -> bool:
+    """Whether ``ds`` is an image: it has Rows / Columns or an image storage SOP class."""
+    if "Rows" in ds or "Columns" in ds:
+        return True
+    sop = _sop_class(ds)
+    return bool(sop and valid_uid(sop) and UID(sop).name.endswith("Image Storage"))
+
+
+def expected_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of native pixel data the image attributes call for.
+
+    Raises ``_Reject("missing_attributes")`` when an attribute needed is absent or invalid.
+    """
+    values: dict[str, int] = {}
+    for kw, default in (
+        ("Rows", None),
+        ("Columns", None),
+        ("BitsAllocated", None),
+        ("SamplesPerPixel", 1),
+        ("NumberOfFrames", 1),
+    ):
+        v = _int(ds, kw)
+        if v is None:
+            v = default
+        if v is None or v < 1:
+            msg = f"missing or invalid {kw}"
+            raise _Reject(reason="missing_attributes", detail=msg)
+        values[kw] = v
+    samples = values["SamplesPerPixel"]
+    if _text(ds, "PhotometricInterpretation", []) == "YBR_FULL_422":
+        samples = 2  # chroma subsampled 2:1 horizontally: 2 samples per pixel on average
+    bits = values["Rows"] * values["Columns"] * samples
+    bits *= values["NumberOfFrames"] * values["BitsAllocated"]
+    return (bits + 7) // 8
+
+
+def _check_pixels(ds: Dataset, ts: str | None, stream: BinaryIO, stream_size: int) -> None:
+    implicit, little = ds.original_encoding
+    implicit = bool(implicit) if implicit is not None else True
+    little = bool(little) if little is not None else True
+    pos = stream.tell()
+    header = _pixel_header(stream, pos, stream_size, implicit=implicit, little=little)
+    if header is None:
+        if requires_pixels(ds):
+            raise _Reject(
+                reason="no_pixel_data", detail="image attributes but no PixelData element"
+            )
+        return
+    tag, length, value_start = header
+    available = stream_size - value_start
+    name = _tag_name(tag)
+    encapsulated = ts is not None and ts not in NATIVE_SYNTAXES
+    if length == _UNDEFINED:
+        if not encapsulated:
+            msg = f"{name} has undefined length in a native transfer syntax"
+            raise _Reject(reason="pixel_length_short", detail=msg)
+        _check_fragments(stream, value_start, stream_size, name)
+        return
+    expected = length if encapsulated else expected_pixel_bytes(ds)
+    got = min(length, available)
+    if got < expected:
+        msg = f"{name} holds {got} of {expected} bytes"
+        raise _Reject(reason="pixel_length_short", detail=msg)
+
+
+def _pixel_header(
+    stream: BinaryIO, pos: int, size: int, *, implicit: bool, little: bool
+) -> tuple[int, int, int] | None:
+    """(tag, declared length, value offset) of the pixel element at ``pos``, if there is one."""
+    if pos + 8 > size:
+        return None
+    stream.seek(pos)
+    raw = stream.read(12)
+    end = "<" if little else ">"
+    group, elem = struct.unpack_from(f"{end}HH", raw, 0)
+    tag = group << 16 | elem
+    if tag not in PIXEL_TAGS:
+        return None
+    vr = raw[4:6]
+    if implicit or not (vr.isalpha() and vr.isupper()):  # writers switch to implicit VR
+        (length,) = struct.unpack_from(f"{end}L", raw, 4)
+        return tag, length, pos + 8
+    if vr in _LONG_VRS:
+        if len(raw) < 12:
+            return tag, 0, size
+        (length,) = struct.unpack_from(f"{end}L", raw, 8)
+        return tag, length, pos + 12
+    (length,) = struct.unpack_from(f"{end}H", raw, 6)
+    return tag, length, pos + 8
+
+
+def _check_fragments(stream: BinaryIO, start: int, size: int, name: str) -> None:
+    """Walk the item headers of encapsulated pixel data (offset table, then fragments)."""
+    pos, items = start, 0
+    while True:
+        stream.seek(pos)
+        raw = stream.read(8)
+        if len(raw) < 8:
+            msg = f"{name} ends before its sequence delimiter"
+            raise _Reject(reason="pixel_length_short", detail=msg)
+        group, elem, length = struct.unpack("<HHL", raw)
+        tag = group << 16 | elem
+        if tag == _SEQ_DELIM:
+            break
+        if tag != _ITEM or length == _UNDEFINED:
+            msg = f"{name} has a malformed fragment item"
+            raise _Reject(reason="pixel_length_short", detail=msg)
+        if pos + 8 + length > size:
+            msg = f"{name} fragment {items} runs past the end of the file"
+            raise _Reject(reason="pixel_length_short", detail=msg)
+        items += 1
+        pos += 8 + length
+    if items < 2:  # the basic offset table item, then at least one fragment
+        msg = f"{name} holds no fragment"
+        raise _Reject(reason="no_pixel_data", detail=msg)
+
+
+# --- instance columns -----------------------------------------------------------------------
+
+
+def instance_record(
+    ds: Dataset, path: str, size: int, mtime_ns: int, ts: str | None, flags: list[str]
+) -> dict[str, Any]:
+    """The ``instances`` row of a checked dataset; unparsable values become null + a flag."""
+    flags = list(flags)
+    parts = PurePosixPath(path).parts
+    site = parts[0] if len(parts) > 1 else None
+    if site is None:
+        flags.append("no_site")
+    position = _floats(ds, "ImagePositionPatient", 3, flags)
+    orientation = _orientation(ds, flags)
+    spacing = _floats(ds, "PixelSpacing", 2, flags)
+    frames = _int(ds, "NumberOfFrames")
+    if frames is not None and frames > 1:
+        flags.append("multiframe")
+    return {
+        "path": path,
+        "size": size,
+        "mtime_ns": mtime_ns,
+        "site": site,
+        "sop_instance_uid": _core_value(ds, "SOPInstanceUID"),
+        "sop_class_uid": _sop_class(ds),
+        "series_instance_uid": _core_value(ds, "SeriesInstanceUID"),
+        "study_instance_uid": _uid(ds, "StudyInstanceUID", flags),
+        "patient_id": _text(ds, "PatientID", flags),
+        "study_date": _date(ds, "StudyDate", flags),
+        "modality": _core_value(ds, "Modality"),
+        "image_type": _text(ds, "ImageType", flags),
+        "series_description": _text(ds, "SeriesDescription", flags),
+        "body_part_examined": _text(ds, "BodyPartExamined", flags),
+        "convolution_kernel": _text(ds, "ConvolutionKernel", flags),
+        "manufacturer": _text(ds, "Manufacturer", flags),
+        "slice_thickness": _float(ds, "SliceThickness", flags),
+        "pixel_spacing_row": spacing[0] if spacing else None,
+        "pixel_spacing_col": spacing[1] if spacing else None,
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "image_position_x": position[0] if position else None,
+        "image_position_y": position[1] if position else None,
+        "image_position_z": position[2] if position else None,
+        "image_orientation": orientation,
+        "instance_number": _int(ds, "InstanceNumber"),
+        "transfer_syntax_uid": ts,
+        "rescale_slope": _float(ds, "RescaleSlope", flags),
+        "rescale_intercept": _float(ds, "RescaleIntercept", flags),
+        "burned_in_annotation": _text(ds, "BurnedInAnnotation", flags),
+        "flags": sorted(set(flags)),
+    }
+
+
+def _flag(keyword: str) -> str:
+    return "bad_" + re.sub(r"(?<!^)(?=[A-Z])", "_", keyword).lower()
+
+
+def _value(ds: Dataset, keyword: str, flags: list[str]) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception:  # an unconvertible value is reported as a flag, not a crash
+        flags.append(_flag(keyword))
+        return None
+
+
+def _text(ds: Dataset, keyword: str, flags: list[str]) -> str | None:
+    value = _value(ds, keyword, flags)
+    if value is None or isinstance(value, DicomSequence):
+        return None
+    if isinstance(value, bytes):
+        flags.append(_flag(keyword))
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        text = "\\".join(str(v).strip(" \x00") for v in value)
+    else:
+        text = str(value)
+    text = text.strip(" \x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes (surrogates) are no text
+        flags.append(_flag(keyword))
+        return None
+    return text or None
+
+
+def _uid(ds: Dataset, keyword: str, flags: list[str]) -> str | None:
+    text = _text(ds, keyword, flags)
+    if text is not None and not valid_uid(text):
+        flags.append(_flag(keyword))
+        return None
+    return text
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or isinstance(value, (DicomSequence, bytes, MultiValue)):
+            return None
+        text = str(value).strip(" \x00")
+        result = int(float(text)) if text else None
+    except Exception:  # missing and invalid integers are both "unknown"
+        return None
+    return result if result is None or abs(result) < _INT64_LIMIT else None
+
+
+def _float(ds: Dataset, keyword: str, flags: list[str]) -> float | None:
+    value = _value(ds, keyword, flags)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (MultiValue, list, tuple)):
+            value = value[0]
+        result = float(value)
+    except (TypeError, ValueError, IndexError):
+        flags.append(_flag(keyword))
+        return None
+    if not math.isfinite(result):
+        flags.append(_flag(keyword))
+        return None
+    return result
+
+
+def _floats(ds: Dataset, keyword: str, n: int, flags: list[str]) -> list[float] | None:
+    value = _value(ds, keyword, flags)
+    if value is None or value == "":
+        return None
+    try:
+        result = [float(v) for v in value]
+    except (TypeError, ValueError):
+        result = []
+    if len(result) != n or not all(math.isfinite(v) for v in result):
+        flags.append(_flag(keyword))
+        return None
+    return result
+
+
+def _orientation(ds: Dataset, flags: list[str]) -> list[float] | None:
+    values = _floats(ds, "ImageOrientationPatient", 6, flags)
+    if values is None:
+        return None
+    row, col = values[:3], values[3:]
+    if min(math.hypot(*row), math.hypot(*col)) < _MIN_AXIS_NORM:
+        flags.append(_flag("ImageOrientationPatient"))
+        return None
+    return values
+
+
+def _date(ds: Dataset, keyword: str, flags: list[str]) -> dt.date | None:
+    text = _text(ds, keyword, flags)
+    if text is None:
+        return None
+    try:
+        return dt.datetime.strptime(text[:8], "%Y%m%d").date()  # noqa: DTZ007 - a date only
+    except ValueError:
+        flags.append(_flag(keyword))
+        return None

@@ -1,0 +1,213 @@
+"""Lesion masks as DICOM Segmentation (SEG) objects, written and read with highdicom.
+
+One SEG per CT series. Segments: 1 normal lung, 2 ground-glass opacity, 3 consolidation.
+Each frame references the CT instance it was derived from by SOPInstanceUID, so a reader
+can align the mask with the images whatever order the CT files come in.
+
+The written bytes depend only on the inputs: every UID is derived from the source series
+UID and every date from the source study, never from the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from ctcurate.errors import InputError
+from ctcurate.io.atomic import atomic_path
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+"""SOP Class UID of the Segmentation Storage IOD."""
+
+LABELS: dict[int, str] = {1: "normal lung", 2: "ground-glass opacity", 3: "consolidation"}
+"""Segment number → label; the segment number is the label value in a label volume."""
+
+_MANUFACTURER = "ctcurate"
+_MODEL = "ctcurate synthetic truth"
+_SOFTWARE = "ctcurate"
+_SERIAL = "0"
+_SEG_SERIES_NUMBER = 900
+_DEFAULT_DATE = "20000101"
+_CONTENT_TIME = "000000"
+
+# Local coding scheme for a concept without a widely used SNOMED CT code here.
+_LOCAL_SCHEME = "99CTCURATE"
+
+
+def _segment_codes() -> dict[int, tuple[Code, Code]]:
+    """Segmented property (category, type) per segment number."""
+    anatomical = Code("91723000", "SCT", "Anatomical Structure")
+    altered = Code("49755003", "SCT", "Morphologically Altered Structure")
+    return {
+        1: (anatomical, Code("39607008", "SCT", "Lung")),
+        2: (altered, Code("GGO", _LOCAL_SCHEME, "Ground-glass opacity")),
+        3: (altered, Code("95436008", "SCT", "Lung consolidation")),
+    }
+
+
+def _check_inputs(source: Sequence[pydicom.Dataset], labels: np.ndarray) -> None:
+    if len(source) == 0:
+        msg = "write_seg: source must hold at least one CT instance"
+        raise ValueError(msg)
+    if labels.ndim != 3:
+        msg = f"write_seg: labels must be 3D (slices, rows, cols), got shape {labels.shape}"
+        raise ValueError(msg)
+    if labels.shape[0] != len(source):
+        msg = (
+            f"write_seg: labels has {labels.shape[0]} slices but source has {len(source)} instances"
+        )
+        raise ValueError(msg)
+    rows, cols = int(source[0].Rows), int(source[0].Columns)
+    if labels.shape[1:] != (rows, cols):
+        msg = f"write_seg: labels frames are {labels.shape[1:]} but source is {(rows, cols)}"
+        raise ValueError(msg)
+    if labels.size and int(labels.max()) > max(LABELS):
+        msg = f"write_seg: label value {int(labels.max())} outside 0..{max(LABELS)}"
+        raise ValueError(msg)
+
+
+def _pin_clock_and_uids(seg: pydicom.Dataset, series_uid: str, date: str) -> None:
+    """Replace the creation dates and random UIDs highdicom fills in with derived values."""
+    for keyword in ("ContentDate", "SeriesDate", "InstanceCreationDate"):
+        if keyword in seg:
+            setattr(seg, keyword, date)
+    for keyword in ("ContentTime", "SeriesTime", "InstanceCreationTime"):
+        if keyword in seg:
+            setattr(seg, keyword, _CONTENT_TIME)
+    for item in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + _CONTENT_TIME
+    dim_uid = generate_uid(entropy_srcs=["ctcurate-seg-dimension", series_uid])
+    for item in seg.get("DimensionOrganizationSequence", []):
+        item.DimensionOrganizationUID = dim_uid
+    for item in seg.get("DimensionIndexSequence", []):
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = dim_uid
+
+
+def write_seg(path: Path, source: Sequence[pydicom.Dataset], labels: np.ndarray) -> None:
+    """Write a label volume as a BINARY DICOM SEG derived from ``source``.
+
+    Parameters
+    ----------
+    path
+        SEG file to write (atomically).
+    source
+        The CT instances of one series; ``labels[i]`` belongs to ``source[i]``.
+    labels
+        uint8 label volume (n_slices, rows, cols): 0 background, 1 normal lung,
+        2 ground-glass opacity, 3 consolidation.
+
+    Raises
+    ------
+    ValueError
+        When ``labels`` does not match ``source`` in slice count or frame size, or holds
+        a value outside 0..3.
+    """
+    import highdicom as hd
+
+    labels = np.asarray(labels)
+    _check_inputs(source, labels)
+    labels = labels.astype(np.uint8, copy=False)
+    first = source[0]
+    ct_series_uid = str(first.SeriesInstanceUID)
+    seg_series_uid = generate_uid(entropy_srcs=["ctcurate-seg-series", ct_series_uid])
+    seg_sop_uid = generate_uid(entropy_srcs=["ctcurate-seg-instance", ct_series_uid])
+    date = str(first.get("StudyDate", "") or _DEFAULT_DATE)
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="ctcurate synthetic truth",
+        version="1",
+        family=Code("123109", "DCM", "Manual Processing"),
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=LABELS[number],
+            segmented_property_category=category,
+            segmented_property_type=prop_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            algorithm_identification=algorithm,
+            tracking_uid=generate_uid(
+                entropy_srcs=["ctcurate-seg-tracking", ct_series_uid, str(number)]
+            ),
+            tracking_id=LABELS[number],
+        )
+        for number, (category, prop_type) in sorted(_segment_codes().items())
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=list(source),
+        pixel_array=labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=seg_series_uid,
+        series_number=_SEG_SERIES_NUMBER,
+        sop_instance_uid=seg_sop_uid,
+        instance_number=1,
+        manufacturer=_MANUFACTURER,
+        manufacturer_model_name=_MODEL,
+        software_versions=_SOFTWARE,
+        device_serial_number=_SERIAL,
+        omit_empty_frames=bool(labels.any()),
+        series_description="lesion segmentation",
+    )
+    _pin_clock_and_uids(seg, seg_series_uid, date)
+    with atomic_path(Path(path)) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+
+
+def read_seg_labels(path: Path, sop_instance_uids: Sequence[str]) -> np.ndarray:
+    """Read a SEG back as a label volume aligned with ``sop_instance_uids``.
+
+    Slice ``i`` of the result holds the segments of the frames that reference
+    ``sop_instance_uids[i]`` (segment number = label value); zeros where no frame does.
+    Segments absent from the file read as zeros.
+
+    Raises
+    ------
+    InputError
+        When ``path`` is missing or not a readable DICOM Segmentation.
+    """
+    import highdicom as hd
+
+    path = Path(path)
+    uids = [str(u) for u in sop_instance_uids]
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        msg = f"{path}: not a readable DICOM SEG ({exc.__class__.__name__})"
+        raise InputError(msg) from exc
+    if str(ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
+        msg = f"{path}: not a DICOM SEG (SOPClassUID is not Segmentation Storage)"
+        raise InputError(msg)
+    try:
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
+        rows, cols = int(seg.Rows), int(seg.Columns)
+        referenced = {str(sop) for _, _, sop in seg.get_source_image_uids()}
+        wanted = [u for u in uids if u in referenced]
+        out = np.zeros((len(uids), rows, cols), dtype=np.uint8)
+        if not wanted:
+            return out
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=wanted,
+            combine_segments=True,
+            relabel=False,
+            ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True,
+            dtype=np.uint8,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        msg = f"{path}: not a readable DICOM SEG ({exc.__class__.__name__})"
+        raise InputError(msg) from exc
+    position = {uid: i for i, uid in enumerate(wanted)}
+    for i, uid in enumerate(uids):
+        j = position.get(uid)
+        if j is not None:
+            out[i] = pixels[j]
+    return out

@@ -1,0 +1,429 @@
+"""pack: cases → a content-addressed, byte-reproducible HDF5 release.
+
+Which cases are packed: every row of ``cases.parquet`` with a resolved typicality label
+(``typical`` not null), whatever its ``cohort`` — pre-pandemic cases with a consensus
+grade are the negatives a typicality model needs. ``cohort`` and the annotate-join
+``exclusion`` travel in each case's metadata, so a consumer can filter on them. A case
+without a label (``unlabeled``), without a usable SEG mask (``no_seg``, ``seg_unreadable``,
+``seg_mismatch`` when it does not reference every instance of the series, ``empty_mask``)
+or whose series cannot be assembled (see :data:`ctcurate.volume.REASONS`) is excluded and
+listed with its reason (:data:`EXCLUSION_REASONS`) in the manifest and ``report.json``;
+``cases_seen == cases_packed + cases_excluded``.
+
+Layers: :func:`assign_splits`, :func:`plan_shards` and :func:`case_meta` are pure;
+:func:`ctcurate.volume.series_to_volume` builds each volume; :func:`run` reads the
+inputs, writes the shards through :mod:`ctcurate.release` and publishes the whole release
+folder atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import shutil
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ctcurate import __version__
+from ctcurate.errors import AccountingError, InputError
+from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.tables import read_parquet
+from ctcurate.log import get_logger, progress
+from ctcurate.params import PackParams
+from ctcurate.release import (
+    MANIFEST,
+    SHARD_DIR,
+    CaseRecord,
+    MetaValue,
+    build_manifest,
+    write_shard,
+)
+from ctcurate.volume import REASONS, ExcludedSeries, VolumeGeometry, series_to_volume
+
+SPLITS = ("train", "val", "test")
+REPORT = "report.json"
+#: Why a case is not packed: its own reasons, then those of the series assembly.
+EXCLUSION_REASONS = (
+    "unlabeled",
+    "no_seg",
+    "no_instances",
+    "unreadable",
+    "seg_unreadable",
+    "seg_mismatch",
+    "empty_mask",
+    *REASONS,
+)
+SEG_DIR = "seg"
+SCRATCH_DIR = ".scratch"
+
+CASE_COLUMNS = [
+    "case_id",
+    "series_instance_uid",
+    "patient_id",
+    "site",
+    "study_date",
+    "era",
+    "cohort",
+    "exclusion",
+    "pcr",
+    "consensus_grade",
+    "typical",
+]
+INSTANCE_COLUMNS = [
+    "path",
+    "site",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "manufacturer",
+    "slice_thickness",
+]
+
+log = get_logger("pack")
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def _patient_label(labels: Sequence[int]) -> int:
+    """A patient's stratum label: the most common case label, 1 on a tie."""
+    counts = Counter(labels)
+    return 1 if counts[1] >= counts[0] else 0
+
+
+def assign_splits(
+    cases: Sequence[Mapping[str, Any]],
+    fractions: tuple[float, float, float],
+    seed: int,
+) -> dict[str, str]:
+    """Patient-disjoint, seeded splits stratified by (typical label, site).
+
+    ``cases`` rows need ``case_id``, ``site``, ``patient_id`` and ``typical``. Patients
+    (site, patient_id) are grouped by stratum (their majority label, site) in sorted order
+    and shuffled within it with ``numpy.random.default_rng(seed)``; walking that sequence,
+    each patient goes to the split furthest below its target share of cases, so every
+    stratum — and the small ones together — follows ``fractions`` as closely as whole
+    patients allow. When there are at least as many patients as splits with a non-zero
+    fraction, every such split gets at least one patient. The result depends only on the
+    set of rows, not on their order.
+    """
+    patients: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for case in cases:
+        patients.setdefault((str(case["site"]), str(case["patient_id"])), []).append(case)
+    strata: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    for key in sorted(patients):
+        label = _patient_label([int(c["typical"]) for c in patients[key]])
+        strata.setdefault((label, key[0]), []).append(key)
+    rng = np.random.default_rng(seed)
+    sequence: list[tuple[str, str]] = []
+    for stratum in sorted(strata):
+        members = strata[stratum]
+        sequence.extend(members[int(i)] for i in rng.permutation(len(members)))
+
+    target = np.asarray(fractions, dtype=np.float64)
+    assigned = np.zeros(len(SPLITS), dtype=np.float64)
+    chosen: dict[tuple[str, str], int] = {}
+    for key in sequence:
+        size = len(patients[key])
+        deficit = target * (assigned.sum() + size) - assigned
+        deficit[target <= 0] = -np.inf
+        split = int(np.argmax(deficit))
+        chosen[key] = split
+        assigned[split] += size
+
+    wanted = [s for s in range(len(SPLITS)) if target[s] > 0]
+    if len(sequence) >= len(wanted):
+        for split in wanted:
+            if split in chosen.values():
+                continue
+            # Move the last patient of the most populated split that can spare one.
+            counts = Counter(chosen.values())
+            donor = max((s for s in wanted if counts[s] > 1), key=lambda s: (counts[s], -s))
+            key = next(k for k in reversed(sequence) if chosen[k] == donor)
+            chosen[key] = split
+
+    return {
+        str(case["case_id"]): SPLITS[chosen[key]]
+        for key, members in patients.items()
+        for case in members
+    }
+
+
+def plan_shards(case_ids: Sequence[str], max_cases: int) -> list[tuple[str, list[str]]]:
+    """Shard names and their cases: sorted case ids, ``max_cases`` per shard."""
+    ordered = sorted(case_ids)
+    return [
+        (f"shard-{n:05d}.h5", ordered[start : start + max_cases])
+        for n, start in enumerate(range(0, len(ordered), max_cases))
+    ]
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def case_meta(
+    case: Mapping[str, Any],
+    split: str,
+    geometry: VolumeGeometry,
+    manufacturer: str | None,
+    slice_thickness_mm: float | None,
+) -> dict[str, MetaValue]:
+    """The attributes a release stores for one case (docs/release.md); no patient id."""
+    study_date = case.get("study_date")
+    grade = case.get("consensus_grade")
+    typical = case.get("typical")
+    return {
+        "case_id": str(case["case_id"]),
+        "split": split,
+        "site": str(case["site"]),
+        "era": _optional_str(case.get("era")),
+        "cohort": _optional_str(case.get("cohort")),
+        "exclusion": _optional_str(case.get("exclusion")),
+        "pcr": _optional_str(case.get("pcr")),
+        "consensus_grade": 0 if grade is None else int(grade),
+        "typical": -1 if typical is None else int(typical),
+        "spacing_mm": [float(v) for v in geometry.spacing_mm],
+        "origin_mm": [float(v) for v in geometry.origin_mm],
+        "manufacturer": manufacturer,
+        "slice_thickness_mm": (
+            None if slice_thickness_mm is None else round(float(slice_thickness_mm), 4)
+        ),
+        "study_year": study_date.year if isinstance(study_date, dt.date) else None,
+        "series_instance_uid": str(case["series_instance_uid"]),
+    }
+
+
+def _series_header_summary(rows: Sequence[Mapping[str, Any]]) -> tuple[str | None, float | None]:
+    """(most common manufacturer, median slice thickness) of a series' index rows."""
+    vendors = Counter(str(r["manufacturer"]) for r in rows if r.get("manufacturer"))
+    manufacturer = min(vendors, key=lambda v: (-vendors[v], v)) if vendors else None
+    thickness = [float(r["slice_thickness"]) for r in rows if r.get("slice_thickness") is not None]
+    finite = [t for t in thickness if math.isfinite(t)]
+    return manufacturer, float(np.median(finite)) if finite else None
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+@dataclass(frozen=True)
+class _Packed:
+    case: Mapping[str, Any]
+    geometry: VolumeGeometry
+    manufacturer: str | None
+    slice_thickness_mm: float | None
+
+
+def _read_cases(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = read_parquet(path, columns=CASE_COLUMNS).to_pylist()
+    counts = Counter(str(r["case_id"]) for r in rows)
+    if dupes := sorted(c for c, n in counts.items() if n > 1):
+        msg = f"{path}: case_id {dupes[0]} appears {counts[dupes[0]]} times"
+        raise InputError(msg)
+    return sorted(rows, key=lambda r: str(r["case_id"]))
+
+
+def _read_instances(path: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = read_parquet(path, columns=INSTANCE_COLUMNS).to_pylist()
+    by_series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: str(r["path"])):
+        by_series.setdefault((str(row["site"]), str(row["series_instance_uid"])), []).append(row)
+    return by_series
+
+
+def _load_series(
+    archive: Path, seg_path: Path, rows: Sequence[Mapping[str, Any]]
+) -> tuple[list[Any], npt.NDArray[np.uint8]]:
+    """Read a series' instances and its SEG label slices (aligned with the instances)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from ctcurate.io.seg import read_seg_labels
+
+    datasets = []
+    for row in rows:
+        try:
+            datasets.append(pydicom.dcmread(archive / str(row["path"])))
+        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
+            raise ExcludedSeries(
+                reason="unreadable", detail=f"an instance could not be read ({exc})"
+            ) from exc
+    uids = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
+    try:
+        header = pydicom.dcmread(seg_path, stop_before_pixels=True)
+        labels = read_seg_labels(seg_path, uids)
+    except (InputError, InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise ExcludedSeries(reason="seg_unreadable", detail=str(exc)) from exc
+    referenced = {
+        str(item.get("ReferencedSOPInstanceUID", ""))
+        for series in header.get("ReferencedSeriesSequence", [])
+        for item in series.get("ReferencedInstanceSequence", [])
+    }
+    if missing := len(set(uids) - referenced):
+        detail = f"SEG does not reference {missing} of the series' {len(set(uids))} instances"
+        raise ExcludedSeries(reason="seg_mismatch", detail=detail)
+    if not labels.any():
+        raise ExcludedSeries(reason="empty_mask", detail="SEG holds no labelled voxel")
+    return datasets, labels
+
+
+def _pack_cases(
+    cases: Sequence[Mapping[str, Any]],
+    instances: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
+    archive: Path,
+    seg_dir: Path,
+    scratch: Path,
+    params: PackParams,
+) -> tuple[list[_Packed], list[dict[str, str]]]:
+    """Build every case's volume into ``scratch``; (packed cases, excluded cases)."""
+    packed: list[_Packed] = []
+    excluded: list[dict[str, str]] = []
+    for case in progress(cases, len(cases), "pack", log, unit="cases"):
+        case_id = str(case["case_id"])
+        rows = instances.get((str(case["site"]), str(case["series_instance_uid"])), [])
+        seg_path = seg_dir / f"{case['series_instance_uid']}.dcm"
+        try:
+            if case.get("typical") is None:
+                raise ExcludedSeries(reason="unlabeled", detail="no resolved typicality label")
+            if not seg_path.is_file():
+                raise ExcludedSeries(reason="no_seg", detail="no SEG mask for the series")
+            if not rows:
+                raise ExcludedSeries(
+                    reason="no_instances", detail="series has no indexed instances"
+                )
+            datasets, labels = _load_series(archive, seg_path, rows)
+            image, label, geometry = series_to_volume(datasets, labels, params)
+        except ExcludedSeries as exc:
+            excluded.append({"case_id": case_id, "reason": exc.reason})
+            continue
+        np.save(scratch / f"{case_id}.image.npy", image)
+        np.save(scratch / f"{case_id}.label.npy", label)
+        manufacturer, thickness = _series_header_summary(rows)
+        packed.append(_Packed(case, geometry, manufacturer, thickness))
+    return packed, excluded
+
+
+def _records(
+    scratch: Path, metas: Mapping[str, dict[str, MetaValue]], case_ids: Sequence[str]
+) -> Iterator[CaseRecord]:
+    for cid in case_ids:
+        yield CaseRecord(
+            case_id=cid,
+            image=np.load(scratch / f"{cid}.image.npy"),
+            label=np.load(scratch / f"{cid}.label.npy"),
+            meta=metas[cid],
+        )
+
+
+def _counts(
+    metas: Mapping[str, Mapping[str, MetaValue]], excluded: Sequence[Mapping[str, str]], seen: int
+) -> dict[str, Any]:
+    def tally(key: str) -> dict[str, int]:
+        return dict(sorted(Counter(str(m[key]) for m in metas.values()).items()))
+
+    reasons = Counter(e["reason"] for e in excluded)
+    return {
+        "cases_seen": seen,
+        "cases_packed": len(metas),
+        "cases_excluded": len(excluded),
+        "excluded_reasons": dict(sorted(reasons.items())),
+        "splits": {s: sum(1 for m in metas.values() if m["split"] == s) for s in SPLITS},
+        "typical": tally("typical"),
+        "site": tally("site"),
+    }
+
+
+def run(
+    cases: Path,
+    index_dir: Path,
+    archive: Path,
+    annotations_dir: Path,
+    out: Path,
+    params: PackParams,
+) -> None:
+    """Build the release folder ``out`` from the cases, the archive and the SEG masks.
+
+    Writes ``out/shards/shard-*.h5``, ``out/manifest.json``, ``out/report.json``,
+    ``out/card.md`` and ``out/card/montage.png``; the folder is published atomically (a
+    crash leaves the previous release or none).
+
+    Raises
+    ------
+    InputError
+        When a table is missing or malformed, or no case could be packed.
+    AccountingError
+        When seen cases do not balance packed + excluded.
+    """
+    from ctcurate import card
+
+    case_rows = _read_cases(Path(cases))
+    instances = _read_instances(Path(index_dir) / "instances.parquet")
+    seg_dir = Path(annotations_dir) / SEG_DIR
+    with atomic_dir(Path(out)) as release:
+        # Volumes wait in a scratch folder inside the unpublished release until splits
+        # are known; it is removed before the folder is published.
+        scratch = release / SCRATCH_DIR
+        scratch.mkdir()
+        packed, excluded = _pack_cases(
+            case_rows, instances, Path(archive), seg_dir, scratch, params
+        )
+        if not packed:
+            reasons = Counter(e["reason"] for e in excluded)
+            detail = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
+            msg = f"{cases}: no case could be packed ({detail or 'no cases'})"
+            raise InputError(msg)
+        splits = assign_splits([p.case for p in packed], params.split_fractions, params.split_seed)
+        metas = {
+            str(p.case["case_id"]): case_meta(
+                p.case,
+                splits[str(p.case["case_id"])],
+                p.geometry,
+                p.manufacturer,
+                p.slice_thickness_mm,
+            )
+            for p in packed
+        }
+        counts = _counts(metas, excluded, len(case_rows))
+        if counts["cases_seen"] != counts["cases_packed"] + counts["cases_excluded"]:
+            msg = (
+                f"{cases}: {counts['cases_seen']} cases seen but {counts['cases_packed']} "
+                f"packed + {counts['cases_excluded']} excluded"
+            )
+            raise AccountingError(msg)
+
+        entries: list[dict[str, Any]] = []
+        for name, ids in plan_shards(sorted(metas), params.shard_max_cases):
+            entries.extend(write_shard(release / SHARD_DIR / name, _records(scratch, metas, ids)))
+        manifest = build_manifest(
+            release,
+            entries,
+            params.model_dump(mode="json"),
+            __version__,
+            extra={"counts": counts, "excluded": sorted(excluded, key=lambda e: e["case_id"])},
+        )
+        write_json(release / MANIFEST, manifest)
+        write_json(release / REPORT, {**counts, "release_id": manifest["release_id"]})
+        card.write_card(
+            release,
+            [metas[cid] for cid in sorted(metas)],
+            excluded,
+            manifest["release_id"],
+            lambda cid: (
+                np.load(scratch / f"{cid}.image.npy"),
+                np.load(scratch / f"{cid}.label.npy"),
+            ),
+        )
+        shutil.rmtree(scratch)
+    log.info(
+        "packed %d of %d cases (%d excluded) into %d shards, release %s",
+        counts["cases_packed"],
+        counts["cases_seen"],
+        counts["cases_excluded"],
+        len(manifest["shards"]),
+        str(manifest["release_id"])[:16],
+    )

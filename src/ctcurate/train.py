@@ -1,0 +1,441 @@
+"""The ``train`` stage: lung / lesion segmentation and the typicality classifier.
+
+Segmentation: a MONAI 3-D U-Net (:mod:`ctcurate.nets`) trained with Dice + cross-entropy on
+the release's ``train`` split, whole volumes (the release has one shape), validated by lung
+and lesion Dice on the ``val`` split after each epoch. Typicality: a logistic regression on
+features of a label volume, fitted on the ``train`` cases whose binary typicality is known;
+``classifier_features: predicted`` (default) measures the features on the network's own
+segmentation of those cases, so the classifier is fitted on the distribution it will see
+at inference; ``truth`` measures them on the reference labels.
+
+Outputs (one folder, published atomically): ``seg.pt`` (the network's ``state_dict``),
+``classifier.json`` and ``model.json`` (architecture, the input / output contract, the
+params and the release id). Training curves go to DVCLive (``--live``).
+
+Determinism: ``monai.utils.set_determinism(seed)``, ``torch.use_deterministic_algorithms``,
+an explicit generator for the shuffling, no DataLoader workers and a fixed thread count on
+CPU: two CPU runs with the same release, params and thread count give identical bytes. On
+CUDA the run is seeded too, but AMP and GPU kernels make it reproducible only up to
+floating-point order.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import ctcurate.release
+from ctcurate.errors import InputError, ParamsError
+from ctcurate.io.atomic import atomic_dir, dumps_json
+from ctcurate.log import get_logger
+from ctcurate.metrics import dice, mean_defined
+from ctcurate.nets import (
+    FEATURES,
+    GGO,
+    HU_WINDOW,
+    LogisticModel,
+    build_unet,
+    fit_logistic,
+    normalise_hu,
+    predict_labels,
+    shape_multiple,
+    typicality_features,
+    unet_config,
+)
+from ctcurate.params import TrainParams
+
+log = get_logger("train")
+
+SEG_FILE = "seg.pt"
+CLASSIFIER_FILE = "classifier.json"
+MODEL_FILE = "model.json"
+MODEL_FORMAT = "ctcurate-model"
+MODEL_FORMAT_VERSION = 1
+
+
+def resolve_device(requested: str, section: str = "train") -> torch.device:
+    """The torch device of ``<section>.device``: ``auto`` picks CUDA when present.
+
+    Raises :class:`ParamsError` when ``cuda`` is requested and CUDA is not available.
+    """
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            msg = f"{section}.device is 'cuda' but CUDA is not available on this machine"
+            raise ParamsError(msg)
+        return torch.device("cuda")
+    if requested == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, threads: int, device: torch.device) -> None:
+    """Seed torch / numpy / random and pin the kernels for a reproducible run."""
+    from monai.utils.misc import set_determinism
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # denormal activations slow CPU kernels many times over
+    set_determinism(seed=seed)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
+
+
+def _tensors(sample: dict[str, Any]) -> dict[str, Any]:
+    """Keep what the network needs (the meta dict does not collate)."""
+    return {"image": sample["image"], "label": sample["label"]}
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    """One epoch's numbers."""
+
+    epoch: int
+    train_loss: float
+    val_lung_dice: float | None
+    val_lesion_dice: float | None
+
+
+def segmentation_dice(
+    pred: npt.NDArray[np.uint8], truth: npt.NDArray[np.uint8]
+) -> tuple[float | None, float | None]:
+    """Lung (label > 0) and lesion (label >= GGO) Dice of one predicted label volume."""
+    return dice(pred > 0, truth > 0), dice(pred >= GGO, truth >= GGO)
+
+
+def validate(
+    net: torch.nn.Module,
+    dataset: Dataset[dict[str, Any]],
+    roi: Sequence[int],
+    device: torch.device,
+    amp: bool,
+) -> tuple[float | None, float | None]:
+    """Mean lung and lesion Dice of the network over a dataset (``None`` when empty)."""
+    lung: list[float | None] = []
+    lesion: list[float | None] = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        sample = dataset[i]
+        pred = predict_labels(net, sample["image"][None], roi, device, amp)[0]
+        truth = sample["label"][0].numpy().astype(np.uint8)
+        lung_d, lesion_d = segmentation_dice(pred, truth)
+        lung.append(lung_d)
+        lesion.append(lesion_d)
+    return mean_defined(lung), mean_defined(lesion)
+
+
+def train_segmenter(
+    train_set: Dataset[dict[str, Any]],
+    val_set: Dataset[dict[str, Any]] | None,
+    params: TrainParams,
+    roi: Sequence[int],
+    device: torch.device,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> tuple[torch.nn.Module, list[EpochLog]]:
+    """Train the U-Net on ``train_set``; return it and the per-epoch log.
+
+    Call :func:`seed_everything` first: the weights' initialisation uses torch's global
+    generator; the shuffling uses its own generator seeded with ``params.seed``.
+    """
+    from monai.losses.dice import DiceCELoss
+
+    config = unet_config(params.channels, params.num_res_units)
+    net = build_unet(config).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=params.lr)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    use_amp = params.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    shuffle = torch.Generator().manual_seed(params.seed)
+    cuda = device.type == "cuda"
+    loader = DataLoader(
+        train_set,
+        batch_size=params.batch_size,
+        shuffle=True,
+        generator=shuffle,
+        num_workers=2 if cuda else 0,
+        pin_memory=cuda,
+        persistent_workers=cuda,
+    )
+    history: list[EpochLog] = []
+    for epoch in range(1, params.epochs + 1):
+        net.train()
+        total, count = 0.0, 0
+        for batch in loader:
+            image = batch["image"].to(device, non_blocking=cuda)
+            label = batch["label"].to(device, non_blocking=cuda)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                loss = loss_fn(net(normalise_hu(image)), label)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach()) * image.shape[0]
+            count += image.shape[0]
+        lung_d, lesion_d = (None, None)
+        if val_set is not None and len(val_set):  # type: ignore[arg-type]
+            lung_d, lesion_d = validate(net, val_set, roi, device, use_amp)
+        entry = EpochLog(epoch, total / max(count, 1), lung_d, lesion_d)
+        history.append(entry)
+        if on_epoch is not None:
+            on_epoch(entry)
+    return net, history
+
+
+def case_features(
+    net: torch.nn.Module | None,
+    dataset: Dataset[dict[str, Any]],
+    roi: Sequence[int],
+    device: torch.device,
+    amp: bool,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Typicality features and labels of the dataset's cases with a known label.
+
+    With ``net`` the features are measured on its predicted segmentation, without it on
+    the reference labels.
+    """
+    rows: list[npt.NDArray[np.float64]] = []
+    ys: list[int] = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        sample = dataset[i]
+        if sample["typical"] not in (0, 1):
+            continue
+        if net is None:
+            label = sample["label"][0].numpy().astype(np.uint8)
+        else:
+            label = predict_labels(net, sample["image"][None], roi, device, amp)[0]
+        rows.append(typicality_features(label, spacing_of(sample["meta"])))
+        ys.append(int(sample["typical"]))
+    x = np.vstack(rows) if rows else np.zeros((0, len(FEATURES)))
+    return x, np.asarray(ys, dtype=np.int64)
+
+
+def spacing_of(meta: Mapping[str, Any]) -> tuple[float, float, float]:
+    """A case's (z, y, x) spacing in mm from its metadata (1 mm when absent)."""
+    value = meta.get("spacing_mm")
+    if isinstance(value, list) and len(value) == 3:
+        return (float(value[0]), float(value[1]), float(value[2]))
+    return (1.0, 1.0, 1.0)
+
+
+def state_dict_bytes(net: torch.nn.Module) -> bytes:
+    """The network's ``state_dict`` serialised by ``torch.save`` (CPU tensors)."""
+    state = {k: v.detach().to("cpu") for k, v in sorted(net.state_dict().items())}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def model_card(
+    params: TrainParams,
+    roi: Sequence[int],
+    manifest: Mapping[str, Any],
+    history: Sequence[EpochLog],
+    n_train: int,
+    n_val: int,
+) -> dict[str, Any]:
+    """The content of ``model.json``: architecture, I/O contract, params, provenance."""
+    pack_params = manifest.get("params", {})
+    spacing = pack_params.get("spacing_mm") if isinstance(pack_params, Mapping) else None
+    last = history[-1] if history else None
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "architecture": {
+            "name": "monai.networks.nets.UNet",
+            **unet_config(params.channels, params.num_res_units),
+        },
+        "input": {
+            "dtype": "float32",
+            "layout": "(batch, 1, z, y, x)",
+            "axis_order": "z, y, x as in the release (docs/release.md)",
+            "hu_window": list(HU_WINDOW),
+            "normalisation": "clip(hu, lo, hi); (hu - lo) / (hi - lo)",
+            "spacing_mm": spacing,
+            "shape": list(roi),
+            "shape_multiple": shape_multiple(unet_config(params.channels, params.num_res_units)),
+        },
+        "output": {
+            "layout": "(batch, 4, z, y, x) logits; label = argmax over channels",
+            "labels": dict(ctcurate.release.LABELS),
+            "lung": "label > 0",
+        },
+        "classifier": {
+            "file": CLASSIFIER_FILE,
+            "features": list(FEATURES),
+            "features_from": params.classifier_features,
+            "positive_class": "typical (RSNA 1-2)",
+        },
+        "params": params.model_dump(mode="json"),
+        "release_id": manifest.get("release_id"),
+        "n_train": n_train,
+        "n_val": n_val,
+        "final": {
+            "epoch": last.epoch if last else 0,
+            "train_loss": _finite(last.train_loss) if last else None,
+            "val_lung_dice": last.val_lung_dice if last else None,
+            "val_lesion_dice": last.val_lesion_dice if last else None,
+        },
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _training_shape(manifest: Mapping[str, Any], release: Path) -> tuple[int, int, int]:
+    shapes = sorted(
+        {tuple(int(s) for s in c["shape"]) for c in manifest["cases"] if c.get("split") == "train"}
+    )
+    if not shapes:
+        msg = f"{release}: the release has no 'train' cases"
+        raise InputError(msg)
+    if len(shapes) > 1:
+        msg = f"{release}: train cases have {len(shapes)} different shapes; train needs one"
+        raise InputError(msg)
+    z, y, x = shapes[0]
+    return (z, y, x)
+
+
+def open_live(live: Path) -> Any:
+    """A DVCLive logger writing only under ``live`` (no dvc.yaml, no git, no experiment).
+
+    The stage's ``dvc.yaml`` entry declares the folder an out, so DVC tracks the curves and
+    DVCLive needs no access to the repository. Its own repository probing is skipped: it
+    would ``dvc init`` an enclosing git repository that is not a DVC project, and it fails
+    in a git repository without commits (dvclive 3.49).
+    """
+    from dvclive.live import Live
+
+    class RepoFreeLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_file = "dvc.yaml"
+
+    return RepoFreeLive(dir=str(live), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
+    """Train on ``release`` and publish the models folder ``out``; curves go to ``live``."""
+    release, out, live = Path(release), Path(out), Path(live)
+    device = resolve_device(params.device)
+    train_set = ctcurate.release.open(release, split="train", transform=None)
+    manifest = train_set.manifest
+    roi = _training_shape(manifest, release)
+    config = unet_config(params.channels, params.num_res_units)
+    multiple = shape_multiple(config)
+    if any(side % multiple for side in roi):
+        msg = (
+            f"{release}: volume shape {list(roi)} is not a multiple of {multiple} on every "
+            f"side, as {len(params.channels)} U-Net levels need (lower train.channels levels "
+            "or change pack.shape)"
+        )
+        raise ParamsError(msg)
+    has_val = "val" in manifest.get("splits", {})
+    val_set = ctcurate.release.open(release, split="val") if has_val else None
+    n_val = len(val_set) if val_set is not None else 0
+    log.info(
+        "training on %d cases (%d val), shape %s, device %s, %d epochs",
+        len(train_set),
+        n_val,
+        list(roi),
+        device.type,
+        params.epochs,
+    )
+    seed_everything(params.seed, params.threads, device)
+    tensor_set = ctcurate.release.open(release, split="train", transform=_tensors)
+    live.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open_live(live) as dvclive:
+        dvclive.log_params(params.model_dump(mode="json"))
+
+        def on_epoch(entry: EpochLog) -> None:
+            dvclive.log_metric("train/loss", entry.train_loss)
+            if entry.val_lung_dice is not None:
+                dvclive.log_metric("val/lung_dice", entry.val_lung_dice)
+            if entry.val_lesion_dice is not None:
+                dvclive.log_metric("val/lesion_dice", entry.val_lesion_dice)
+            dvclive.next_step()
+            log.info(
+                "epoch %d/%d: loss %.4f, val lung dice %s, val lesion dice %s (%.0f s)",
+                entry.epoch,
+                params.epochs,
+                entry.train_loss,
+                _fmt(entry.val_lung_dice),
+                _fmt(entry.val_lesion_dice),
+                time.monotonic() - started,
+            )
+
+        net, history = train_segmenter(tensor_set, val_set, params, roi, device, on_epoch)
+        use_amp = params.amp and device.type == "cuda"
+        feature_net = net if params.classifier_features == "predicted" else None
+        x, y = case_features(feature_net, train_set, roi, device, use_amp)
+        classifier = fit_logistic(x, y, l2=params.classifier_l2)
+        log.info(
+            "typicality classifier fitted on %d train cases (%d typical, %d other, %d unknown)",
+            classifier.n_fit,
+            classifier.n_positive,
+            classifier.n_fit - classifier.n_positive,
+            len(train_set) - classifier.n_fit,
+        )
+        if classifier.n_positive in (0, classifier.n_fit):
+            log.warning("typicality: the train split lacks a class; the classifier is a prior")
+    card = model_card(params, roi, manifest, history, len(train_set), n_val)
+    weights = state_dict_bytes(net)
+    with atomic_dir(out) as tmp:
+        (tmp / SEG_FILE).write_bytes(weights)
+        (tmp / CLASSIFIER_FILE).write_text(dumps_json(classifier.to_json()), encoding="utf-8")
+        (tmp / MODEL_FILE).write_text(dumps_json(card), encoding="utf-8")
+    for ds in (train_set, tensor_set, val_set):
+        if ds is not None:
+            ds.close()
+    log.info("models written to %s (%d epochs)", out, len(history))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def load_models(models: Path) -> tuple[torch.nn.Module, LogisticModel, dict[str, Any]]:
+    """Load a models folder: the network (CPU, eval mode), the classifier, ``model.json``."""
+    import json
+
+    models = Path(models)
+    paths = [models / name for name in (MODEL_FILE, SEG_FILE, CLASSIFIER_FILE)]
+    for path in paths:
+        if not path.is_file():
+            msg = f"{path}: missing (run `ctcurate train` first)"
+            raise InputError(msg)
+    try:
+        card: dict[str, Any] = json.loads(paths[0].read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        msg = f"{paths[0]}: not valid JSON"
+        raise InputError(msg) from exc
+    if card.get("format") != MODEL_FORMAT or card.get("format_version") != MODEL_FORMAT_VERSION:
+        msg = f"{paths[0]}: not a {MODEL_FORMAT} v{MODEL_FORMAT_VERSION} model card"
+        raise InputError(msg)
+    arch = {k: v for k, v in card["architecture"].items() if k != "name"}
+    net = build_unet(arch)
+    try:
+        state = torch.load(paths[1], map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        msg = f"{paths[1]}: cannot load the network weights ({type(exc).__name__})"
+        raise InputError(msg) from exc
+    net.eval()
+    try:
+        classifier = LogisticModel.from_json(json.loads(paths[2].read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        msg = f"{paths[2]}: not a valid classifier ({exc})"
+        raise InputError(msg) from exc
+    return net, classifier, card

@@ -1,0 +1,446 @@
+"""pack.run end to end on a tiny archive: the release, its determinism, verify and open."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_pack import make_ct
+
+import ctcurate.release
+from ctcurate import pack
+from ctcurate.errors import InputError, VerifyError
+from ctcurate.io.seg import write_seg
+from ctcurate.io.tables import write_parquet
+from ctcurate.params import PackParams
+
+PARAMS = PackParams(spacing_mm=(3.0, 3.0, 3.0), shape=(4, 6, 6), shard_max_cases=3)
+CANARY = "CANARYPATIENT"
+N_SLICES, SIZE = 6, 10
+
+
+@dataclass(frozen=True)
+class Inputs:
+    root: Path
+    cases: Path
+    index_dir: Path
+    archive: Path
+    annotations: Path
+
+
+def _case_id(site: str, series_uid: str) -> str:
+    return hashlib.sha256(f"{site}/{series_uid}".encode()).hexdigest()[:16]
+
+
+def _write_series(
+    archive: Path,
+    seg_dir: Path,
+    site: str,
+    series_uid: str,
+    patient: str,
+    seed: int,
+    seg: str = "ok",
+) -> list[dict[str, Any]]:
+    """One CT series on disk (files named against InstanceNumber order) + its SEG.
+
+    ``seg``: ``ok``, ``none`` (no SEG file), ``mismatch`` (a SEG of other instances) or
+    ``empty`` (a SEG without any labelled voxel).
+    """
+    rng = np.random.default_rng(seed)
+    zs = [i * 2.0 for i in range(N_SLICES)]
+    if seed % 100 == 99:  # the series with a missing slice
+        zs = [0.0, 2.0, 4.0, 8.0, 10.0, 12.0]
+    datasets = []
+    for i, z in enumerate(zs):
+        pixels = rng.integers(0, 1400, size=(SIZE, SIZE)).astype(np.int16)
+        datasets.append(
+            make_ct(
+                pixels,
+                (-9.0, -9.0, z),
+                series_uid=series_uid,
+                index=i,
+                patient_id=patient,
+                manufacturer="ACME" if site == "H01" else "Globex",
+            )
+        )
+    rows = []
+    folder = archive / site / series_uid.rsplit(".", 1)[-1]
+    folder.mkdir(parents=True)
+    for i, ds in enumerate(datasets):
+        rel = f"{site}/{folder.name}/IM{(N_SLICES - i) * 7 % 10:04d}"
+        ds.save_as(archive / rel, enforce_file_format=True)
+        rows.append(
+            {
+                "path": rel,
+                "site": site,
+                "series_instance_uid": series_uid,
+                "sop_instance_uid": str(ds.SOPInstanceUID),
+                "manufacturer": str(ds.Manufacturer),
+                "slice_thickness": float(ds.SliceThickness),
+                "patient_id": patient,
+            }
+        )
+    labels = np.zeros((N_SLICES, SIZE, SIZE), dtype=np.uint8)
+    if seg != "empty":
+        labels[1:5, 2:8, 1:9] = 1
+        labels[2:4, 3 + seed % 3 : 6, 3:6] = 2
+    if seg == "mismatch":
+        for i, ds in enumerate(datasets):
+            ds.SOPInstanceUID = f"{series_uid}.{900 + i}"
+    if seg != "none":
+        write_seg(seg_dir / f"{series_uid}.dcm", datasets, labels)
+    return rows
+
+
+def _write_cases(path: Path, rows: list[dict[str, Any]]) -> None:
+    schema = pa.schema(
+        [
+            ("case_id", pa.string()),
+            ("series_instance_uid", pa.string()),
+            ("study_instance_uid", pa.string()),
+            ("patient_id", pa.string()),
+            ("site", pa.string()),
+            ("study_date", pa.date32()),
+            ("era", pa.string()),
+            ("cohort", pa.string()),
+            ("exclusion", pa.string()),
+            ("pcr", pa.string()),
+            ("consensus_grade", pa.int8()),
+            ("typical", pa.int8()),
+        ]
+    )
+    write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    """14 cases from 10 patients on 2 sites: 9 packable; 1 unlabeled, 1 without SEG, 1 gap,
+    1 whose SEG references other instances, 1 with an empty SEG (all of patient 9)."""
+    root = tmp_path_factory.mktemp("packin")
+    archive, annotations = root / "archive", root / "annotations"
+    seg_dir = annotations / "seg"
+    seg_dir.mkdir(parents=True)
+    instances: list[dict[str, Any]] = []
+    cases: list[dict[str, Any]] = []
+    seg_modes = {10: "none", 12: "mismatch", 13: "empty"}
+    for k in range(14):
+        site = "H01" if k % 2 == 0 else "H02"
+        patient = f"{CANARY}{min(k, 9)}"  # cases 9 to 13 share patient 9
+        series_uid = f"1.2.826.0.1.3680043.{k + 1}"
+        seed = 99 if k == 11 else k
+        instances += _write_series(
+            archive, seg_dir, site, series_uid, patient, seed, seg_modes.get(k, "ok")
+        )
+        typical = None if k == 9 else (k // 2) % 2
+        cases.append(
+            {
+                "case_id": _case_id(site, series_uid),
+                "series_instance_uid": series_uid,
+                "study_instance_uid": f"1.2.826.0.2.{k}",
+                "patient_id": patient,
+                "site": site,
+                "study_date": dt.date(2019 + k % 3, 3, 1),
+                "era": "pre_pandemic" if k % 3 == 0 else "pandemic",
+                "cohort": None if k % 3 == 0 else "covid",
+                "exclusion": None,
+                "pcr": "positive" if typical == 1 else "negative",
+                "consensus_grade": None if typical is None else (1 if typical else 4),
+                "typical": typical,
+            }
+        )
+    _write_cases(root / "cases.parquet", sorted(cases, key=lambda c: str(c["case_id"])))
+    write_parquet(
+        root / "index" / "instances.parquet",
+        pa.Table.from_pylist(sorted(instances, key=lambda r: str(r["path"]))),
+    )
+    return Inputs(root, root / "cases.parquet", root / "index", archive, annotations)
+
+
+def _pack(inputs: Inputs, out: Path, cases: Path | None = None) -> None:
+    pack.run(
+        cases=cases or inputs.cases,
+        index_dir=inputs.index_dir,
+        archive=inputs.archive,
+        annotations_dir=inputs.annotations,
+        out=out,
+        params=PARAMS,
+    )
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def release(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rel") / "release"
+    _pack(inputs, out)
+    return out
+
+
+def _manifest(release: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((release / "manifest.json").read_text())
+    return data
+
+
+def _copy(release: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(release, dest)
+    return dest
+
+
+def test_release_accounts_for_every_case(release: Path) -> None:
+    report = json.loads((release / "report.json").read_text())
+    manifest = _manifest(release)
+    reasons = {"empty_mask": 1, "gap": 1, "no_seg": 1, "seg_mismatch": 1, "unlabeled": 1}
+    assert report["cases_seen"] == 14
+    assert report["cases_packed"] == 9
+    assert report["cases_excluded"] == 5
+    assert report["excluded_reasons"] == reasons
+    assert report["release_id"] == manifest["release_id"]
+    assert sorted(e["reason"] for e in manifest["excluded"]) == sorted(reasons)
+    assert len(manifest["cases"]) == 9
+    assert sorted(manifest["shards"]) == [f"shard-0000{i}.h5" for i in range(3)]
+    assert sorted(p.name for p in (release / "shards").iterdir()) == sorted(manifest["shards"])
+    assert sum(len(v) for v in manifest["splits"].values()) == 9
+    assert set(manifest["splits"]) == {"train", "val", "test"}
+    assert manifest["params"]["shape"] == [4, 6, 6]
+    assert manifest["counts"]["splits"] == {s: len(manifest["splits"][s]) for s in pack.SPLITS}
+    for case in manifest["cases"]:
+        assert case["shape"] == [4, 6, 6]
+        assert case["typical"] in (0, 1)
+        assert case["spacing_mm"] == [3.0, 3.0, 3.0]
+        assert "patient_id" not in case
+    assert ctcurate.release.verify(release).startswith(f"release {manifest['release_id'][:16]}")
+
+
+def test_release_holds_no_patient_id(release: Path) -> None:
+    for path in sorted(release.rglob("*")):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path.name
+
+
+def test_card_describes_the_cohort(release: Path) -> None:
+    text = (release / "card.md").read_text()
+    assert "## Shortcut audit" in text
+    assert "| site |" in text
+    assert "| Globex |" in text
+    assert "| no_seg | 1 |" in text
+    assert (release / "card" / "montage.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_pack_is_byte_reproducible_across_processes_and_row_order(
+    inputs: Inputs, release: Path, tmp_path: Path
+) -> None:
+    table = pq.read_table(inputs.cases)
+    order = np.random.default_rng(4).permutation(table.num_rows)
+    shuffled = tmp_path / "shuffled.parquet"
+    write_parquet(shuffled, table.take(pa.array(order)))
+    out = tmp_path / "release"
+    code = (
+        "import sys; from pathlib import Path; from ctcurate import pack;"
+        "from ctcurate.params import PackParams;"
+        "a = [Path(x) for x in sys.argv[1:6]];"
+        "pack.run(cases=a[0], index_dir=a[1], archive=a[2], annotations_dir=a[3], out=a[4],"
+        " params=PackParams.model_validate_json(sys.argv[6]))"
+    )
+    args = [shuffled, inputs.index_dir, inputs.archive, inputs.annotations, out]
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run(
+        [sys.executable, "-c", code, *map(str, args), PARAMS.model_dump_json()],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    assert _hashes(out) == _hashes(release)
+
+
+def test_one_changed_label_changes_the_release_id(
+    inputs: Inputs, release: Path, tmp_path: Path
+) -> None:
+    rows = pq.read_table(inputs.cases).to_pylist()
+    packed = {c["case_id"] for c in _manifest(release)["cases"]}
+    target = next(r for r in rows if r["typical"] == 1 and r["case_id"] in packed)
+    target["typical"], target["consensus_grade"] = 0, 3
+    changed = tmp_path / "cases.parquet"
+    _write_cases(changed, rows)
+    out = tmp_path / "release"
+    _pack(inputs, out, cases=changed)
+    before, after = _manifest(release), _manifest(out)
+    assert after["release_id"] != before["release_id"]
+    differing = {
+        a["case_id"]: (a["split"], b["split"])
+        for a, b in zip(after["cases"], before["cases"], strict=True)
+        if a["sha256"] != b["sha256"]
+    }
+    assert target["case_id"] in differing
+    # Stratified splits may move other patients; nothing else about them changes.
+    for case_id, (split_after, split_before) in differing.items():
+        assert case_id == target["case_id"] or split_after != split_before
+    ctcurate.release.verify(out)
+
+
+def test_verify_fails_on_a_flipped_byte(release: Path, tmp_path: Path) -> None:
+    copy = _copy(release, tmp_path)
+    shard = copy / "shards" / "shard-00001.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match=r"shard-00001\.h5: sha256 does not match"):
+        ctcurate.release.verify(copy)
+
+
+def test_verify_fails_on_a_missing_shard(release: Path, tmp_path: Path) -> None:
+    copy = _copy(release, tmp_path)
+    (copy / "shards" / "shard-00002.h5").unlink()
+    with pytest.raises(VerifyError, match="shard listed in the manifest is missing"):
+        ctcurate.release.verify(copy)
+
+
+def test_verify_fails_on_an_edited_manifest(release: Path, tmp_path: Path) -> None:
+    copy = _copy(release, tmp_path)
+    manifest = _manifest(copy)
+    manifest["cases"][0]["typical"] = 1 - manifest["cases"][0]["typical"]
+    (copy / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n")
+    with pytest.raises(VerifyError, match="release_id does not match the manifest's content"):
+        ctcurate.release.verify(copy)
+
+
+def test_open_yields_documented_samples_through_a_dataloader(release: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    train = ctcurate.release.open(release, split="train")
+    manifest = _manifest(release)
+    assert len(train) == len(manifest["splits"]["train"])
+    sample = train[0]
+    assert tuple(sample["image"].shape) == (1, 4, 6, 6)
+    assert str(sample["image"].dtype) == "torch.float32"
+    assert str(sample["label"].dtype) == "torch.int64"
+    assert sample["typical"] in (0, 1)
+    assert sample["meta"]["split"] == "train"
+    assert sample["image"].min().item() >= PARAMS.hu_min
+    loader = DataLoader(train, batch_size=2, num_workers=2)
+    seen = []
+    for batch in loader:
+        assert batch["image"].shape[1:] == (1, 4, 6, 6)
+        seen += list(batch["case_id"])
+    assert sorted(seen) == sorted(manifest["splits"]["train"])
+    train.close()
+
+
+def test_cli_verify(release: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctcurate.cli import app
+
+    result = CliRunner().invoke(app, ["verify", str(release)])
+    assert result.exit_code == 0
+    assert "verified: 9 cases in 3 shards" in result.output
+
+    copy = _copy(release, tmp_path)
+    (copy / "shards" / "shard-00000.h5").write_bytes(b"not hdf5")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctcurate", "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == VerifyError.exit_code
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("ctcurate: error: ")
+    assert "shard-00000.h5: sha256 does not match" in lines[0]
+
+
+def _kill_mid_pack(inputs: Inputs, out: Path, marker: Path) -> None:
+    """Start pack in a child that stalls after writing its first shard; kill -9 it there."""
+    code = (
+        "import sys, time; from pathlib import Path; from ctcurate import pack;"
+        "from ctcurate.params import PackParams;"
+        "orig = pack.write_shard\n"
+        "def stall(path, records):\n"
+        "    entries = orig(path, records)\n"
+        "    Path(sys.argv[7]).touch()\n"
+        "    time.sleep(120)\n"
+        "    return entries\n"
+        "pack.write_shard = stall\n"
+        "a = [Path(x) for x in sys.argv[1:6]]\n"
+        "pack.run(cases=a[0], index_dir=a[1], archive=a[2], annotations_dir=a[3], out=a[4],"
+        " params=PackParams.model_validate_json(sys.argv[6]))"
+    )
+    args = [inputs.cases, inputs.index_dir, inputs.archive, inputs.annotations, out]
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args), PARAMS.model_dump_json(), str(marker)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, "pack exited before the kill point"
+            assert time.monotonic() < deadline, "pack never reached the kill point"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+
+
+def test_kill_9_mid_pack_leaves_the_previous_release(
+    inputs: Inputs, release: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "release"
+    shutil.copytree(release, out)
+    before = _hashes(out)
+    _kill_mid_pack(inputs, out, tmp_path / "marker")
+    assert _hashes(out) == before
+    ctcurate.release.verify(out)
+
+
+def test_kill_9_mid_first_pack_leaves_no_release(inputs: Inputs, tmp_path: Path) -> None:
+    out = tmp_path / "release"
+    _kill_mid_pack(inputs, out, tmp_path / "marker")
+    assert not out.exists()
+
+
+def test_nothing_packable_fails_naming_the_cases_file(inputs: Inputs, tmp_path: Path) -> None:
+    rows = pq.read_table(inputs.cases).to_pylist()
+    for row in rows:
+        row["typical"] = None
+    cases = tmp_path / "cases.parquet"
+    _write_cases(cases, rows)
+    with pytest.raises(
+        InputError, match=r"cases\.parquet: no case could be packed \(unlabeled=14\)"
+    ):
+        _pack(inputs, tmp_path / "release", cases=cases)
+    assert not (tmp_path / "release").exists()
+
+
+def test_duplicate_case_ids_are_rejected(inputs: Inputs, tmp_path: Path) -> None:
+    rows = pq.read_table(inputs.cases).to_pylist()
+    cases = tmp_path / "cases.parquet"
+    _write_cases(cases, [*rows, rows[0]])
+    with pytest.raises(InputError, match=f"case_id {rows[0]['case_id']} appears 2 times"):
+        _pack(inputs, tmp_path / "release", cases=cases)
+
+
+def test_missing_cases_table_is_an_input_error(inputs: Inputs, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"nope\.parquet: no such Parquet file"):
+        _pack(inputs, tmp_path / "release", cases=tmp_path / "nope.parquet")

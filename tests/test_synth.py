@@ -1,0 +1,458 @@
+"""The synthetic archive: determinism, traps, anatomy, lesions, SEG alignment, annotations."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from pydantic import ValidationError
+from scipy import ndimage
+
+from ctcurate.io.seg import read_seg_labels
+from ctcurate.params import SynthParams
+from ctcurate.synth import run
+from ctcurate.synth.anatomy import (
+    BONE,
+    FAT,
+    LUNG,
+    SOFT,
+    Grid,
+    make_chest,
+    reconstruct,
+    sample_body,
+    scan_range,
+)
+from ctcurate.synth.annotations import grade_rows, pcr_rows, to_csv
+from ctcurate.synth.cohort import plan_cohort
+from ctcurate.synth.lesions import CONSOLIDATION, GGO, NORMAL, add_pattern
+
+SMALL = SynthParams(patients=6, seed=11, matrix=32, pandemic_start=dt.date(2020, 3, 1))
+CHEST_TRAPS = {
+    "duplicate_site",
+    "shuffled_names",
+    "missing_slice",
+    "duplicate_slice",
+    "rle_lossless",
+    "jpeg2000_lossless",
+    "jpegls_lossless",
+    "truncated_pixels",
+    "truncated_header",
+    "phi_birth_date",
+    "phi_institution",
+    "phi_patient_name",
+    "non_dicom_text",
+    "non_dicom_zero_bytes",
+    "non_dicom_thumbs_db",
+}
+KINDS = {
+    "chest_ct",
+    "chest_ct_soft",
+    "localizer",
+    "dose_report",
+    "head_ct",
+    "abdomen_ct",
+    "mr",
+    "cr",
+}
+RLE, J2K, JLS = "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file under root, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "synth"
+    run(out, SMALL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def truth(small: Path) -> list[dict[str, object]]:
+    return list(pq.read_table(small / "truth.parquet").to_pylist())
+
+
+@pytest.fixture(scope="module")
+def trap_files(small: Path) -> list[dict[str, object]]:
+    return list(pq.read_table(small / "truth_files.parquet").to_pylist())
+
+
+# -- determinism ----------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_tree(small: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    run(again, SMALL)
+    first, second = tree_digest(small), tree_digest(again)
+    assert first == second
+    assert len(first) > 100
+
+
+def test_other_seed_replaces_output_with_another_archive(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    params = SynthParams(patients=2, seed=12, matrix=32)
+    run(out, params)
+    first = tree_digest(out)
+    (out / "stale.txt").write_text("old\n", encoding="utf-8")
+    run(out, params.model_copy(update={"seed": 13}))
+    second = tree_digest(out)
+    assert "stale.txt" not in second
+    assert first["truth.parquet"] != second["truth.parquet"]
+    assert set(first) != set(second) or first != second
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# -- layout, sites, traps ---------------------------------------------------------------------
+
+
+def test_outputs_and_sites(small: Path, truth: list[dict[str, object]]) -> None:
+    for rel in ("annotations/pcr.csv", "annotations/grades.csv", "preview.png"):
+        assert (small / rel).is_file(), rel
+    assert (small / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sites = sorted(p.name for p in (small / "archive").iterdir())
+    assert sites == ["H01", "H02", "H03", "H04", "H05"]
+    assert {r["kind"] for r in truth} == KINDS
+    keys = [(r["site"], r["series_instance_uid"]) for r in truth]
+    assert keys == sorted(keys)
+    assert len(set(keys)) == len(keys)
+
+
+def test_every_trap_is_present_and_recorded(
+    small: Path, trap_files: list[dict[str, object]]
+) -> None:
+    traps = {str(r["trap"]) for r in trap_files}
+    assert traps >= CHEST_TRAPS
+    archive = small / "archive"
+    for row in trap_files:
+        path = archive / str(row["path"])
+        if row["trap"] == "missing_slice":
+            assert not path.exists()
+        else:
+            assert path.is_file(), row
+    reasons = {str(r["trap"]): r["expected_reason"] for r in trap_files}
+    assert reasons["truncated_pixels"] == "pixel_length_short"
+    assert reasons["truncated_header"] == "no_pixel_data"
+    assert reasons["phi_patient_name"] == "phi_present"
+    assert reasons["non_dicom_zero_bytes"] == "not_dicom"
+
+
+def _by_trap(trap_files: list[dict[str, object]], trap: str) -> list[str]:
+    return sorted(str(r["path"]) for r in trap_files if r["trap"] == trap)
+
+
+def test_file_traps_behave_as_recorded(small: Path, trap_files: list[dict[str, object]]) -> None:
+    archive = small / "archive"
+    for rel in _by_trap(trap_files, "truncated_pixels"):
+        ds = pydicom.dcmread(archive / rel)
+        expected = int(ds.Rows) * int(ds.Columns) * 2
+        assert len(ds.PixelData) < expected
+    for rel in _by_trap(trap_files, "truncated_header"):
+        ds = pydicom.dcmread(archive / rel)
+        assert "PixelData" not in ds
+    for rel in _by_trap(trap_files, "non_dicom_zero_bytes"):
+        assert (archive / rel).stat().st_size == 0
+    for rel in _by_trap(trap_files, "non_dicom_text"):
+        assert b"DICM" not in (archive / rel).read_bytes()[:132]
+    for trap, syntax in (
+        ("rle_lossless", RLE),
+        ("jpeg2000_lossless", J2K),
+        ("jpegls_lossless", JLS),
+    ):
+        paths = _by_trap(trap_files, trap)
+        assert paths, trap
+        for rel in paths[:3]:
+            ds = pydicom.dcmread(archive / rel)
+            assert ds.file_meta.TransferSyntaxUID == syntax
+            assert ds.pixel_array.shape == (int(ds.Rows), int(ds.Columns))
+
+
+def test_duplicate_site_copies_are_identical(
+    small: Path, truth: list[dict[str, object]], trap_files: list[dict[str, object]]
+) -> None:
+    archive = small / "archive"
+    copies = _by_trap(trap_files, "duplicate_site")
+    assert copies
+    dup_rows = [r for r in truth if r["duplicate_of"] is not None]
+    assert len(dup_rows) == 1
+    uid = dup_rows[0]["series_instance_uid"]
+    originals = [r for r in truth if r["series_instance_uid"] == uid and r["duplicate_of"] is None]
+    assert len(originals) == 1
+    assert originals[0]["site"] != dup_rows[0]["site"]
+    assert {c.split("/")[0] for c in copies} == {dup_rows[0]["site"]}
+    by_sop: dict[str, set[str]] = defaultdict(set)
+    for p in sorted(archive.rglob("*")):
+        if p.is_file() and p.stat().st_size > 200:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, force=True)
+            if ds.get("SeriesInstanceUID") == uid:
+                by_sop[str(ds.SOPInstanceUID)].add(hashlib.sha256(p.read_bytes()).hexdigest())
+    assert by_sop
+    assert all(len(digests) == 1 for digests in by_sop.values())
+
+
+def _headers(root: Path) -> list[tuple[str, pydicom.Dataset]]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.stat().st_size > 132 and p.read_bytes()[128:132] == b"DICM":
+            out.append(
+                (p.relative_to(root).as_posix(), pydicom.dcmread(p, stop_before_pixels=True))
+            )
+    return out
+
+
+def test_phi_only_where_planted(small: Path, trap_files: list[dict[str, object]]) -> None:
+    planted = {str(r["path"]) for r in trap_files if str(r["trap"]).startswith("phi_")}
+    leaking = set()
+    for rel, ds in _headers(small / "archive"):
+        if any(
+            str(ds.get(k, "") or "") for k in ("PatientName", "PatientBirthDate", "InstitutionName")
+        ):
+            leaking.add(rel)
+    assert leaking == planted
+
+
+def test_series_shapes_missing_and_duplicate_slices(
+    small: Path, trap_files: list[dict[str, object]]
+) -> None:
+    positions: dict[str, list[float]] = defaultdict(list)
+    kinds: Counter[str] = Counter()
+    for rel, ds in _headers(small / "archive"):
+        if rel.split("/")[0] == "H01" or "ImagePositionPatient" not in ds:
+            pass
+        if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and "LOCALIZER" not in ds.ImageType:
+            positions[f"{rel.split('/')[0]}|{ds.SeriesInstanceUID}"].append(
+                float(ds.ImagePositionPatient[2])
+            )
+        kinds[str(ds.SOPClassUID)] += 1
+    assert kinds["1.2.840.10008.5.1.4.1.1.7"] >= 1  # dose-report screenshots
+    missing = {str(r["series_instance_uid"]) for r in trap_files if r["trap"] == "missing_slice"}
+    duplicate = {
+        str(r["series_instance_uid"]) for r in trap_files if r["trap"] == "duplicate_slice"
+    }
+    truncated = {
+        str(r["series_instance_uid"]) for r in trap_files if str(r["trap"]).startswith("truncated")
+    }
+    for key, zs in positions.items():
+        series = key.split("|")[1]
+        if series in truncated:
+            continue
+        steps = np.diff(sorted(set(zs)))
+        gaps = int((steps > 1.5 * steps.min()).sum()) if steps.size else 0
+        dups = len(zs) - len(set(zs))
+        assert gaps == (1 if series in missing else 0), key
+        assert dups == (1 if series in duplicate else 0), key
+
+
+# -- anatomy and lesions ----------------------------------------------------------------------
+
+
+def _chest(seed: int, thickness: float = 2.5, matrix: int = 96) -> tuple[np.ndarray, object]:
+    rng = np.random.default_rng(seed)
+    body = sample_body(rng)
+    top, bottom = scan_range(body)
+    grid = Grid(z=np.arange(top, bottom, -thickness), matrix=matrix, pixel=360.0 / matrix)
+    return rng, make_chest(rng, body, grid)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_hu_statistics_per_tissue(seed: int) -> None:
+    rng, chest = _chest(seed)
+    image = reconstruct(rng, chest.hu, sharpness=0.85, noise_hu=18.0)  # type: ignore[attr-defined]
+    tissue = chest.tissue  # type: ignore[attr-defined]
+
+    def mean(cls: int, erode: int = 1) -> float:
+        mask = tissue == cls
+        if erode:
+            mask = ndimage.binary_erosion(mask, iterations=erode)
+        assert mask.sum() > 100
+        return float(image[mask].mean())
+
+    assert -900.0 <= mean(LUNG, 0) <= -750.0
+    assert -130.0 <= mean(FAT) <= -70.0
+    assert 20.0 <= mean(SOFT) <= 70.0
+    assert mean(BONE, 0) > 300.0
+    lung = image[tissue == LUNG]
+    assert 15.0 < float(lung.std()) < 250.0  # textured, not flat
+
+
+def test_patients_differ_in_size() -> None:
+    sizes = [sample_body(np.random.default_rng(s)).half_width for s in range(8)]
+    assert max(sizes) - min(sizes) > 10.0
+
+
+def test_typical_pattern_is_bilateral_peripheral_and_basal() -> None:
+    rng, chest = _chest(4)
+    _, labels, _ = add_pattern(rng, chest, "typical", 0.7, False)  # type: ignore[arg-type]
+    lesion = labels >= GGO
+    assert lesion.any()
+    side = chest.lung_side  # type: ignore[attr-defined]
+    assert (lesion & (side < 0)).any()
+    assert (lesion & (side > 0)).any()
+    depth = chest.depth  # type: ignore[attr-defined]
+    assert float(depth[lesion].mean()) > float(depth[labels == NORMAL].mean())
+    rho = chest.rho  # type: ignore[attr-defined]
+    assert float(rho[lesion].mean()) > float(rho[labels == NORMAL].mean())
+    assert set(np.unique(labels[chest.tissue != LUNG])) <= {0}  # type: ignore[attr-defined]
+
+
+def test_border_consolidation_hides_lung_from_a_threshold() -> None:
+    rng, chest = _chest(5)
+    hu, labels, _ = add_pattern(rng, chest, "atypical", 0.8, True)  # type: ignore[arg-type]
+    cons = labels == CONSOLIDATION
+    assert cons.sum() > 50
+    assert float(np.median(hu[cons])) > -100.0  # a -400 HU lung threshold misses it
+
+
+def test_negative_has_only_normal_lung_and_patterns_are_checked() -> None:
+    rng, chest = _chest(6)
+    _, labels, _ = add_pattern(rng, chest, "negative", 0.0, False)  # type: ignore[arg-type]
+    assert set(np.unique(labels)) == {0, 1}
+    with pytest.raises(ValueError, match="unknown pattern 'viral'"):
+        add_pattern(rng, chest, "viral", 0.5, False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"severity must be within 0\.\.1"):
+        add_pattern(rng, chest, "typical", 1.5, False)  # type: ignore[arg-type]
+
+
+# -- SEG alignment ----------------------------------------------------------------------------
+
+
+def test_seg_masks_align_with_their_images(small: Path, truth: list[dict[str, object]]) -> None:
+    archive = small / "archive"
+    thin = {
+        str(r["series_instance_uid"]): r
+        for r in truth
+        if r["kind"] == "chest_ct" and r["duplicate_of"] is None
+    }
+    segs = sorted((small / "annotations" / "seg").glob("*.dcm"))
+    assert {p.stem for p in segs} == set(thin)
+    images: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+    for p in sorted(archive.rglob("*")):
+        if p.is_file() and p.stat().st_size > 132 and p.read_bytes()[128:132] == b"DICM":
+            ds = pydicom.dcmread(p)
+            if (
+                ds.SeriesInstanceUID in thin
+                and p.relative_to(archive).parts[0] == thin[ds.SeriesInstanceUID]["site"]
+            ):
+                images[str(ds.SeriesInstanceUID)].append(ds)
+    lesion_hu: list[float] = []
+    checked = 0
+    for uid, found in sorted(images.items()):
+        datasets = [ds for ds in found if "PixelData" in ds]
+        order = np.random.default_rng(0).permutation(len(datasets))
+        shuffled = [datasets[i] for i in order]
+        labels = read_seg_labels(
+            small / "annotations" / "seg" / f"{uid}.dcm", [ds.SOPInstanceUID for ds in shuffled]
+        )
+        hu = np.stack(
+            [
+                ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                for ds in shuffled
+            ]
+        )
+        assert labels.shape == hu.shape
+        assert (labels == NORMAL).any(), uid
+        # labelled lung lies on dark voxels; the same labels in reversed order do not
+        aligned = float((hu[labels == NORMAL] < -500.0).mean())
+        flipped = float((hu[labels[::-1] == NORMAL] < -500.0).mean())
+        assert aligned > 0.85, uid
+        assert flipped < aligned
+        checked += 1
+        if (labels == CONSOLIDATION).sum() > 20:
+            lesion_hu.append(float(hu[labels == CONSOLIDATION].mean()))
+        if thin[uid]["pattern"] == "negative":
+            assert not (labels >= GGO).any()
+    assert checked == len(thin)
+    assert all(v > -300.0 for v in lesion_hu)
+
+
+# -- eras, PCR, readers -------------------------------------------------------------------------
+
+
+def test_eras_and_covid_only_in_pandemic(truth: list[dict[str, object]]) -> None:
+    for r in truth:
+        date = r["study_date"]
+        assert isinstance(date, dt.date)
+        assert dt.date(2018, 1, 1) <= date <= dt.date(2021, 12, 31)
+        assert r["era"] == ("pandemic" if date >= SMALL.pandemic_start else "pre_pandemic")
+        if r["covid"]:
+            assert r["era"] == "pandemic"
+            assert r["pneumonia"]
+
+
+def _fleiss_kappa(rows: list[dict[str, str]]) -> float:
+    by_study: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        by_study[row["study_instance_uid"]].append(int(row["category"]))
+    p_i, totals = [], Counter[int]()
+    for grades in by_study.values():
+        n = len(grades)
+        counts = Counter(grades)
+        p_i.append((sum(c * c for c in counts.values()) - n) / (n * (n - 1)))
+        totals.update(grades)
+    p_bar = float(np.mean(p_i))
+    n_all = sum(totals.values())
+    p_e = sum((c / n_all) ** 2 for c in totals.values())
+    return (p_bar - p_e) / (1.0 - p_e)
+
+
+def _read_csv(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+
+
+def test_grades_csv_shape(small: Path, truth: list[dict[str, object]]) -> None:
+    rows = _read_csv((small / "annotations" / "grades.csv").read_bytes())
+    studies = {str(r["study_instance_uid"]) for r in truth if r["kind"] == "chest_ct"}
+    per_study = Counter(r["study_instance_uid"] for r in rows)
+    assert set(per_study) == studies
+    assert set(per_study.values()) <= {2, 3}
+    assert {int(r["category"]) for r in rows} <= {1, 2, 3, 4}
+
+
+def test_reader_kappa_is_moderate() -> None:
+    params = SynthParams(patients=400, seed=3)
+    studies = plan_cohort(params, np.random.default_rng(params.seed))
+    rows = grade_rows(studies, params.pandemic_start, np.random.default_rng(9))
+    header = ("study_instance_uid", "reader_id", "category", "read_date")
+    kappa = _fleiss_kappa(_read_csv(to_csv(header, list(rows))))
+    assert 0.5 <= kappa <= 0.7
+
+
+def test_pcr_is_noisy_like_a_real_lab(small: Path) -> None:
+    params = SynthParams(patients=300, seed=4)
+    studies = plan_cohort(params, np.random.default_rng(params.seed))
+    rows = pcr_rows(studies, params.pandemic_start, np.random.default_rng(9))
+    chest = {s.patient_id: s for s in studies if s.kind == "chest"}
+    tests = defaultdict(list)
+    for patient, _site, day, result in rows:
+        tests[patient].append((dt.date.fromisoformat(day), result))
+    assert any(len(t) > 1 for t in tests.values())  # repeated tests
+    covid = [chest[p] for p in tests if chest[p].covid]
+    near = [r for s in covid for d, r in tests[s.patient_id] if abs((d - s.study_date).days) <= 14]
+    sensitivity = near.count("positive") / len(near)
+    assert 0.6 <= sensitivity <= 0.9  # false negatives
+    far = [d for p, t in tests.items() for d, _ in t if abs((d - chest[p].study_date).days) > 90]
+    assert far  # tests far outside any window
+    assert all(d >= params.pandemic_start for t in tests.values() for d, _ in t)
+    pcr = _read_csv((small / "annotations" / "pcr.csv").read_bytes())
+    assert list(pcr[0]) == ["patient_id", "site", "test_date", "result"] if pcr else True
+
+
+def test_pandemic_start_is_range_checked() -> None:
+    with pytest.raises(ValidationError, match="pandemic_start"):
+        SynthParams(pandemic_start=dt.date(2023, 1, 1))

@@ -1,0 +1,267 @@
+"""Tests of the train stage (and the tiny synthetic releases the evaluate tests reuse)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+import ctcurate.release
+from ctcurate import train
+from ctcurate.errors import InputError, ParamsError
+from ctcurate.io.atomic import write_json
+from ctcurate.nets import FEATURES, fit_logistic, typicality_features
+from ctcurate.params import TrainParams
+from ctcurate.release import CaseRecord, build_manifest, write_shard
+
+PATTERNS = ("typical", "atypical", "negative")
+
+
+def _ellipsoid(
+    shape: tuple[int, int, int], centre: tuple[float, float, float], radii: tuple[float, ...]
+) -> npt.NDArray[np.bool_]:
+    zz, yy, xx = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    return bool_(
+        ((zz - centre[0]) / radii[0]) ** 2
+        + ((yy - centre[1]) / radii[1]) ** 2
+        + ((xx - centre[2]) / radii[2]) ** 2
+        <= 1.0
+    )
+
+
+def bool_(arr: Any) -> npt.NDArray[np.bool_]:
+    return np.asarray(arr, dtype=bool)
+
+
+def make_case(
+    rng: np.random.Generator, shape: tuple[int, int, int], pattern: str
+) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]:
+    """A chest-like volume: body, two lungs, lesions after the pattern (RSNA-like)."""
+    z, y, x = shape
+    image = np.full(shape, -1000.0)
+    body = _ellipsoid(shape, (z / 2, y / 2, x / 2), (z * 0.7, y * 0.42, x * 0.46))
+    image[body] = 40.0
+    label = np.zeros(shape, dtype=np.uint8)
+    jitter = rng.uniform(-0.04, 0.04, size=3)
+    for side in (0.3, 0.7):
+        lung = _ellipsoid(
+            shape,
+            (z * (0.5 + jitter[0]), y * (0.5 + jitter[1]), x * (side + jitter[2] / 2)),
+            (z * 0.42, y * 0.3, x * 0.15),
+        )
+        label[lung & body] = 1
+    lung = label > 0
+    image[lung] = -850.0
+    if pattern == "typical":
+        # bilateral, peripheral, lower-zone ground glass with a little consolidation
+        for side in (0.17, 0.83):
+            blob = _ellipsoid(shape, (z * 0.3, y * 0.5, x * side), (z * 0.16, y * 0.2, x * 0.08))
+            label[blob & lung] = 2
+        core = _ellipsoid(shape, (z * 0.3, y * 0.5, x * 0.17), (z * 0.06, y * 0.08, x * 0.04))
+        label[core & lung] = 3
+    elif pattern == "atypical":
+        # unilateral, central, upper lobar consolidation
+        side = 0.3 if rng.random() < 0.5 else 0.7
+        blob = _ellipsoid(shape, (z * 0.65, y * 0.5, x * side), (z * 0.17, y * 0.17, x * 0.1))
+        label[blob & lung] = 3
+    image[label == 2] = -450.0
+    image[label == 3] = 30.0
+    image += rng.normal(0.0, 20.0, size=shape)
+    return np.clip(np.rint(image), -1024, 3071).astype(np.int16), label
+
+
+def make_release(
+    root: Path,
+    n_cases: int = 6,
+    shape: tuple[int, int, int] = (16, 16, 16),
+    splits: tuple[str, ...] = ("train", "train", "val", "test"),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny release the way pack does; cases cycle through patterns and splits."""
+    rng = np.random.default_rng(seed)
+    records: list[CaseRecord] = []
+    for i in range(n_cases):
+        pattern = PATTERNS[i % len(PATTERNS)]
+        image, label = make_case(rng, shape, pattern)
+        typical = 1 if pattern == "typical" else 0
+        if i % 11 == 10:
+            typical = -1
+        records.append(
+            CaseRecord(
+                case_id=f"case{i:03d}",
+                image=image,
+                label=label,
+                meta={
+                    "case_id": f"case{i:03d}",
+                    "split": splits[i % len(splits)],
+                    "site": f"H0{(i // 4) % 2 + 1}",
+                    "typical": typical,
+                    "consensus_grade": {1: 1, 0: 3, -1: 0}[typical],
+                    "spacing_mm": [4.0, 4.0, 4.0],
+                },
+            )
+        )
+    entries = write_shard(root / "shards" / "shard-00000.h5", records)
+    manifest = build_manifest(
+        root, entries, params={"spacing_mm": [4.0, 4.0, 4.0]}, code_version="test"
+    )
+    write_json(root / "manifest.json", manifest)
+    return root
+
+
+def tiny_params(**overrides: Any) -> TrainParams:
+    base: dict[str, Any] = {
+        "epochs": 2,
+        "batch_size": 2,
+        "channels": (4, 8),
+        "lr": 0.01,
+        "device": "cpu",
+        "threads": 1,
+    }
+    return TrainParams.model_validate(base | overrides)
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_release(tmp_path_factory.mktemp("release"), n_cases=8)
+
+
+def test_overfits_two_cases(tmp_path: Path) -> None:
+    root = make_release(tmp_path / "rel", n_cases=2, splits=("train",))
+    params = tiny_params(epochs=30, batch_size=2, channels=(8, 16), lr=0.02)
+    train.seed_everything(params.seed, params.threads, torch.device("cpu"))
+    data = ctcurate.release.open(root, split="train", transform=train._tensors)
+    _, history = train.train_segmenter(data, None, params, (16, 16, 16), torch.device("cpu"))
+    losses = [h.train_loss for h in history]
+    assert len(losses) == 30
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert min(losses[-5:]) < min(losses[:5])
+
+
+def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
+    out, live = tmp_path / "models", tmp_path / "live"
+    train.run(release, out, live, tiny_params())
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "model.json", "seg.pt"]
+    card = json.loads((out / "model.json").read_text())
+    assert card["input"]["hu_window"] == [-1024.0, 600.0]
+    assert card["input"]["shape"] == [16, 16, 16]
+    assert card["architecture"]["channels"] == [4, 8]
+    assert card["release_id"] == json.loads((release / "manifest.json").read_text())["release_id"]
+    assert card["n_train"] == 4
+    assert card["n_val"] == 2
+    clf = json.loads((out / "classifier.json").read_text())
+    assert clf["features"] == list(FEATURES)
+    assert clf["n_fit"] == 4
+    metrics = json.loads((live / "metrics.json").read_text())
+    assert metrics["step"] == 1
+    assert {"train", "val"} <= set(metrics)
+    assert (live / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    assert not (live / "dvc.yaml").exists()
+    net, classifier, loaded = train.load_models(out)
+    assert loaded == card
+    assert classifier.n_fit == 4
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_training_is_deterministic(release: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        train.run(release, tmp_path / name / "models", tmp_path / name / "live", tiny_params())
+    first = sha256_tree(tmp_path / "a")
+    assert first == sha256_tree(tmp_path / "b")
+    assert "models/seg.pt" in first
+
+
+def test_seed_changes_weights(release: Path, tmp_path: Path) -> None:
+    train.run(release, tmp_path / "a", tmp_path / "la", tiny_params(epochs=1))
+    train.run(release, tmp_path / "b", tmp_path / "lb", tiny_params(epochs=1, seed=1))
+    assert (tmp_path / "a" / "seg.pt").read_bytes() != (tmp_path / "b" / "seg.pt").read_bytes()
+
+
+def test_cuda_requested_without_cuda(
+    release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ParamsError, match=r"train\.device is 'cuda' but CUDA is not available"):
+        train.run(release, tmp_path / "m", tmp_path / "l", tiny_params(device="cuda"))
+    assert train.resolve_device("auto").type == "cpu"
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_release(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"no manifest"):
+        train.run(tmp_path / "nope", tmp_path / "m", tmp_path / "l", tiny_params())
+
+
+def test_no_train_split(tmp_path: Path) -> None:
+    root = make_release(tmp_path / "rel", n_cases=2, splits=("test",))
+    with pytest.raises(InputError, match=r"no split 'train'"):
+        train.run(root, tmp_path / "m", tmp_path / "l", tiny_params())
+
+
+def test_shape_not_multiple(tmp_path: Path) -> None:
+    root = make_release(tmp_path / "rel", n_cases=2, shape=(10, 16, 16), splits=("train",))
+    with pytest.raises(ParamsError, match=r"shape \[10, 16, 16\] is not a multiple of 4"):
+        train.run(root, tmp_path / "m", tmp_path / "l", tiny_params(channels=(4, 8, 16)))
+
+
+def test_load_models_errors(release: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"model\.json: missing"):
+        train.load_models(tmp_path)
+    out = tmp_path / "models"
+    train.run(release, out, tmp_path / "live", tiny_params(epochs=1))
+    (out / "classifier.json").write_text("{}")
+    with pytest.raises(InputError, match=r"classifier\.json: not a valid classifier"):
+        train.load_models(out)
+    (out / "seg.pt").write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"seg\.pt: cannot load"):
+        train.load_models(out)
+
+
+def test_features_of_patterns() -> None:
+    rng = np.random.default_rng(0)
+    feats = {p: typicality_features(make_case(rng, (24, 32, 32), p)[1]) for p in PATTERNS}
+    idx = {name: i for i, name in enumerate(FEATURES)}
+    assert np.all(feats["negative"] == 0.0)
+    assert feats["typical"][idx["bilateral_share"]] > 0.3
+    assert feats["atypical"][idx["bilateral_share"]] == 0.0
+    assert feats["typical"][idx["lower_zone_share"]] > 0.9
+    assert feats["atypical"][idx["lower_zone_share"]] < 0.2
+    assert feats["typical"][idx["peripheral_share"]] > feats["atypical"][idx["peripheral_share"]]
+    assert feats["atypical"][idx["ggo_share"]] == 0.0
+    assert np.all(typicality_features(np.zeros((4, 4, 4), dtype=np.uint8)) == 0.0)
+    with pytest.raises(ValueError, match=r"expected a \(z, y, x\) volume"):
+        typicality_features(np.zeros((4, 4), dtype=np.uint8))
+
+
+def test_fit_logistic() -> None:
+    x = np.array([[0.0], [1.0], [2.0], [3.0], [1.5], [1.6]])
+    y = np.array([0, 0, 1, 1, 0, 1])
+    model = fit_logistic(x, y, features=("f",), l2=0.1)
+    proba = model.predict_proba(x)
+    assert proba[3] > 0.5 > proba[0]
+    assert np.all(np.diff(model.predict_proba(np.linspace(0, 3, 7)[:, None])) > 0)
+    again = fit_logistic(x, y, features=("f",), l2=0.1)
+    assert again == model
+    assert type(model).from_json(model.to_json()) == model
+    prior = fit_logistic(x[:2], y[:2], features=("f",))
+    assert prior.weights == (0.0,)
+    # Laplace-smoothed prevalence (0 + 1) / (2 + 2)
+    assert prior.predict_proba(np.array([[5.0]]))[0] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"labels must be 0 or 1"):
+        fit_logistic(x, np.array([0, 1, 2, 0, 1, 0]), features=("f",))
+    with pytest.raises(ValueError, match=r"expected 1 features"):
+        model.predict_proba(np.zeros((1, 2)))
