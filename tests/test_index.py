@@ -32,15 +32,21 @@ from pydicom.uid import (
 )
 
 from ctcurate import index
-from ctcurate.errors import AccountingError, CtcurateError, InputError
+from ctcurate.errors import AccountingError, InputError
 from ctcurate.io import dicom
+from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import IndexParams
 from ctcurate.snapshot import list_archive
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"
-OUTPUTS = ("instances.parquet", "series.parquet", "quarantine.parquet", "skipped.parquet")
+OUTPUTS = (
+    "instances/part-00000.parquet",
+    "series.parquet",
+    "quarantine.parquet",
+    "skipped.parquet",
+)
 
 
 def ct_slice(
@@ -120,7 +126,10 @@ def run_index(archive: Path, out: Path, workers: int = 1, **params: Any) -> dict
 
 
 def table(out: Path, name: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = pq.read_table(out / f"{name}.parquet").to_pylist()
+    if name == "instances":
+        rows: list[dict[str, Any]] = read_shards(out / "instances").to_pylist()
+        return rows
+    rows = pq.read_table(out / f"{name}.parquet").to_pylist()
     return rows
 
 
@@ -139,6 +148,7 @@ def test_tiny_series_is_indexed_with_geometry(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     write_series(archive)
     report = run_index(archive, tmp_path / "out")
+    assert re.fullmatch("[0-9a-f]{16}", report.pop("reader"))
     assert report == {
         "files_seen": 4,
         "files_indexed": 4,
@@ -171,6 +181,7 @@ def test_tiny_series_is_indexed_with_geometry(tmp_path: Path) -> None:
     assert (series["n_gaps"], series["n_duplicate_positions"]) == (0, 0)
     assert series["body_region"] == "chest"
     assert series["flags"] == []
+    assert [p.name for p in (tmp_path / "out" / "instances").iterdir()] == ["part-00000.parquet"]
     assert set(pq.read_schema(tmp_path / "out" / "series.parquet").names) >= {
         "study_instance_uid",
         "patient_id",
@@ -327,9 +338,8 @@ def test_catalog_views_answer_queries(trap_archive: Path) -> None:
 
 
 def test_unbalanced_accounting_fails() -> None:
-    empty = pa.Table.from_pylist([], schema=index.REASON_SCHEMA)
-    with pytest.raises(AccountingError, match=r"5 files seen, 3 indexed \+ 0 quarantined"):
-        index.build_report(5, empty, empty, n_indexed=3, n_series=1)
+    with pytest.raises(AccountingError, match=r"5 files seen, 3 indexed \+ 1 quarantined"):
+        index.build_report(5, 3, {"not_dicom": 1}, {}, n_series=1, reader="r")
 
 
 # --- per-file caps ----------------------------------------------------------------------------
@@ -407,23 +417,155 @@ def test_pydicom_test_files_each_give_a_row_or_a_reason(tmp_path: Path) -> None:
 # --- determinism and executors -------------------------------------------------------------------
 
 
-def test_output_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path) -> None:
-    archive = tmp_path / "archive"
-    write_series(archive, n=6)
-    write_series(archive, site="H02", n=3, series="1.2.3.20")
+def index_digests(out: Path) -> dict[str, str]:
+    """sha256 of every output file but catalog.duckdb (its bytes are DuckDB's business)."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "catalog.duckdb")
+    return {p.relative_to(out).as_posix(): sha(p) for p in files}
+
+
+def small_archive(archive: Path) -> None:
+    """Three sites, a duplicate pair, a conflict pair and a non-DICOM file (25 files)."""
+    write_series(archive, n=12)
+    write_series(archive, site="H02", n=8, series="1.2.3.20")
     (archive / "H02" / "junk.txt").write_text("x")
+    save(ct_slice(0, series="1.2.3.30"), archive / "H03" / "dup_a.dcm")
+    shutil.copy(archive / "H03" / "dup_a.dcm", archive / "H03" / "dup_b.dcm")
+    save(ct_slice(0, series="1.2.3.31", sop="1.2.3.31.1"), archive / "H03" / "conflict_a.dcm")
+    save(ct_slice(1, series="1.2.3.31", sop="1.2.3.31.1"), archive / "H03" / "conflict_b.dcm")
+
+
+SMALL = {"shard_size": 5, "chunk_files": 3}
+#: Files of small_archive read on every run: their outcome comes from the duplicate rules.
+DUPLICATE_RULE_FILES = 3
+
+
+def test_sharded_output_does_not_depend_on_workers(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    small_archive(archive)
     snap = listing(archive, tmp_path)
-    digests = []  # two runs, other worker counts; catalog.duckdb bytes are DuckDB's business
-    for name, workers in (("a", 1), ("b", 2)):
-        out = tmp_path / name
-        index.run(archive, snap, out, IndexParams(workers=workers, chunk_files=2), None)
-        digests.append({f: sha(out / f) for f in (*OUTPUTS, "report.json")})
-    assert digests[0] == digests[1]
+    a = index.index_archive(archive, snap, tmp_path / "a", IndexParams(workers=1, **SMALL))
+    index.index_archive(archive, snap, tmp_path / "b", IndexParams(workers=2, **SMALL))
+    assert (a.files_seen, a.files_read, a.files_reused) == (25, 25, 0)
+    digests = index_digests(tmp_path / "a")
+    assert digests == index_digests(tmp_path / "b")
+    shards = sorted(p for p in digests if p.startswith("instances/"))
+    assert shards == [f"instances/part-{i:05d}.parquet" for i in range(5)]  # 21 rows by 5
+    sizes = [pq.read_metadata(tmp_path / "a" / p).num_rows for p in shards]
+    assert sizes == [5, 5, 5, 5, 1]
+    assert not index.work_dir(tmp_path / "a").exists()
 
 
-def test_scheduler_is_not_supported_yet(tmp_path: Path) -> None:
-    with pytest.raises(CtcurateError, match="not yet supported: the Dask executor is planned"):
-        index.run(tmp_path, tmp_path / "l.parquet", tmp_path / "o", IndexParams(), "tcp://h:1")
+def test_rerun_reads_only_new_and_changed_files(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    small_archive(archive)
+    out, params = tmp_path / "out", IndexParams(workers=1, **SMALL)
+    first = index.index_archive(archive, listing(archive, tmp_path / "s1"), out, params)
+    assert first.files_read == 25
+    # change one file, add one, delete one
+    changed = archive / "H01" / "study" / "series" / "0003.dcm"
+    save(ct_slice(3, RescaleIntercept=-1000), changed)
+    os.utime(changed, ns=(10**18, 10**18))
+    save(ct_slice(0, series="1.2.3.40"), archive / "H04" / "new.dcm")
+    (archive / "H02" / "study" / "series" / "0000.dcm").unlink()
+    snap = listing(archive, tmp_path / "s2")
+    again = index.index_archive(archive, snap, out, params)
+    assert (again.files_seen, again.files_read) == (25, 2 + DUPLICATE_RULE_FILES)
+    scratch = index.index_archive(archive, snap, tmp_path / "scratch", params)
+    assert scratch.files_read == 25
+    assert index_digests(out) == index_digests(tmp_path / "scratch")
+    inst = {r["path"]: r for r in table(out, "instances")}
+    assert "H02/study/series/0000.dcm" not in inst
+    assert inst["H01/study/series/0003.dcm"]["rescale_intercept"] == -1000.0
+    assert inst["H04/new.dcm"]["series_instance_uid"] == "1.2.3.40"
+    # An unchanged (path, size, mtime) is not read: same-size garbage with the old mtime
+    # still gives the old row.
+    kept = archive / "H01" / "study" / "series" / "0000.dcm"
+    st = kept.stat()
+    kept.write_bytes(bytes(st.st_size))
+    os.utime(kept, ns=(st.st_atime_ns, st.st_mtime_ns))
+    third = index.index_archive(archive, listing(archive, tmp_path / "s3"), out, params)
+    assert third.files_read == DUPLICATE_RULE_FILES
+    assert index_digests(out) == index_digests(tmp_path / "scratch")
+
+
+def test_rows_of_another_reader_are_not_reused(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    write_series(archive, n=3)
+    out, snap = tmp_path / "out", listing(archive, tmp_path)
+    index.index_archive(archive, snap, out, IndexParams(workers=1))
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").write_text(json.dumps(report | {"reader": "0" * 16}))
+    assert index.index_archive(archive, snap, out, IndexParams(workers=1)).files_read == 3
+    bigger_cap = IndexParams(workers=1, max_file_mb=1000)  # another fingerprint
+    assert index.index_archive(archive, snap, out, bigger_cap).files_read == 3
+    assert index.index_archive(archive, snap, out, bigger_cap).files_read == 0
+
+
+def test_killed_run_resumes_without_redoing_finished_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctcurate.index import build
+
+    archive = tmp_path / "archive"
+    small_archive(archive)
+    snap, out = listing(archive, tmp_path), tmp_path / "out"
+    params = IndexParams(workers=1, shard_size=4, chunk_files=2)
+    write_part = build._write_part
+    calls: list[int] = []
+
+    def crash_after_two(parts: Path, name: str, tables: list[pa.Table]) -> None:
+        if len(calls) == 2:
+            msg = "killed"
+            raise RuntimeError(msg)
+        write_part(parts, name, tables)
+        calls.append(sum(t.num_rows for t in tables))
+
+    monkeypatch.setattr(build, "_write_part", crash_after_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        index.index_archive(archive, snap, out, params)
+    assert not out.exists()
+    saved = sorted((index.work_dir(out) / "parts").glob("*.parquet"))
+    assert len(saved) == 2
+    monkeypatch.setattr(build, "_write_part", write_part)
+    resumed = index.index_archive(archive, snap, out, params)
+    assert resumed.files_read == 25 - sum(calls)
+    assert sum(calls) >= 8
+    index.index_archive(archive, snap, tmp_path / "scratch", params)
+    assert index_digests(out) == index_digests(tmp_path / "scratch")
+    assert not index.work_dir(out).exists()
+
+
+def test_dask_cluster_gives_the_local_bytes(tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    archive = tmp_path / "archive"
+    small_archive(archive)
+    snap = listing(archive, tmp_path)
+    index.index_archive(archive, snap, tmp_path / "local", IndexParams(workers=1, **SMALL))
+    with LocalCluster(
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
+        stats = index.index_archive(
+            archive, snap, tmp_path / "dask", IndexParams(**SMALL), cluster.scheduler_address
+        )
+    assert stats.files_read == 25
+    assert index_digests(tmp_path / "dask") == index_digests(tmp_path / "local")
+
+
+def test_unreachable_scheduler_fails_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctcurate.index import scan
+
+    monkeypatch.setattr(scan, "CONNECT_TIMEOUT_S", 0.5)
+    archive = tmp_path / "archive"
+    write_series(archive, n=1)
+    with pytest.raises(
+        InputError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"
+    ):
+        index.run(
+            archive, listing(archive, tmp_path), tmp_path / "o", IndexParams(), "tcp://127.0.0.1:9"
+        )
 
 
 def test_missing_listing_and_archive_fail_clearly(tmp_path: Path) -> None:
@@ -433,11 +575,21 @@ def test_missing_listing_and_archive_fail_clearly(tmp_path: Path) -> None:
         index.run(tmp_path, tmp_path / "l.parquet", tmp_path / "o", IndexParams(), None)
 
 
-def test_listing_with_a_path_twice_is_rejected(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("listed", "message"),
+    [
+        ({"path": ["a", "a"], "size": [1, 1], "mtime_ns": [0, 0]}, "a path is listed twice"),
+        ({"path": ["a", None], "size": [1, 1], "mtime_ns": [0, 0]}, "1 row"),
+        ({"path": ["a"], "size": [1]}, r"missing column\(s\) mtime_ns"),
+    ],
+)
+def test_bad_listing_is_rejected(tmp_path: Path, listed: dict[str, Any], message: str) -> None:
     snap = tmp_path / "l.parquet"
-    write_parquet(snap, pa.table({"path": ["a", "a"], "size": [1, 1], "mtime_ns": [0, 0]}))
-    with pytest.raises(InputError, match="a path is listed twice"):
-        index.read_listing(snap)
+    write_parquet(snap, pa.table(listed))
+    (tmp_path / "archive").mkdir()
+    with pytest.raises(InputError, match=message):
+        index.run(tmp_path / "archive", snap, tmp_path / "o", IndexParams(), None)
+    assert not (tmp_path / "o").exists()
 
 
 def test_empty_listing_gives_empty_tables(tmp_path: Path) -> None:
@@ -543,6 +695,7 @@ def test_mutated_files_give_a_row_or_a_reason(
         data = data[: cut % (len(data) + 1)]
     (folder / "H01" / "f.dcm").write_bytes(bytes(data))
     out = dicom.read_instance(folder, "H01/f.dcm", len(data), 0, 2**30)
+    assert out == dicom.read_instance(folder, "H01/f.dcm", len(data), 0, 2**30, lean=False)
     if out.status == "indexed":
         assert out.record is not None
         rows = index.instances_table([out])
@@ -557,3 +710,23 @@ def test_mutated_files_give_a_row_or_a_reason(
 def fuzz_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     folder = tmp_path_factory.mktemp("fuzz")
     return folder, save(ct_slice(0), folder / "H01" / "base.dcm")
+
+
+def test_progress_counts_the_files_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctcurate.index import build
+
+    seen: list[tuple[int, int, str]] = []
+    real = build.progress
+
+    def recording(items: Any, total: int, label: str, logger: Any, **kw: Any) -> Any:
+        n = 0
+        for item in real(items, total, label, logger, **kw):
+            n += 1
+            yield item
+        seen.append((total, n, label))
+
+    monkeypatch.setattr(build, "progress", recording)
+    archive = tmp_path / "archive"
+    write_series(archive, n=5)
+    index.index_archive(archive, listing(archive, tmp_path), tmp_path / "o", IndexParams(workers=1))
+    assert seen == [(5, 5, "index")]  # one tick per file: the bar's files/s

@@ -47,7 +47,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i in range(3)
     ] + [FileOutcome("H01/x.txt", "quarantined", "not_dicom", "no DICOM file meta")]
     instances = index.instances_table(outcomes)
-    write_parquet(folder / "instances.parquet", instances)
+    write_parquet(folder / "instances" / "part-00000.parquet", instances)
     write_parquet(folder / "series.parquet", index.series_table(instances))
     write_parquet(folder / "quarantine.parquet", index.reasons_table(outcomes, "quarantined"))
     write_parquet(folder / "skipped.parquet", index.reasons_table(outcomes, "skipped"))

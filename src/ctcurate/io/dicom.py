@@ -14,15 +14,21 @@ any pixel:
   syntaxes), or a walk over the fragment headers (encapsulated syntaxes).
 
 Every failure becomes a quarantine reason; no exception escapes :func:`read_instance`.
+
+The common case takes a faster route: :func:`read_instance` first tries the lean reader
+(:mod:`ctcurate.io.lean`), which gives the same row for a clean file in a common transfer
+syntax and gives up on anything else, which is then read here with pydicom.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import math
 import re
 import signal
+import stat
 import struct
 import warnings
 import zlib
@@ -30,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import FrameType
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -94,7 +100,7 @@ _INT64_LIMIT = 1 << 63
 _EMPTY_CHARS = " \x00^="  # a PN made of separators only is empty
 _MIN_AXIS_NORM = 0.5  # ImageOrientationPatient row / column vectors shorter than this are bad
 
-_PHI_TAGS = {int(BaseTag(pydicom.datadict.tag_for_keyword(k) or 0)): k for k in PHI_KEYWORDS}
+PHI_TAG_NAMES = {int(BaseTag(pydicom.datadict.tag_for_keyword(k) or 0)): k for k in PHI_KEYWORDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +116,24 @@ class FileOutcome:
     reason: str | None = None
     detail: str | None = None
     record: dict[str, Any] | None = None
+    size: int = -1
+    mtime_ns: int = -1
 
 
-class _Reject(Exception):
+class Header(Protocol):
+    """What the checks and the record builder read of a header: a pydicom Dataset, or
+    the needed values of the lean reader (:class:`ctcurate.io.lean.LeanHeader`)."""
+
+    file_meta: Any
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of an attribute by keyword, ``default`` when absent."""
+
+    def __contains__(self, key: str) -> bool:
+        """Whether an attribute (keyword) is present."""
+
+
+class Reject(Exception):
     """Ends the checks of one file with a quarantine or skip outcome."""
 
     def __init__(self, reason: str, detail: str, status: Status = "quarantined") -> None:
@@ -143,6 +164,13 @@ def init_worker(timeout_s: float) -> None:
     if timeout_s > 0 and hasattr(signal, "setitimer"):
         signal.signal(signal.SIGALRM, _on_alarm)
         _timeout_s = timeout_s
+    else:
+        _timeout_s = 0.0
+
+
+def timeout_s() -> float:
+    """The per-file time cap of this process (0: none)."""
+    return _timeout_s
 
 
 def scan_files(
@@ -161,7 +189,9 @@ def scan_files(
                 signal.setitimer(signal.ITIMER_REAL, _timeout_s)
                 outcome = read_instance(root, path, size, mtime_ns, max_bytes)
             except _FileTimeout:
-                outcome = FileOutcome(path, "quarantined", "timeout", f"over {_timeout_s:g} s")
+                outcome = FileOutcome(
+                    path, "quarantined", "timeout", f"over {_timeout_s:g} s", None, size, mtime_ns
+                )
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         else:
@@ -171,7 +201,7 @@ def scan_files(
 
 
 def read_instance(
-    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int
+    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int, *, lean: bool = True
 ) -> FileOutcome:
     """Read and check one listed file; never raises for anything the file contains.
 
@@ -183,18 +213,21 @@ def read_instance(
         The file's listing row (``path`` POSIX, relative to ``archive``).
     max_bytes
         Larger files are quarantined ``too_large`` without being read.
+    lean
+        Try the lean reader (:mod:`ctcurate.io.lean`) first; ``False`` reads every file
+        with pydicom (the reference the lean reader is tested against).
     """
     try:
-        record = _read_checked(archive, path, size, mtime_ns, max_bytes)
-    except _Reject as rej:
-        return FileOutcome(path, rej.status, rej.reason, rej.detail)
+        record = _read_checked(archive, path, size, mtime_ns, max_bytes, lean)
+    except Reject as rej:
+        return FileOutcome(path, rej.status, rej.reason, rej.detail, None, size, mtime_ns)
     except OSError as exc:
-        return FileOutcome(path, "quarantined", "unreadable", f"I/O error ({type(exc).__name__})")
+        detail = f"I/O error ({type(exc).__name__})"
+        return FileOutcome(path, "quarantined", "unreadable", detail, None, size, mtime_ns)
     except Exception as exc:  # a malformed header must not end the batch: quarantine it
-        return FileOutcome(
-            path, "quarantined", "unreadable", f"header does not parse ({type(exc).__name__})"
-        )
-    return FileOutcome(path, "indexed", record=record)
+        detail = f"header does not parse ({type(exc).__name__})"
+        return FileOutcome(path, "quarantined", "unreadable", detail, None, size, mtime_ns)
+    return FileOutcome(path, "indexed", record=record, size=size, mtime_ns=mtime_ns)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -204,28 +237,28 @@ def _resolve(archive: Path, path: str) -> Path:
     rel = PurePosixPath(path)
     if not path or rel.is_absolute() or ".." in rel.parts:
         msg = "listing path is outside the archive"
-        raise _Reject(reason="unreadable", detail=msg)
+        raise Reject(reason="unreadable", detail=msg)
     return archive.joinpath(*rel.parts)
 
 
 def _read_checked(
-    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int
+    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int, lean: bool
 ) -> dict[str, Any]:
     full = _resolve(archive, path)
     try:
         st = full.stat()
     except FileNotFoundError:
         msg = "file vanished since the snapshot"
-        raise _Reject(reason="unreadable", detail=msg) from None
+        raise Reject(reason="unreadable", detail=msg) from None
     except OSError as exc:
         msg = f"cannot stat ({type(exc).__name__})"
-        raise _Reject(reason="unreadable", detail=msg) from None
-    if not full.is_file():
+        raise Reject(reason="unreadable", detail=msg) from None
+    if not stat.S_ISREG(st.st_mode):
         msg = "not a regular file"
-        raise _Reject(reason="unreadable", detail=msg)
+        raise Reject(reason="unreadable", detail=msg)
     if st.st_size > max_bytes:
         msg = f"{st.st_size} bytes, over the {max_bytes} byte cap (max_file_mb)"
-        raise _Reject(reason="too_large", detail=msg)
+        raise Reject(reason="too_large", detail=msg)
     flags: list[str] = []
     if st.st_size != size or st.st_mtime_ns != mtime_ns:
         flags.append("changed_since_snapshot")
@@ -233,24 +266,30 @@ def _read_checked(
     with full.open("rb") as fp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         head = fp.read(_HEAD_BYTES)
+        if lean:
+            from ctcurate.io.lean import read_lean
+
+            record = read_lean(fp, head, path, size, mtime_ns, st.st_size, flags)
+            if record is not None:
+                return record
         has_preamble = head[128:132] == b"DICM"
         meta_ts = _meta_transfer_syntax(head) if has_preamble else None
         fp.seek(0)
         ds, stream, stream_size = _parse(fp, st.st_size, has_preamble, meta_ts, max_bytes)
         has_meta = "TransferSyntaxUID" in ds.file_meta
         trusted = has_preamble and has_meta
-        if _sop_class(ds) == DICOMDIR_SOP_CLASS:
+        if sop_class(ds) == DICOMDIR_SOP_CLASS:
             msg = "media storage directory (DICOMDIR)"
-            raise _Reject(reason="dicomdir", detail=msg, status="skipped")
+            raise Reject(reason="dicomdir", detail=msg, status="skipped")
         if not trusted:  # garbage parsed with force=True is not DICOM, whatever its lengths
-            _check_core(ds, trusted=False)
+            check_core(ds, trusted=False)
         _check_complete(ds)
-        _check_core(ds, trusted=trusted)
+        check_core(ds, trusted=trusted)
         phi = phi_tags(ds)
         if phi:
-            raise _Reject(reason="phi_present", detail=",".join(phi))
+            raise Reject(reason="phi_present", detail=",".join(phi))
         ts = str(ds.file_meta.TransferSyntaxUID) if has_meta else None
-        _check_decoder(ts)
+        check_decoder(ts)
         _check_pixels(ds, ts, stream, stream_size)
         if not has_meta:
             flags.append("no_meta")
@@ -265,18 +304,18 @@ def _parse(
         if meta_ts == DeflatedExplicitVRLittleEndian:
             return _parse_deflated(fp, max_bytes)
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-    except (_Reject, OSError):
+    except (Reject, OSError):
         raise
     except (EOFError, struct.error) as exc:
         reason = "truncated" if has_preamble else "not_dicom"
         msg = f"header ends early ({type(exc).__name__})"
-        raise _Reject(reason=reason, detail=msg) from None
+        raise Reject(reason=reason, detail=msg) from None
     except Exception as exc:
         if not has_preamble:
-            raise _Reject(
+            raise Reject(
                 reason="not_dicom", detail="no DICOM preamble and no parsable header"
             ) from None
-        raise _Reject(
+        raise Reject(
             reason="unreadable", detail=f"header does not parse ({type(exc).__name__})"
         ) from None
     return ds, fp, size
@@ -325,10 +364,10 @@ def _parse_deflated(fp: BinaryIO, max_bytes: int) -> tuple[Dataset, BinaryIO, in
         body = inflater.decompress(data[meta_end:], max_bytes + 1)
     except zlib.error:
         msg = "deflated body does not inflate"
-        raise _Reject(reason="truncated", detail=msg) from None
+        raise Reject(reason="truncated", detail=msg) from None
     if len(body) > max_bytes or inflater.unconsumed_tail:
         msg = f"deflated body inflates past the {max_bytes} byte cap (max_file_mb)"
-        raise _Reject(reason="too_large", detail=msg)
+        raise Reject(reason="too_large", detail=msg)
     meta = pydicom.dcmread(io.BytesIO(data[:meta_end]), force=True).file_meta
     stream = io.BytesIO(body)
     ds = read_dataset(
@@ -352,10 +391,11 @@ def _check_complete(ds: Dataset) -> None:
             and len(raw.value) < raw.length
         ):
             msg = f"{_tag_name(int(tag))} declares more bytes than the file holds"
-            raise _Reject(reason="truncated", detail=msg)
+            raise Reject(reason="truncated", detail=msg)
 
 
-def _sop_class(ds: Dataset) -> str | None:
+def sop_class(ds: Header) -> str | None:
+    """SOPClassUID, else the file meta's MediaStorageSOPClassUID, if a valid UID."""
     for keyword in ("SOPClassUID", "MediaStorageSOPClassUID"):
         source = ds if keyword == "SOPClassUID" else ds.file_meta
         try:
@@ -369,18 +409,19 @@ def _sop_class(ds: Dataset) -> str | None:
     return None
 
 
-def _check_core(ds: Dataset, *, trusted: bool) -> None:
+def check_core(ds: Header, *, trusted: bool) -> None:
+    """Reject a header without valid core attributes (``not_dicom`` when untrusted)."""
     problems = [kw for kw in CORE_KEYWORDS if _core_value(ds, kw) is None]
     if problems:
         if trusted:
-            raise _Reject(
+            raise Reject(
                 reason="missing_attributes", detail="missing or invalid " + ",".join(problems)
             )
         msg = "no DICOM file meta and missing or invalid " + ",".join(problems)
-        raise _Reject(reason="not_dicom", detail=msg)
+        raise Reject(reason="not_dicom", detail=msg)
 
 
-def _core_value(ds: Dataset, keyword: str) -> str | None:
+def _core_value(ds: Header, keyword: str) -> str | None:
     try:
         value = ds.get(keyword)
     except Exception:  # unconvertible bytes count as missing
@@ -420,13 +461,13 @@ def _phi_walk(ds: Dataset, prefix: str, depth: int) -> list[str]:
     found: list[str] = []
     for tag in list(ds.keys()):
         itag = int(tag)
-        if itag in _PHI_TAGS:
+        if itag in PHI_TAG_NAMES:
             try:
                 present = _non_empty(ds[tag].value)
             except Exception:  # bytes that do not convert are still bytes: not empty
                 present = True
             if present:
-                found.append(prefix + _PHI_TAGS[itag])
+                found.append(prefix + PHI_TAG_NAMES[itag])
             continue
         if depth >= _MAX_SEQ_DEPTH or not _is_sequence(ds, tag):
             continue
@@ -468,32 +509,37 @@ def _non_empty(value: Any) -> bool:
 # --- transfer syntax and pixel data ---------------------------------------------------------
 
 
-def _check_decoder(ts: str | None) -> None:
+def check_decoder(ts: str | None) -> None:
+    """Reject a transfer syntax without an installed pixel decoder."""
     if ts is None or ts in NATIVE_SYNTAXES:
         return
-    try:
-        available = bool(get_decoder(UID(ts)).is_available)
-    except (NotImplementedError, ValueError):
-        available = False
-    if not available:
+    if not _decoder_available(ts):
         name = UID(ts).name if valid_uid(ts) else "not a UID"
-        raise _Reject(
+        raise Reject(
             reason="unsupported_transfer_syntax", detail=f"no installed decoder for {ts} ({name})"
         )
 
 
-def requires_pixels(ds: Dataset) -> bool:
+@functools.lru_cache(maxsize=256)
+def _decoder_available(ts: str) -> bool:
+    try:
+        return bool(get_decoder(UID(ts)).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def requires_pixels(ds: Header) -> bool:
     """Whether ``ds`` is an image: it has Rows / Columns or an image storage SOP class."""
     if "Rows" in ds or "Columns" in ds:
         return True
-    sop = _sop_class(ds)
+    sop = sop_class(ds)
     return bool(sop and valid_uid(sop) and UID(sop).name.endswith("Image Storage"))
 
 
-def expected_pixel_bytes(ds: Dataset) -> int:
+def expected_pixel_bytes(ds: Header) -> int:
     """Bytes of native pixel data the image attributes call for.
 
-    Raises ``_Reject("missing_attributes")`` when an attribute needed is absent or invalid.
+    Raises ``Reject("missing_attributes")`` when an attribute needed is absent or invalid.
     """
     values: dict[str, int] = {}
     for kw, default in (
@@ -508,7 +554,7 @@ def expected_pixel_bytes(ds: Dataset) -> int:
             v = default
         if v is None or v < 1:
             msg = f"missing or invalid {kw}"
-            raise _Reject(reason="missing_attributes", detail=msg)
+            raise Reject(reason="missing_attributes", detail=msg)
         values[kw] = v
     samples = values["SamplesPerPixel"]
     if _text(ds, "PhotometricInterpretation", []) == "YBR_FULL_422":
@@ -520,15 +566,32 @@ def expected_pixel_bytes(ds: Dataset) -> int:
 
 def _check_pixels(ds: Dataset, ts: str | None, stream: BinaryIO, stream_size: int) -> None:
     implicit, little = ds.original_encoding
-    implicit = bool(implicit) if implicit is not None else True
-    little = bool(little) if little is not None else True
-    pos = stream.tell()
+    check_pixel_element(
+        ds,
+        ts,
+        stream,
+        stream.tell(),
+        stream_size,
+        implicit=bool(implicit) if implicit is not None else True,
+        little=bool(little) if little is not None else True,
+    )
+
+
+def check_pixel_element(
+    ds: Header,
+    ts: str | None,
+    stream: BinaryIO,
+    pos: int,
+    stream_size: int,
+    *,
+    implicit: bool,
+    little: bool,
+) -> None:
+    """Reject a file whose pixel element at ``pos`` is missing or shorter than needed."""
     header = _pixel_header(stream, pos, stream_size, implicit=implicit, little=little)
     if header is None:
         if requires_pixels(ds):
-            raise _Reject(
-                reason="no_pixel_data", detail="image attributes but no PixelData element"
-            )
+            raise Reject(reason="no_pixel_data", detail="image attributes but no PixelData element")
         return
     tag, length, value_start = header
     available = stream_size - value_start
@@ -537,14 +600,14 @@ def _check_pixels(ds: Dataset, ts: str | None, stream: BinaryIO, stream_size: in
     if length == _UNDEFINED:
         if not encapsulated:
             msg = f"{name} has undefined length in a native transfer syntax"
-            raise _Reject(reason="pixel_length_short", detail=msg)
+            raise Reject(reason="pixel_length_short", detail=msg)
         _check_fragments(stream, value_start, stream_size, name)
         return
     expected = length if encapsulated else expected_pixel_bytes(ds)
     got = min(length, available)
     if got < expected:
         msg = f"{name} holds {got} of {expected} bytes"
-        raise _Reject(reason="pixel_length_short", detail=msg)
+        raise Reject(reason="pixel_length_short", detail=msg)
 
 
 def _pixel_header(
@@ -581,29 +644,29 @@ def _check_fragments(stream: BinaryIO, start: int, size: int, name: str) -> None
         raw = stream.read(8)
         if len(raw) < 8:
             msg = f"{name} ends before its sequence delimiter"
-            raise _Reject(reason="pixel_length_short", detail=msg)
+            raise Reject(reason="pixel_length_short", detail=msg)
         group, elem, length = struct.unpack("<HHL", raw)
         tag = group << 16 | elem
         if tag == _SEQ_DELIM:
             break
         if tag != _ITEM or length == _UNDEFINED:
             msg = f"{name} has a malformed fragment item"
-            raise _Reject(reason="pixel_length_short", detail=msg)
+            raise Reject(reason="pixel_length_short", detail=msg)
         if pos + 8 + length > size:
             msg = f"{name} fragment {items} runs past the end of the file"
-            raise _Reject(reason="pixel_length_short", detail=msg)
+            raise Reject(reason="pixel_length_short", detail=msg)
         items += 1
         pos += 8 + length
     if items < 2:  # the basic offset table item, then at least one fragment
         msg = f"{name} holds no fragment"
-        raise _Reject(reason="no_pixel_data", detail=msg)
+        raise Reject(reason="no_pixel_data", detail=msg)
 
 
 # --- instance columns -----------------------------------------------------------------------
 
 
 def instance_record(
-    ds: Dataset, path: str, size: int, mtime_ns: int, ts: str | None, flags: list[str]
+    ds: Header, path: str, size: int, mtime_ns: int, ts: str | None, flags: list[str]
 ) -> dict[str, Any]:
     """The ``instances`` row of a checked dataset; unparsable values become null + a flag."""
     flags = list(flags)
@@ -623,7 +686,7 @@ def instance_record(
         "mtime_ns": mtime_ns,
         "site": site,
         "sop_instance_uid": _core_value(ds, "SOPInstanceUID"),
-        "sop_class_uid": _sop_class(ds),
+        "sop_class_uid": sop_class(ds),
         "series_instance_uid": _core_value(ds, "SeriesInstanceUID"),
         "study_instance_uid": _uid(ds, "StudyInstanceUID", flags),
         "patient_id": _text(ds, "PatientID", flags),
@@ -656,7 +719,7 @@ def _flag(keyword: str) -> str:
     return "bad_" + re.sub(r"(?<!^)(?=[A-Z])", "_", keyword).lower()
 
 
-def _value(ds: Dataset, keyword: str, flags: list[str]) -> Any:
+def _value(ds: Header, keyword: str, flags: list[str]) -> Any:
     try:
         return ds.get(keyword)
     except Exception:  # an unconvertible value is reported as a flag, not a crash
@@ -664,7 +727,7 @@ def _value(ds: Dataset, keyword: str, flags: list[str]) -> Any:
         return None
 
 
-def _text(ds: Dataset, keyword: str, flags: list[str]) -> str | None:
+def _text(ds: Header, keyword: str, flags: list[str]) -> str | None:
     value = _value(ds, keyword, flags)
     if value is None or isinstance(value, DicomSequence):
         return None
@@ -684,7 +747,7 @@ def _text(ds: Dataset, keyword: str, flags: list[str]) -> str | None:
     return text or None
 
 
-def _uid(ds: Dataset, keyword: str, flags: list[str]) -> str | None:
+def _uid(ds: Header, keyword: str, flags: list[str]) -> str | None:
     text = _text(ds, keyword, flags)
     if text is not None and not valid_uid(text):
         flags.append(_flag(keyword))
@@ -692,7 +755,7 @@ def _uid(ds: Dataset, keyword: str, flags: list[str]) -> str | None:
     return text
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: Header, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         if value is None or isinstance(value, (DicomSequence, bytes, MultiValue)):
@@ -704,7 +767,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return result if result is None or abs(result) < _INT64_LIMIT else None
 
 
-def _float(ds: Dataset, keyword: str, flags: list[str]) -> float | None:
+def _float(ds: Header, keyword: str, flags: list[str]) -> float | None:
     value = _value(ds, keyword, flags)
     if value is None or value == "":
         return None
@@ -721,7 +784,7 @@ def _float(ds: Dataset, keyword: str, flags: list[str]) -> float | None:
     return result
 
 
-def _floats(ds: Dataset, keyword: str, n: int, flags: list[str]) -> list[float] | None:
+def _floats(ds: Header, keyword: str, n: int, flags: list[str]) -> list[float] | None:
     value = _value(ds, keyword, flags)
     if value is None or value == "":
         return None
@@ -735,7 +798,7 @@ def _floats(ds: Dataset, keyword: str, n: int, flags: list[str]) -> list[float] 
     return result
 
 
-def _orientation(ds: Dataset, flags: list[str]) -> list[float] | None:
+def _orientation(ds: Header, flags: list[str]) -> list[float] | None:
     values = _floats(ds, "ImageOrientationPatient", 6, flags)
     if values is None:
         return None
@@ -746,7 +809,7 @@ def _orientation(ds: Dataset, flags: list[str]) -> list[float] | None:
     return values
 
 
-def _date(ds: Dataset, keyword: str, flags: list[str]) -> dt.date | None:
+def _date(ds: Header, keyword: str, flags: list[str]) -> dt.date | None:
     text = _text(ds, keyword, flags)
     if text is None:
         return None

@@ -1,46 +1,22 @@
-"""index: DICOM headers of every listed archive file → instances, series, quarantine.
+"""Pure tables of ``index``: schemas, duplicate rules, series geometry, the report.
 
-Every file of the snapshot listing ends in exactly one of ``instances.parquet`` (indexed),
-``quarantine.parquet`` (a reason code and a detail naming tags, never values) or
-``skipped.parquet`` (DICOMDIR, byte-identical copies of an instance), and the run checks
-``files_seen == files_indexed + files_quarantined + files_skipped`` before publishing.
-
-Duplicates are keyed on (site, SOPInstanceUID): within one site, identical bytes are indexed
-once and the other copies skipped, different bytes quarantine every copy ``uid_conflict``.
-The same instance sent by two sites is indexed under both and flagged
-``uid_shared_across_sites`` (sites anonymize independently, so their bytes may differ).
-
-Layers: pure table builders (:func:`resolve_duplicates`, :func:`instances_table`,
-:func:`series_table`, :func:`series_geometry`, :func:`build_report`) and :func:`run`, which
-reads the listing, fans the header reads out over a local process pool and publishes the
-output folder atomically.
+No paths and no clock here: functions take rows, outcomes or arrays and return tables.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import multiprocessing
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
-from itertools import pairwise, repeat
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ctcurate.errors import AccountingError, CtcurateError, InputError
-from ctcurate.io.atomic import atomic_dir, write_json
-from ctcurate.io.dicom import FileOutcome, init_worker, scan_files
-from ctcurate.io.tables import read_parquet, write_parquet
-from ctcurate.log import get_logger, progress
-from ctcurate.params import IndexParams
-
-log = get_logger("index")
+from ctcurate.errors import AccountingError
+from ctcurate.io.dicom import FileOutcome, Status
 
 #: Slices closer than this along the normal share one position (mm).
 DUPLICATE_TOL_MM = 0.01
@@ -135,55 +111,94 @@ SERIES_SCHEMA = pa.schema(
         ("flags", pa.list_(_STR)),
     ]
 )
+#: ``quarantine`` and ``skipped``: the file's listing row, why, and tag names (no values).
 REASON_SCHEMA = pa.schema(
     [
         pa.field("path", _STR, nullable=False),
+        ("size", _I64),
+        ("mtime_ns", _I64),
         pa.field("reason", _STR, nullable=False),
         ("detail", _STR),
     ]
 )
+#: One row per read file before the duplicate rules: its listing row, the outcome of the
+#: header read and, for an indexed file, the ``instances`` columns.
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("path", _STR, nullable=False),
+        ("size", _I64),
+        ("mtime_ns", _I64),
+        pa.field("status", _STR, nullable=False),
+        ("reason", _STR),
+        ("detail", _STR),
+        *[f for f in INSTANCE_SCHEMA if f.name not in {"path", "size", "mtime_ns"}],
+    ]
+)
 VIEWS = ("instances", "series", "quarantine", "skipped")
+#: Instance flag set by the duplicate rules (not by the header read).
+SHARED_FLAG = "uid_shared_across_sites"
 
 
 # --- pure core ------------------------------------------------------------------------------
 
 
+def duplicate_outcomes(
+    groups: Iterable[Sequence[str]], digest: Callable[[str], str | None]
+) -> list[tuple[str, Status, str, str]]:
+    """``(path, status, reason, detail)`` of the files the duplicate rules take out.
+
+    Each group lists the paths (sorted) of indexed files sharing one (site,
+    SOPInstanceUID). ``digest(path)`` is a content hash (``None`` if the file cannot be
+    read). Byte-identical copies: the first path stays indexed, the others are skipped
+    ``duplicate_identical``; otherwise every copy is quarantined ``uid_conflict``.
+    """
+    out: list[tuple[str, Status, str, str]] = []
+    for paths in groups:
+        if len(paths) < 2:
+            continue
+        digests = [digest(p) for p in paths]
+        if None not in digests and len(set(digests)) == 1:
+            out += [
+                (p, "skipped", "duplicate_identical", f"same bytes as {paths[0]}")
+                for p in paths[1:]
+            ]
+        else:
+            detail = f"SOPInstanceUID shared by {len(paths)} files of the site, bytes differ"
+            out += [(p, "quarantined", "uid_conflict", detail) for p in paths]
+    return sorted(out)
+
+
 def resolve_duplicates(
     outcomes: Sequence[FileOutcome], digest: Callable[[str], str | None]
 ) -> list[FileOutcome]:
-    """Apply the duplicate rules to indexed outcomes sorted by path.
+    """Apply the duplicate rules to in-memory outcomes (sorted by path).
 
-    ``digest(path)`` returns a content hash of the file (``None`` if it cannot be read);
-    it is called only for files sharing (site, SOPInstanceUID) with another file.
+    The same rules as the streaming build: :func:`duplicate_outcomes` per (site,
+    SOPInstanceUID), then the flag :data:`SHARED_FLAG` on instances whose SOPInstanceUID
+    is indexed under more than one site.
     """
-    out = list(outcomes)
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, o in enumerate(out):
+    groups: dict[tuple[str, str], list[str]] = {}
+    for o in outcomes:
         if o.record is not None:
             key = (o.record["site"] or "", o.record["sop_instance_uid"])
-            groups.setdefault(key, []).append(i)
-    for idxs in groups.values():
-        if len(idxs) < 2:
-            continue
-        digests = [digest(out[i].path) for i in idxs]
-        if None not in digests and len(set(digests)) == 1:
-            kept = out[idxs[0]].path
-            for i in idxs[1:]:
-                out[i] = FileOutcome(
-                    out[i].path, "skipped", "duplicate_identical", f"same bytes as {kept}"
-                )
-        else:
-            detail = f"SOPInstanceUID shared by {len(idxs)} files of the site, bytes differ"
-            for i in idxs:
-                out[i] = FileOutcome(out[i].path, "quarantined", "uid_conflict", detail)
+            groups.setdefault(key, []).append(o.path)
+    taken = {t[0]: t for t in duplicate_outcomes(groups.values(), digest)}
+    out = [
+        FileOutcome(o.path, t[1], t[2], t[3], None, o.size, o.mtime_ns)
+        if (t := taken.get(o.path))
+        else o
+        for o in outcomes
+    ]
     sites: dict[str, set[str]] = {}
     for o in out:
         if o.record is not None:
             sites.setdefault(o.record["sop_instance_uid"], set()).add(o.record["site"] or "")
     for i, o in enumerate(out):
         if o.record is not None and len(sites[o.record["sop_instance_uid"]]) > 1:
-            flags = sorted({*o.record["flags"], "uid_shared_across_sites"})
-            out[i] = replace(o, record={**o.record, "flags": flags})
+            flags = sorted({*o.record["flags"], SHARED_FLAG})
+            out[i] = FileOutcome(
+                o.path, o.status, None, None, {**o.record, "flags": flags}, o.size, o.mtime_ns
+            )
     return out
 
 
@@ -194,16 +209,39 @@ def instances_table(outcomes: Iterable[FileOutcome]) -> pa.Table:
 
 
 def reasons_table(outcomes: Iterable[FileOutcome], status: str) -> pa.Table:
-    """``path, reason, detail`` of the outcomes with ``status``, sorted by path."""
+    """``path, size, mtime_ns, reason, detail`` of the outcomes with ``status``, by path."""
     rows = sorted(
         (
-            {"path": o.path, "reason": o.reason, "detail": o.detail}
+            {
+                "path": o.path,
+                "size": o.size,
+                "mtime_ns": o.mtime_ns,
+                "reason": o.reason,
+                "detail": o.detail,
+            }
             for o in outcomes
             if o.status == status
         ),
         key=lambda r: str(r["path"]),
     )
     return pa.Table.from_pylist(rows, schema=REASON_SCHEMA)
+
+
+def ledger_table(outcomes: Iterable[FileOutcome]) -> pa.Table:
+    """The ledger rows (:data:`LEDGER_SCHEMA`) of outcomes, in the given order."""
+    rows: list[dict[str, Any]] = []
+    for o in outcomes:
+        row: dict[str, Any] = dict(o.record) if o.record is not None else {}
+        row |= {
+            "path": o.path,
+            "size": o.size,
+            "mtime_ns": o.mtime_ns,
+            "status": o.status,
+            "reason": o.reason,
+            "detail": o.detail,
+        }
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -371,145 +409,35 @@ def series_table(instances: pa.Table) -> pa.Table:
 
 
 def build_report(
-    files_seen: int, quarantine: pa.Table, skipped: pa.Table, n_indexed: int, n_series: int
+    files_seen: int,
+    n_indexed: int,
+    quarantine_reasons: Mapping[str, int],
+    skip_reasons: Mapping[str, int],
+    n_series: int,
+    reader: str,
 ) -> dict[str, Any]:
-    """``report.json`` of one run; raises AccountingError if the files do not balance."""
+    """``report.json`` of one run; raises AccountingError if the files do not balance.
+
+    ``reader`` is the fingerprint of the header reader whose rows the index holds (a later
+    run reuses rows only from an index with the same fingerprint).
+    """
+    n_quarantined = sum(quarantine_reasons.values())
+    n_skipped = sum(skip_reasons.values())
     report = {
         "files_seen": files_seen,
         "files_indexed": n_indexed,
-        "files_quarantined": quarantine.num_rows,
-        "files_skipped": skipped.num_rows,
-        "quarantine_reasons": dict(sorted(Counter(quarantine["reason"].to_pylist()).items())),
-        "skip_reasons": dict(sorted(Counter(skipped["reason"].to_pylist()).items())),
+        "files_quarantined": n_quarantined,
+        "files_skipped": n_skipped,
+        "quarantine_reasons": dict(sorted(Counter(quarantine_reasons).items())),
+        "skip_reasons": dict(sorted(Counter(skip_reasons).items())),
         "series": n_series,
+        "reader": reader,
     }
-    accounted = n_indexed + quarantine.num_rows + skipped.num_rows
+    accounted = n_indexed + n_quarantined + n_skipped
     if accounted != files_seen:
         msg = (
             f"index does not balance: {files_seen} files seen, {n_indexed} indexed + "
-            f"{quarantine.num_rows} quarantined + {skipped.num_rows} skipped = {accounted}"
+            f"{n_quarantined} quarantined + {n_skipped} skipped = {accounted}"
         )
         raise AccountingError(msg)
     return report
-
-
-# --- I/O ------------------------------------------------------------------------------------
-
-
-def read_listing(snapshot: Path) -> list[tuple[str, int, int]]:
-    """The snapshot listing as sorted ``(path, size, mtime_ns)``; unique paths required."""
-    table = read_parquet(snapshot, columns=["path", "size", "mtime_ns"])
-    paths = table["path"].to_pylist()
-    sizes = table["size"].to_pylist()
-    mtimes = table["mtime_ns"].to_pylist()
-    entries: list[tuple[str, int, int]] = []
-    for row, (p, s, m) in enumerate(zip(paths, sizes, mtimes, strict=True)):
-        if p is None:
-            msg = f"{snapshot}: row {row} has no path"
-            raise InputError(msg)
-        entries.append((p, -1 if s is None else s, -1 if m is None else m))
-    entries.sort()
-    for a, b in pairwise(entries):
-        if a[0] == b[0]:
-            msg = f"{snapshot}: a path is listed twice (row of {a[0]!r})"
-            raise InputError(msg)
-    return entries
-
-
-def _chunks(entries: Sequence[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
-    return [list(entries[i : i + size]) for i in range(0, len(entries), size)]
-
-
-def scan(
-    archive: Path, entries: Sequence[tuple[str, int, int]], params: IndexParams
-) -> list[FileOutcome]:
-    """Read every listed file on ``params.workers`` processes; outcomes in listing order."""
-    if not entries:
-        return []
-    per_chunk = max(1, min(params.chunk_files, math.ceil(len(entries) / (4 * params.workers))))
-    chunks = _chunks(entries, per_chunk)
-    max_bytes = int(params.max_file_mb * 2**20)
-    context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-    with ProcessPoolExecutor(
-        max_workers=min(params.workers, len(chunks)),
-        mp_context=context,
-        initializer=init_worker,
-        initargs=(params.timeout_s,),
-    ) as pool:
-        results = pool.map(scan_files, repeat(str(archive)), chunks, repeat(max_bytes))
-        flat = (o for chunk in results for o in chunk)
-        return list(progress(flat, len(entries), "index", log))
-
-
-def sha256_or_none(archive: Path, path: str) -> str | None:
-    """Hex sha256 of an archive file, ``None`` if it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with archive.joinpath(*path.split("/")).open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
-def write_catalog(folder: Path) -> None:
-    """``catalog.duckdb`` in ``folder``: views over the Parquet files, by relative path."""
-    import duckdb
-
-    con = duckdb.connect(str(folder / "catalog.duckdb"))
-    try:
-        con.execute(f"SET file_search_path = '{_sql_text(str(folder.resolve()))}'")
-        for view in VIEWS:
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{view}.parquet')")
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
-
-
-def _sql_text(text: str) -> str:
-    return text.replace("'", "''")
-
-
-def run(
-    archive: Path,
-    snapshot: Path,
-    out: Path,
-    params: IndexParams,
-    scheduler: str | None,
-) -> None:
-    """Index every file of the ``snapshot`` listing of ``archive`` into the folder ``out``."""
-    if scheduler is not None:
-        msg = (
-            "--scheduler is not yet supported: the Dask executor is planned; "
-            "run without it to use the local process pool (--workers N)"
-        )
-        raise CtcurateError(msg)
-    archive = Path(archive)
-    if not archive.is_dir():
-        msg = f"{archive}: archive folder not found"
-        raise InputError(msg)
-    entries = read_listing(Path(snapshot))
-    log.info("listing holds %d files; %d workers", len(entries), params.workers)
-    outcomes = scan(archive, entries, params)
-    outcomes = resolve_duplicates(outcomes, lambda p: sha256_or_none(archive, p))
-    instances = instances_table(outcomes)
-    quarantine = reasons_table(outcomes, "quarantined")
-    skipped = reasons_table(outcomes, "skipped")
-    series = series_table(instances)
-    report = build_report(len(entries), quarantine, skipped, instances.num_rows, series.num_rows)
-    with atomic_dir(Path(out)) as tmp:
-        write_parquet(tmp / "instances.parquet", instances)
-        write_parquet(tmp / "series.parquet", series)
-        write_parquet(tmp / "quarantine.parquet", quarantine)
-        write_parquet(tmp / "skipped.parquet", skipped)
-        write_catalog(tmp)
-        write_json(tmp / "report.json", report)
-    log.info(
-        "indexed %d, quarantined %d, skipped %d of %d files; %d series",
-        instances.num_rows,
-        quarantine.num_rows,
-        skipped.num_rows,
-        len(entries),
-        series.num_rows,
-    )

@@ -1,0 +1,493 @@
+"""The streaming, incremental, resumable build of an index folder.
+
+Per run:
+
+1. The snapshot listing is checked (every row has a path, no path twice).
+2. Rows are reused, keyed on ``(path, size, mtime_ns)``, from the previous index in
+   ``out`` (when its ``report.json`` names the same reader fingerprint) and from the
+   chunks an interrupted run left in the work folder; files whose outcome may change
+   without the file changing (:data:`RETRY_REASONS`, :data:`RETRY_FLAG`) are read again.
+3. The other files are read in chunks on the executor; every ``shard_size`` rows the
+   results are written to the work folder, so a killed run resumes where it stopped.
+4. DuckDB joins the reused and the new rows (the ledger), applies the duplicate rules and
+   streams ``instances/part-*.parquet`` (``shard_size`` rows each), ``quarantine``,
+   ``skipped`` and ``series`` out in key order; the folder is published atomically and the
+   work folder removed.
+
+Nothing holds all rows in Python memory: DuckDB spills to the work folder past its memory
+limit, and Python sees one batch or one chunk at a time. The output bytes depend only on
+the listing, the files and the reader, never on worker count, chunking, reuse or resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+
+from ctcurate.errors import AccountingError, InputError
+from ctcurate.index import scan
+from ctcurate.index.tables import (
+    INSTANCE_SCHEMA,
+    LEDGER_SCHEMA,
+    REASON_SCHEMA,
+    SERIES_COPIED,
+    SERIES_SCHEMA,
+    SHARED_FLAG,
+    VIEWS,
+    build_report,
+    duplicate_outcomes,
+    series_table,
+)
+from ctcurate.io import dicom
+from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.shards import SHARD_GLOB, write_parquet_stream, write_shards
+from ctcurate.io.tables import write_parquet
+from ctcurate.log import get_logger, progress
+from ctcurate.params import IndexParams
+
+if TYPE_CHECKING:
+    import duckdb
+
+log = get_logger("index")
+
+#: Outcomes read again on every run: they depend on more than the file's bytes (load,
+#: installed decoders, other files) or need the header to be re-applied.
+RETRY_REASONS = (
+    "timeout",
+    "unreadable",
+    "unsupported_transfer_syntax",
+    "uid_conflict",
+    "duplicate_identical",
+)
+#: Rows with this flag were read from a file that changed after the listing: read again.
+RETRY_FLAG = "changed_since_snapshot"
+INSTANCES_DIR = "instances"
+WORK_PARTS = "parts"
+#: DuckDB memory before it spills to the work folder.
+DUCKDB_MEMORY = "512MB"
+#: Rows per Arrow batch fetched from DuckDB.
+BATCH_ROWS = 8192
+#: Source modules whose code decides the rows (part of the reader fingerprint).
+READER_MODULES = ("dicom.py", "lean.py")
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """What one run did: files listed, files whose headers it read, rows it reused."""
+
+    files_seen: int
+    files_read: int
+    files_reused: int
+
+
+def reader_fingerprint(max_bytes: int) -> str:
+    """Hash of everything that decides a file's row: reader code, pydicom, size cap."""
+    digest = hashlib.sha256()
+    digest.update(f"pydicom {pydicom.__version__}\nmax_bytes {max_bytes}\n".encode())
+    folder = Path(dicom.__file__).parent
+    for name in READER_MODULES:
+        digest.update(name.encode() + b"\n" + (folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def work_dir(out: Path) -> Path:
+    """The work folder of ``out``: chunks of an unfinished run (removed on success)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
+def sha256_or_none(archive: Path, path: str) -> str | None:
+    """Hex sha256 of an archive file, ``None`` if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with archive.joinpath(*path.split("/")).open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def write_catalog(folder: Path) -> None:
+    """``catalog.duckdb`` in ``folder``: views over the Parquet files, by relative path."""
+    import duckdb
+
+    con = duckdb.connect(str(folder / "catalog.duckdb"))
+    try:
+        con.execute(f"SET file_search_path = {_sql_text(str(Path(folder).resolve()))}")
+        for view in VIEWS:
+            source = f"{INSTANCES_DIR}/{SHARD_GLOB}" if view == INSTANCES_DIR else f"{view}.parquet"
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_sql_text(source)})")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+# --- listing and reuse ---------------------------------------------------------------------
+
+
+def check_listing(con: duckdb.DuckDBPyConnection, snapshot: Path) -> int:
+    """Create the view ``listing`` over the snapshot; return its row count.
+
+    Raises InputError naming the file when it is missing, lacks a column, has a row
+    without a path or lists a path twice.
+    """
+    snapshot = Path(snapshot)
+    if not snapshot.is_file():
+        msg = f"{snapshot}: no such Parquet file"
+        raise InputError(msg)
+    try:
+        names = pq.read_schema(snapshot).names
+    except (pa.ArrowInvalid, OSError) as exc:
+        msg = f"{snapshot}: not a readable Parquet file ({exc.__class__.__name__})"
+        raise InputError(msg) from exc
+    missing = [c for c in ("path", "size", "mtime_ns") if c not in names]
+    if missing:
+        msg = f"{snapshot}: missing column(s) {', '.join(missing)}"
+        raise InputError(msg)
+    con.execute(
+        "CREATE VIEW listing AS SELECT path::VARCHAR AS path, "
+        "coalesce(size, -1)::BIGINT AS size, coalesce(mtime_ns, -1)::BIGINT AS mtime_ns "
+        f"FROM read_parquet({_sql_text(str(snapshot.resolve()))})"
+    )
+    (n, n_path, n_distinct) = con.execute(
+        "SELECT count(*), count(path), count(DISTINCT path) FROM listing"
+    ).fetchall()[0]
+    if n_path < n:
+        msg = f"{snapshot}: {n - n_path} row(s) have no path"
+        raise InputError(msg)
+    if n_distinct < n:
+        msg = f"{snapshot}: a path is listed twice ({n - n_distinct} repeated row(s))"
+        raise InputError(msg)
+    return int(n)
+
+
+def _previous_index(out: Path, reader: str) -> Path | None:
+    """``out`` when it holds a finished index written by the same reader."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("reader") != reader:
+        log.info("previous index absent or from another reader: every file is read")
+        return None
+    needed = [out / "quarantine.parquet", out / "skipped.parquet"]
+    if not all(p.is_file() for p in needed) or not list((out / INSTANCES_DIR).glob(SHARD_GLOB)):
+        return None
+    return out
+
+
+def _instance_columns(prefix: str = "") -> str:
+    return ", ".join(prefix + name for name in INSTANCE_SCHEMA.names)
+
+
+def _ledger_sources(prev: Path | None, parts: Path, *, reusable_only: bool) -> str:
+    """SQL of the ledger rows available before reading: previous index + work chunks.
+
+    Each row carries ``src`` (0 work chunk, 1 previous index) and ``part`` (the chunk's
+    file name; later chunks win) for picking one row per path.
+    """
+    retry = ", ".join(_sql_text(r) for r in RETRY_REASONS)
+    keep = (
+        f"coalesce(reason, '') NOT IN ({retry}) "
+        f"AND NOT coalesce(list_contains(flags, {_sql_text(RETRY_FLAG)}), false)"
+    )
+    selects = ["SELECT 0 AS src, '' AS part, * FROM ledger_schema"]
+    if list(parts.glob("*.parquet")):
+        glob = _sql_text(str((parts / "*.parquet").resolve()))
+        where = f"WHERE {keep}" if reusable_only else ""
+        selects.append(
+            "SELECT 0 AS src, parse_filename(filename) AS part, * EXCLUDE (filename) "
+            f"FROM read_parquet({glob}, filename = true) {where}"
+        )
+    if prev is not None:
+        other = [n for n in INSTANCE_SCHEMA.names if n not in {"path", "size", "mtime_ns"}]
+        cols = ", ".join(n for n in other if n != "flags")
+        inst = _sql_text(str((prev / INSTANCES_DIR / SHARD_GLOB).resolve()))
+        selects.append(
+            "SELECT 1 AS src, '' AS part, path, size, mtime_ns, 'indexed' AS status, "
+            f"NULL::VARCHAR AS reason, NULL::VARCHAR AS detail, {cols}, "
+            f"list_filter(flags, lambda f: f <> {_sql_text(SHARED_FLAG)}) AS flags "
+            f"FROM read_parquet({inst}) "
+            f"WHERE NOT list_contains(flags, {_sql_text(RETRY_FLAG)})"
+        )
+        for name, status in (("quarantine", "quarantined"), ("skipped", "skipped")):
+            src = _sql_text(str((prev / f"{name}.parquet").resolve()))
+            selects.append(
+                f"SELECT 1 AS src, '' AS part, path, size, mtime_ns, '{status}' AS status, "
+                f"reason, detail FROM read_parquet({src}) "
+                f"WHERE reason NOT IN ({retry})"
+            )
+    return "\nUNION ALL BY NAME\n".join(selects)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def _todo_chunks(todo: Path, per_chunk: int) -> Iterator[list[scan.Entry]]:
+    for batch in pq.ParquetFile(todo).iter_batches(batch_size=per_chunk):
+        cols = batch.to_pydict()
+        yield list(zip(cols["path"], cols["size"], cols["mtime_ns"], strict=True))
+
+
+def _write_part(parts: Path, name: str, tables: list[pa.Table]) -> None:
+    """Persist read rows of this run (the unit a resumed run does not redo)."""
+    write_parquet(parts / name, pa.concat_tables(tables))
+
+
+def _read_files(
+    archive: Path,
+    todo: Path,
+    n_todo: int,
+    parts: Path,
+    params: IndexParams,
+    scheduler: str | None,
+) -> None:
+    """Read the files listed in ``todo``; write their rows to ``parts`` in shards."""
+    attempts = [int(p.name.split("-")[1]) for p in parts.glob("chunk-*.parquet")]
+    attempt = max(attempts, default=0) + 1
+    per_chunk = max(1, min(params.chunk_files, math.ceil(n_todo / (4 * params.workers))))
+    results = scan.run_chunks(
+        _todo_chunks(todo, per_chunk),
+        str(archive),
+        int(params.max_file_mb * 2**20),
+        params.timeout_s,
+        params.workers,
+        scheduler,
+    )
+
+    def per_file() -> Iterator[pa.Table | None]:
+        for table in results:
+            yield from repeat(None, table.num_rows - 1)
+            yield table
+
+    buffered: list[pa.Table] = []
+    n_buffered, seq = 0, 0
+    for item in progress(per_file(), n_todo, "index", log):
+        if item is None:
+            continue
+        buffered.append(item)
+        n_buffered += item.num_rows
+        if n_buffered >= params.shard_size:
+            _write_part(parts, f"chunk-{attempt:04d}-{seq:06d}.parquet", buffered)
+            buffered, n_buffered, seq = [], 0, seq + 1
+    if buffered:
+        _write_part(parts, f"chunk-{attempt:04d}-{seq:06d}.parquet", buffered)
+
+
+# --- publishing ------------------------------------------------------------------------------
+
+
+def _stream(con: duckdb.DuckDBPyConnection, sql: str) -> Iterator[pa.RecordBatch]:
+    yield from con.sql(sql).to_arrow_reader(BATCH_ROWS)
+
+
+def _series_batches(con: duckdb.DuckDBPyConnection, folder: Path) -> Iterator[pa.RecordBatch]:
+    """Series rows from the written instance shards, one batch of whole series at a time."""
+    needed = [
+        "path",
+        "site",
+        "series_instance_uid",
+        *SERIES_COPIED,
+        "image_position_x",
+        "image_position_y",
+        "image_position_z",
+        "image_orientation",
+        "flags",
+    ]
+    cols = ", ".join(dict.fromkeys(needed))
+    glob = _sql_text(str((folder / INSTANCES_DIR / SHARD_GLOB).resolve()))
+    sql = (
+        f"SELECT {cols} FROM read_parquet({glob}) "
+        "ORDER BY site ASC NULLS LAST, series_instance_uid, path"
+    )
+    carry: pa.Table | None = None
+    for batch in _stream(con, sql):
+        table = pa.Table.from_batches([batch])
+        if carry is not None:
+            table = pa.concat_tables([carry, table])
+        sites = table["site"].to_pylist()
+        uids = table["series_instance_uid"].to_pylist()
+        last = (sites[-1], uids[-1])
+        start = len(sites) - 1
+        while start > 0 and (sites[start - 1], uids[start - 1]) == last:
+            start -= 1
+        carry = table.slice(start)
+        if start:
+            yield from series_table(table.slice(0, start)).to_batches()
+    if carry is not None and carry.num_rows:
+        yield from series_table(carry).to_batches()
+
+
+def _publish(
+    con: duckdb.DuckDBPyConnection,
+    archive: Path,
+    out: Path,
+    params: IndexParams,
+    files_seen: int,
+    reader: str,
+) -> dict[str, Any]:
+    """Apply the duplicate rules to the ``ledger`` table and write the index folder."""
+    groups = [
+        list(row[0])
+        for row in con.execute(
+            "SELECT list(path ORDER BY path) FROM ledger WHERE status = 'indexed' "
+            "GROUP BY coalesce(site, ''), sop_instance_uid HAVING count(*) > 1 ORDER BY 1"
+        ).fetchall()
+    ]
+    taken = duplicate_outcomes(groups, lambda p: sha256_or_none(archive, p))
+    overrides = pa.table(
+        {
+            k: pa.array([t[i] for t in taken], pa.string())
+            for i, k in enumerate(("path", "status", "reason", "detail"))
+        }
+    )
+    con.register("overrides", overrides)
+    con.execute(
+        "CREATE TEMP TABLE shared AS SELECT sop_instance_uid FROM ledger "
+        "WHERE status = 'indexed' AND path NOT IN (SELECT path FROM overrides) "
+        "GROUP BY sop_instance_uid HAVING count(DISTINCT coalesce(site, '')) > 1"
+    )
+    cols = ", ".join(f"l.{n}" for n in INSTANCE_SCHEMA.names if n != "flags")
+    instances_sql = (
+        f"SELECT {cols}, CASE WHEN s.sop_instance_uid IS NULL THEN l.flags "
+        f"ELSE list_sort(list_distinct(list_append(l.flags, {_sql_text(SHARED_FLAG)}))) "
+        "END AS flags FROM ledger l LEFT JOIN shared s USING (sop_instance_uid) "
+        "WHERE l.status = 'indexed' AND l.path NOT IN (SELECT path FROM overrides) "
+        "ORDER BY l.path"
+    )
+
+    def reasons_sql(status: str) -> str:
+        return (
+            "SELECT path, size, mtime_ns, reason, detail FROM ("
+            f"SELECT path, size, mtime_ns, reason, detail FROM ledger WHERE status = '{status}' "
+            "UNION ALL SELECT o.path, l.size, l.mtime_ns, o.reason, o.detail "
+            f"FROM overrides o JOIN ledger l USING (path) WHERE o.status = '{status}'"
+            ") ORDER BY path"
+        )
+
+    with atomic_dir(out) as tmp:
+        n_indexed = write_shards(
+            tmp / INSTANCES_DIR, _stream(con, instances_sql), INSTANCE_SCHEMA, params.shard_size
+        )
+        write_parquet_stream(
+            tmp / "quarantine.parquet", _stream(con, reasons_sql("quarantined")), REASON_SCHEMA
+        )
+        write_parquet_stream(
+            tmp / "skipped.parquet", _stream(con, reasons_sql("skipped")), REASON_SCHEMA
+        )
+        n_series = write_parquet_stream(
+            tmp / "series.parquet", _series_batches(con, tmp), SERIES_SCHEMA
+        )
+        counts = {}
+        for name in ("quarantine", "skipped"):
+            src = _sql_text(str((tmp / f"{name}.parquet").resolve()))
+            counts[name] = dict(
+                con.execute(
+                    f"SELECT reason, count(*) FROM read_parquet({src}) GROUP BY reason"
+                ).fetchall()
+            )
+        report = build_report(
+            files_seen, n_indexed, counts["quarantine"], counts["skipped"], n_series, reader
+        )
+        write_catalog(tmp)
+        write_json(tmp / "report.json", report)
+    return report
+
+
+def _prepare_work(out: Path, stamp: str) -> Path:
+    """The work folder's chunk folder; chunks of another reader or archive are dropped."""
+    work = work_dir(out)
+    stamp_file = work / "reader"
+    if work.exists() and (not stamp_file.is_file() or stamp_file.read_text() != stamp):
+        shutil.rmtree(work)
+    parts = work / WORK_PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(stamp)
+    return parts
+
+
+def index_archive(
+    archive: Path,
+    snapshot: Path,
+    out: Path,
+    params: IndexParams,
+    scheduler: str | None = None,
+) -> IndexStats:
+    """Index every file of the ``snapshot`` listing of ``archive`` into the folder ``out``.
+
+    Reuses the rows of unchanged files from a previous index in ``out`` and from the work
+    folder of an interrupted run (see the module docstring); returns what it did.
+    """
+    import duckdb
+
+    archive, out = Path(archive), Path(out)
+    if not archive.is_dir():
+        msg = f"{archive}: archive folder not found"
+        raise InputError(msg)
+    reader = reader_fingerprint(int(params.max_file_mb * 2**20))
+    con = duckdb.connect(":memory:")
+    try:
+        files_seen = check_listing(con, Path(snapshot))
+        parts = _prepare_work(out, f"{reader} {archive.resolve()}\n")
+        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+        con.execute(f"SET temp_directory = {_sql_text(str((parts.parent / 'duckdb').resolve()))}")
+        con.register("ledger_schema", LEDGER_SCHEMA.empty_table())
+        prev = _previous_index(out, reader)
+        reusable = _ledger_sources(prev, parts, reusable_only=True)
+        todo = parts.parent / "todo.parquet"
+        con.execute(
+            "COPY (SELECT l.path, l.size, l.mtime_ns FROM listing l "
+            f"ANTI JOIN ({reusable}) r ON l.path = r.path AND l.size = r.size "
+            "AND l.mtime_ns = r.mtime_ns ORDER BY l.path) "
+            f"TO {_sql_text(str(todo.resolve()))} (FORMAT parquet)"
+        )
+        n_todo = pq.ParquetFile(todo).metadata.num_rows
+        log.info(
+            "listing holds %d files: %d reused, %d to read on %s",
+            files_seen,
+            files_seen - n_todo,
+            n_todo,
+            "a Dask cluster" if scheduler else f"{params.workers} worker(s)",
+        )
+        if n_todo:
+            _read_files(archive, todo, n_todo, parts, params, scheduler)
+        sources = _ledger_sources(prev, parts, reusable_only=False)
+        names = ", ".join(f"x.{n}" for n in LEDGER_SCHEMA.names)
+        con.execute(
+            f"CREATE TEMP TABLE ledger AS SELECT {names} FROM ({sources}) x "
+            "JOIN listing l ON x.path = l.path AND x.size = l.size AND x.mtime_ns = l.mtime_ns "
+            "QUALIFY row_number() OVER (PARTITION BY x.path ORDER BY x.src, x.part DESC) = 1"
+        )
+        (n_ledger,) = con.execute("SELECT count(*) FROM ledger").fetchall()[0]
+        if n_ledger != files_seen:
+            msg = f"index does not balance: {files_seen} files listed, {n_ledger} read or reused"
+            raise AccountingError(msg)
+        report = _publish(con, archive, out, params, files_seen, reader)
+    finally:
+        con.close()
+    shutil.rmtree(work_dir(out), ignore_errors=True)
+    log.info(
+        "indexed %d, quarantined %d, skipped %d of %d files; %d series",
+        report["files_indexed"],
+        report["files_quarantined"],
+        report["files_skipped"],
+        files_seen,
+        report["series"],
+    )
+    return IndexStats(files_seen=files_seen, files_read=n_todo, files_reused=files_seen - n_todo)

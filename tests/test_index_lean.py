@@ -1,0 +1,153 @@
+"""The lean header reader gives pydicom's row on every file it takes, and gives up otherwise."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from test_index import ct_slice, save
+
+from ctcurate.io import dicom, lean
+from ctcurate.snapshot import list_archive
+from ctcurate.synth.headerheavy import write_header_heavy
+
+
+def outcomes(root: Path) -> tuple[int, int]:
+    """Compare both paths on every file under ``root``: (files, files read lean)."""
+    listing = list_archive(root).to_pylist()
+    n_lean = 0
+    for row in listing:
+        path, size, mtime = row["path"], row["size"], row["mtime_ns"]
+        fast = dicom.read_instance(root, path, size, mtime, 2**30)
+        reference = dicom.read_instance(root, path, size, mtime, 2**30, lean=False)
+        assert fast == reference, path
+        n_lean += took_lean(root / path, path, size, mtime)
+    return len(listing), n_lean
+
+
+def took_lean(full: Path, path: str, size: int, mtime: int) -> bool:
+    with full.open("rb") as fp:
+        head = fp.read(1 << 16)
+        return lean.read_lean(fp, head, path, size, mtime, full.stat().st_size, []) is not None
+
+
+def test_header_heavy_archive_reads_lean_with_pydicom_values(tmp_path: Path) -> None:
+    write_header_heavy(tmp_path / "hh", 400, seed=7)
+    n, n_lean = outcomes(tmp_path / "hh" / "archive")
+    assert n >= 400
+    assert n_lean >= 0.9 * n  # everything but the traps and non-DICOM files
+
+
+def test_pydicom_test_files_give_the_same_outcome(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    files = [Path(f) for f in pydicom.data.get_testdata_files() if Path(f).is_file()]
+    for i, src in enumerate(files):
+        (root / "S").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / "S" / f"{i:03d}_{src.name}")
+    n, n_lean = outcomes(root)
+    assert n == len(files) > 100
+    assert n_lean >= 1
+
+
+def implicit(ds: Dataset) -> bytes:
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def with_item(**attrs: Any) -> Dataset:
+    item = Dataset()
+    for key, value in attrs.items():
+        setattr(item, key, value)
+    ds = ct_slice(0)
+    ds.RequestAttributesSequence = [item]
+    return ds
+
+
+def rle() -> Dataset:
+    ds = ct_slice(0)
+    ds.compress(RLELossless)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "expect_lean"),
+    [
+        ("explicit", lambda: ct_slice(0), True),
+        ("rle", rle, True),
+        ("empty_phi_in_sequence", lambda: with_item(InstitutionName=""), True),
+        ("phi_in_sequence", lambda: with_item(InstitutionName="General Hospital"), False),
+        ("phi_top", lambda: ct_slice(0, PatientName="Doe^Jane"), False),
+        ("empty_phi_name", lambda: ct_slice(0, PatientName="^"), True),
+        ("multi_valued_ds", lambda: ct_slice(0, SliceThickness="2.5\\3"), True),
+        ("one_spacing", lambda: ct_slice(0, PixelSpacing="0.7"), True),
+        ("nan_ds", lambda: ct_slice(0, SliceThickness="nan"), False),
+        ("huge_ds", lambda: ct_slice(0, SliceThickness="1e999"), True),
+        ("non_ascii", lambda: ct_slice(0, SeriesDescription="Thorax ärztlich"), False),
+        ("latin1", lambda: ct_slice(0, SpecificCharacterSet="ISO_IR 100"), True),
+        ("japanese", lambda: ct_slice(0, SpecificCharacterSet="ISO 2022 IR 87"), False),
+        ("no_pixels", lambda: ct_slice(0, PixelData=b""), False),
+    ],
+)
+def test_lean_reads_or_gives_up_with_the_same_outcome(
+    tmp_path: Path, name: str, make: Any, expect_lean: bool
+) -> None:
+    with warnings.catch_warnings():  # pydicom warns when a test sets an invalid value
+        warnings.simplefilter("ignore")
+        data = save(make(), tmp_path / "H01" / f"{name}.dcm")
+    path = f"H01/{name}.dcm"
+    fast = dicom.read_instance(tmp_path, path, len(data), 0, 2**30)
+    assert fast == dicom.read_instance(tmp_path, path, len(data), 0, 2**30, lean=False)
+    assert took_lean(tmp_path / path, path, len(data), 0) is expect_lean
+
+
+def test_implicit_vr_and_cut_files(tmp_path: Path) -> None:
+    data = implicit(ct_slice(0))
+    (tmp_path / "H01").mkdir()
+    cases = {
+        "implicit.dcm": (data, True),
+        "cut_pixels.dcm": (data[:-10], False),
+        "cut_header.dcm": (data[:300], False),
+    }
+    for name, (content, expect_lean) in cases.items():
+        (tmp_path / "H01" / name).write_bytes(content)
+        path = f"H01/{name}"
+        fast = dicom.read_instance(tmp_path, path, len(content), 0, 2**30)
+        assert fast == dicom.read_instance(tmp_path, path, len(content), 0, 2**30, lean=False)
+        assert took_lean(tmp_path / path, path, len(content), 0) is expect_lean, name
+    row = dicom.read_instance(tmp_path, "H01/implicit.dcm", len(data), 0, 2**30).record
+    assert row is not None
+    assert row["transfer_syntax_uid"] == ImplicitVRLittleEndian
+
+
+def test_no_meta_file_is_left_to_pydicom(tmp_path: Path) -> None:
+    ds = ct_slice(0)
+    ds.file_meta = FileMetaDataset()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=False, little_endian=True)
+    (tmp_path / "f.dcm").write_bytes(buf.getvalue())
+    st = (tmp_path / "f.dcm").stat()
+    assert not took_lean(tmp_path / "f.dcm", "f.dcm", st.st_size, st.st_mtime_ns)
+    out = dicom.read_instance(tmp_path, "f.dcm", st.st_size, st.st_mtime_ns, 2**30)
+    assert out.record is not None
+    assert out.record["flags"] == ["no_meta", "no_site"]
+
+
+def test_lean_header_answers_only_needed_keywords() -> None:
+    header = lean.LeanHeader({}, lean.LeanMeta(None))
+    assert header.get("Rows") is None
+    assert "Rows" not in header
+    with pytest.raises(KeyError, match="PatientName is not read by the lean reader"):
+        header.get("PatientName")
+    assert lean.convert("DS", b"1\\2.5 ") == [1.0, 2.5]
+    assert lean.convert("IS", b" 12") == 12
+    assert lean.convert("UI", ExplicitVRLittleEndian.encode() + b"\x00") == ExplicitVRLittleEndian
