@@ -9,10 +9,16 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from ctcurate.errors import InputError
-from ctcurate.io.seg import read_seg_labels, write_seg
+from ctcurate.io import seg as seg_module
+from ctcurate.io.seg import _scan_frame_references, read_seg_labels, write_seg
 
 N_SLICES, ROWS, COLS = 5, 8, 10
 SPACING_Z = 2.5
@@ -176,3 +182,130 @@ def test_read_rejects_a_broken_seg(tmp_path: Path) -> None:
     ds.save_as(broken)
     with pytest.raises(InputError, match=r"broken\.dcm: not a readable DICOM SEG"):
         read_seg_labels(broken, [str(s.SOPInstanceUID) for s in source])
+
+
+# -- the numpy reader against highdicom's -----------------------------------------------------
+
+
+def highdicom_labels(path: Path, uids: list[str]) -> np.ndarray:
+    """Reference reading of a SEG through highdicom (as the reader did before)."""
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(path), copy=False)
+    referenced = {str(sop) for _, _, sop in seg.get_source_image_uids()}
+    wanted = [u for u in uids if u in referenced]
+    out = np.zeros((len(uids), int(seg.Rows), int(seg.Columns)), np.uint8)
+    if not wanted:
+        return out
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=wanted,
+        combine_segments=True,
+        relabel=False,
+        ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True,
+        dtype=np.uint8,
+    )
+    for i, uid in enumerate(uids):
+        if uid in wanted:
+            out[i] = pixels[wanted.index(uid)]
+    return out
+
+
+def random_labels(seed: int, n: int, rows: int, cols: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, rows, cols)) < 0.6).astype(np.uint8)
+    labels[rng.random((n, rows, cols)) < 0.15] = 2
+    labels[rng.random((n, rows, cols)) < 0.1] = 3
+    labels[n // 2] = 0  # an empty slice: its frames are omitted
+    return labels
+
+
+@pytest.mark.parametrize(("n", "rows", "cols"), [(5, 8, 10), (7, 5, 3), (12, 16, 16)])
+def test_numpy_reader_equals_highdicom(tmp_path: Path, n: int, rows: int, cols: int) -> None:
+    # odd frame sizes put frame boundaries inside bytes of the bit-packed pixel data
+    source = make_ct_series(n, rows, cols)
+    labels = random_labels(n * rows, n, rows, cols)
+    path = tmp_path / "seg.dcm"
+    write_seg(path, source, labels)
+    uids = [str(ds.SOPInstanceUID) for ds in source]
+    order = list(np.random.default_rng(n).permutation(n))
+    asked = [uids[i] for i in order] + ["1.2.3.4.5"]
+    got = read_seg_labels(path, asked)
+    np.testing.assert_array_equal(got, highdicom_labels(path, asked))
+    np.testing.assert_array_equal(got[:n], labels[order])
+
+
+def test_byte_scan_equals_parsed_references(tmp_path: Path) -> None:
+    source = make_ct_series()
+    path = tmp_path / "seg.dcm"
+    write_seg(path, source, make_labels())
+    ds = pydicom.dcmread(path)
+    raw = ds.get_item(0x52009230).value
+    scanned = _scan_frame_references(raw, int(ds.NumberOfFrames))
+    assert scanned is not None
+    parsed = [
+        (
+            int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber),
+            [
+                str(s.ReferencedSOPInstanceUID)
+                for s in item.DerivationImageSequence[0].SourceImageSequence
+            ],
+        )
+        for item in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert scanned == parsed
+    assert _scan_frame_references(raw, int(ds.NumberOfFrames) + 1) is None
+
+
+def test_reader_falls_back_to_parsed_sequences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, labels = make_ct_series(), make_labels()
+    path = tmp_path / "seg.dcm"
+    write_seg(path, source, labels)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit = tmp_path / "implicit.dcm"
+    ds.save_as(implicit)
+    assert pydicom.dcmread(implicit).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+    def no_scan(raw: bytes, n_frames: int) -> None:
+        msg = "the byte scan is for Explicit VR Little Endian only"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(seg_module, "_scan_frame_references", no_scan)
+    uids = [str(s.SOPInstanceUID) for s in source]
+    np.testing.assert_array_equal(read_seg_labels(implicit, uids), labels)
+
+
+def test_read_rejects_short_pixel_data(tmp_path: Path) -> None:
+    source, labels = make_ct_series(), make_labels()
+    path = tmp_path / "seg.dcm"
+    write_seg(path, source, labels)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:2]
+    short = tmp_path / "short.dcm"
+    ds.save_as(short)
+    with pytest.raises(InputError, match=r"short\.dcm: not a readable DICOM SEG \(ValueError\)"):
+        read_seg_labels(short, [str(s.SOPInstanceUID) for s in source])
+
+
+def test_fractional_seg_reads_at_half_maximum(tmp_path: Path) -> None:
+    source, labels = make_ct_series(), make_labels()
+    path = tmp_path / "seg.dcm"
+    write_seg(path, source, labels)
+    ds = pydicom.dcmread(path)
+    uids = [str(s.SOPInstanceUID) for s in source]
+    n = int(ds.NumberOfFrames)
+    masks = np.unpackbits(
+        np.frombuffer(ds.PixelData, np.uint8), count=n * ROWS * COLS, bitorder="little"
+    ).reshape(n, ROWS, COLS)
+    fractional = np.where(masks > 0, 200, 90).astype(np.uint8)  # 200/255 set, 90/255 not
+    ds.SegmentationType = "FRACTIONAL"
+    ds.SegmentationFractionalType = "PROBABILITY"
+    ds.MaximumFractionalValue = 255
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = fractional.tobytes()
+    frac_path = tmp_path / "fractional.dcm"
+    ds.save_as(frac_path)
+    np.testing.assert_array_equal(read_seg_labels(frac_path, uids), labels)

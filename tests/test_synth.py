@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from ctcurate.io.seg import read_seg_labels
 from ctcurate.params import SynthParams
-from ctcurate.synth import run
+from ctcurate.synth import run, write_header_heavy
 from ctcurate.synth.anatomy import (
     BONE,
     FAT,
@@ -31,8 +31,17 @@ from ctcurate.synth.anatomy import (
     scan_range,
 )
 from ctcurate.synth.annotations import grade_rows, pcr_rows, to_csv
+from ctcurate.synth.cohort import CHEST_TRAPS as COHORT_CHEST_TRAPS
 from ctcurate.synth.cohort import plan_cohort
+from ctcurate.synth.dicomwrite import SeriesInfo, ct_series, encode_series
+from ctcurate.synth.headerheavy import (
+    HH_MATRIX,
+    SeriesTemplate,
+    _study_instances,
+    plan_header_heavy,
+)
 from ctcurate.synth.lesions import CONSOLIDATION, GGO, NORMAL, add_pattern
+from ctcurate.synth.vendors import SITE_BY_CODE, SITES
 
 SMALL = SynthParams(patients=6, seed=11, matrix=32, pandemic_start=dt.date(2020, 3, 1))
 CHEST_TRAPS = {
@@ -456,3 +465,168 @@ def test_pcr_is_noisy_like_a_real_lab(small: Path) -> None:
 def test_pandemic_start_is_range_checked() -> None:
     with pytest.raises(ValidationError, match="pandemic_start"):
         SynthParams(pandemic_start=dt.date(2023, 1, 1))
+
+
+# -- sites: protocols, matrices, private tags -------------------------------------------------
+
+
+def test_sites_differ_in_thickness_and_matrix() -> None:
+    params = SynthParams(patients=400, seed=5, matrix=512)
+    studies = plan_cohort(params, np.random.default_rng(params.seed))
+    by_site: dict[str, set[float]] = defaultdict(set)
+    for s in studies:
+        if s.kind == "chest":
+            by_site[s.site].add(s.thickness)
+    for code, thicknesses in by_site.items():
+        assert thicknesses <= set(SITE_BY_CODE[code].thin_mm), code
+    every = set().union(*by_site.values())
+    assert min(every) == 0.625
+    assert max(every) <= 3.0  # thin recon; the soft-tissue recon is 5 mm
+    assert len({frozenset(t) for t in by_site.values()}) >= 4
+    matrices = {site.code: site.matrix(params.matrix) for site in SITES}
+    assert max(matrices.values()) == 512
+    assert len(set(matrices.values())) >= 2
+    assert all(m % 2 == 0 and m >= 32 for m in matrices.values())
+    assert {site.matrix(32) for site in SITES} == {32}
+
+
+def test_vendor_private_blocks_and_thicknesses_in_headers(small: Path) -> None:
+    seen: dict[str, set[str]] = defaultdict(set)
+    thick: set[float] = set()
+    for rel, ds in _headers(small / "archive"):
+        site = SITE_BY_CODE[rel.split("/")[0]]
+        if ds.Manufacturer != site.vendor.manufacturer:
+            continue  # a series sent on by another hospital keeps its own scanner
+        for group, creator, elements in site.vendor.private:
+            block = ds.private_block(group, creator)
+            offset, vr, _ = elements[0]
+            assert vr == block[offset].VR, rel
+            seen[site.code].add(creator)
+        if "SliceThickness" in ds and ds.Modality == "CT":
+            thick.add(float(ds.SliceThickness))
+    assert set(seen) == {s.code for s in SITES}
+    assert 5.0 in thick
+    assert len(thick) >= 3
+
+
+# -- header-heavy mode -------------------------------------------------------------------------
+
+
+HH_N = 300
+
+
+@pytest.fixture(scope="module")
+def heavy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("heavy") / "hh"
+    write_header_heavy(out, HH_N, 3)
+    return out
+
+
+def test_header_heavy_plan_scales_and_spreads_traps() -> None:
+    studies = plan_header_heavy(100_000, 1)
+    assert sum(_study_instances(s) for s in studies) >= 100_000
+    assert {s.kind for s in studies} == {"chest", "head", "abdomen", "mr", "cr"}
+    assert {s.site for s in studies} == {s.code for s in SITES}
+    traps = Counter(t for s in studies for t in s.traps)
+    assert set(traps) >= set(COHORT_CHEST_TRAPS) | {"phi_institution", "phi_patient_name"}
+    chest = [s for s in studies if s.kind == "chest"]
+    assert sum(1 for s in chest if s.traps) / len(chest) < 0.1  # a small fraction
+    assert {s.thickness for s in chest} >= {0.625, 3.0}
+    assert plan_header_heavy(100_000, 1) == studies
+    with pytest.raises(ValueError, match="at least one instance"):
+        plan_header_heavy(0, 1)
+
+
+def test_header_heavy_instances_are_valid_dicom(heavy: Path) -> None:
+    files = sorted(p for p in (heavy / "archive").rglob("*") if p.is_file())
+    traps = {
+        str(r["path"]): str(r["trap"])
+        for r in pq.read_table(heavy / "truth_files.parquet").to_pylist()
+    }
+    instances = 0
+    series: set[str] = set()
+    for p in files:
+        rel = p.relative_to(heavy / "archive").as_posix()
+        if traps.get(rel, "").startswith(("non_dicom", "truncated")):
+            continue
+        ds = pydicom.dcmread(p)
+        instances += 1
+        series.add(str(ds.SeriesInstanceUID))
+        assert ds.pixel_array.shape == (int(ds.Rows), int(ds.Columns)), rel
+        if (
+            ds.Modality == "CT"
+            and "LOCALIZER" not in ds.ImageType
+            and ds.SOPClassUID.endswith(".2")
+        ):
+            assert int(ds.Rows) in (HH_MATRIX, 2 * HH_MATRIX)
+            fov = float(ds.PixelSpacing[0]) * int(ds.Columns)
+            assert 300.0 <= fov <= 400.0, rel
+            assert str(ds.Manufacturer) == SITE_BY_CODE[rel.split("/")[0]].vendor.manufacturer or (
+                traps.get(rel) == "duplicate_site"
+            )
+    assert instances >= HH_N
+    truth = pq.read_table(heavy / "truth.parquet").to_pylist()
+    assert {r["series_instance_uid"] for r in truth} == series
+    assert {"localizer", "chest_ct", "dose_report"} <= {r["kind"] for r in truth}
+    assert traps  # the first chest study carries a trap, plus the non-DICOM files
+
+
+def test_header_heavy_template_bytes_equal_pydicom(small: Path) -> None:
+    studies = plan_header_heavy(1, 9)
+    study = studies[0]
+    site = SITE_BY_CODE[study.site]
+    info = SeriesInfo("1.2.3.4", "1.2.3.5", 2, "Chest", "LUNG", "ORIGINAL\\PRIMARY\\AXIAL")
+    hu = np.random.default_rng(0).normal(-500, 300, (4, 16, 16)).astype(np.float32)
+    z = np.array([0.0, -1.25, -2.5, -3.75])
+    sops = [f"1.2.3.4.{i + 1}" for i in range(4)]
+    expected = encode_series(ct_series(study, site, info, hu, z, 22.5, 1.25, sops, -100.0))
+    template = SeriesTemplate(
+        ct_series(study, site, info, hu[:2], z[:2], 22.5, 1.25, sops[:2], -100.0)[0]
+    )
+    stored = np.clip(np.rint(hu) - site.vendor.rescale_intercept, -32768, 32767).astype(np.int16)
+    got = [
+        template.encode(
+            sop, k + 1, ["-168.750", "-168.750", f"{z[k] - 100.0:.3f}"], stored[k].tobytes()
+        )
+        for k, sop in enumerate(sops)
+    ]
+    assert got == expected
+    broken = ct_series(study, site, info, hu[:1], z[:1], 22.5, 1.25, sops[:1], -100.0)[0]
+    del broken.SliceLocation
+    with pytest.raises(ValueError, match="lacks per-instance tags"):
+        SeriesTemplate(broken)
+
+
+def test_header_heavy_cli_is_deterministic_and_indexable(heavy: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctcurate.cli import app
+    from ctcurate.index import run as index_run
+    from ctcurate.params import IndexParams, SnapshotParams
+    from ctcurate.snapshot import run as snapshot_run
+
+    out = tmp_path / "again"
+    result = CliRunner().invoke(
+        app, ["synth", "--out", str(out), "--header-heavy", str(HH_N), "--seed", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert tree_digest(out) == tree_digest(heavy)
+    snapshot_run(out / "archive", tmp_path / "listing.parquet", SnapshotParams())
+    index_run(
+        out / "archive",
+        tmp_path / "listing.parquet",
+        tmp_path / "index",
+        IndexParams(workers=1),
+        None,
+    )
+    index = tmp_path / "index"
+
+    def rows(name: str) -> int:
+        # a table is one Parquet file or a folder of shards
+        found = [p for p in (index / name, index / f"{name}.parquet") if p.exists()]
+        return pq.read_table(found[0]).num_rows if found else 0
+
+    listed = pq.read_table(tmp_path / "listing.parquet").num_rows
+    instances = rows("instances")
+    assert instances >= HH_N - 5
+    assert instances + rows("quarantine") + rows("skipped") == listed

@@ -1,4 +1,4 @@
-"""Lesion masks as DICOM Segmentation (SEG) objects, written and read with highdicom.
+"""Lesion masks as DICOM Segmentation (SEG) objects: written with highdicom, read with numpy.
 
 One SEG per CT series. Segments: 1 normal lung, 2 ground-glass opacity, 3 consolidation.
 Each frame references the CT instance it was derived from by SOPInstanceUID, so a reader
@@ -10,14 +10,17 @@ UID and every date from the source study, never from the clock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import pixel_array
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ctcurate.errors import InputError
 from ctcurate.io.atomic import atomic_path
@@ -162,20 +165,102 @@ def write_seg(path: Path, source: Sequence[pydicom.Dataset], labels: np.ndarray)
         seg.save_as(tmp, enforce_file_format=True)
 
 
+# In Explicit VR Little Endian: (0008,1155) ReferencedSOPInstanceUID UI, then
+# (0062,000B) ReferencedSegmentNumber US of length 2. Neither byte run can occur inside
+# the text values of the per-frame functional groups.
+_REFERENCE_RUNS = re.compile(rb"\x08\x00\x55\x11UI(..)|\x62\x00\x0b\x00US\x02\x00(..)", re.DOTALL)
+_PER_FRAME_TAG = 0x52009230
+
+
+def _scan_frame_references(raw: bytes, n_frames: int) -> list[tuple[int, list[str]]] | None:
+    """Frame references read straight from the raw per-frame sequence bytes.
+
+    Within each per-frame item the Derivation Image Sequence (0008,9124) precedes the
+    Segment Identification Sequence (0062,000A), so the referenced UIDs of a frame come
+    before its segment number. ``None`` when the bytes do not show that shape (the caller
+    then walks the parsed sequence).
+    """
+    out: list[tuple[int, list[str]]] = []
+    refs: list[str] = []
+    for match in _REFERENCE_RUNS.finditer(raw):
+        if match.group(1) is not None:
+            length = int.from_bytes(match.group(1), "little")
+            value = raw[match.end() : match.end() + length]
+            refs.append(value.rstrip(b"\x00 ").decode("ascii"))
+        else:
+            out.append((int.from_bytes(match.group(2), "little"), refs))
+            refs = []
+    if refs or len(out) != n_frames:
+        return None
+    return out
+
+
+def _frame_references(ds: pydicom.Dataset, n_frames: int) -> list[tuple[int, list[str]]]:
+    """(segment number, referenced SOPInstanceUIDs) of every frame, in frame order."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax == ExplicitVRLittleEndian and _PER_FRAME_TAG in ds:
+        raw = ds.get_item(_PER_FRAME_TAG)
+        if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+            scanned = _scan_frame_references(raw.value, n_frames)
+            if scanned is not None:
+                return scanned
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != n_frames:
+        msg = f"{len(per_frame)} per-frame functional groups for {n_frames} frames"
+        raise ValueError(msg)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_item = shared[0] if shared else None
+    out = []
+    for item in per_frame:
+        ident = item.get("SegmentIdentificationSequence")
+        if ident is None and shared_item is not None:
+            ident = shared_item.get("SegmentIdentificationSequence")
+        segment = int(ident[0].ReferencedSegmentNumber)
+        refs = [
+            str(source.ReferencedSOPInstanceUID)
+            for derivation in item.get("DerivationImageSequence", [])
+            for source in derivation.get("SourceImageSequence", [])
+        ]
+        out.append((segment, refs))
+    return out
+
+
+def _frames(ds: pydicom.Dataset, n_frames: int, rows: int, cols: int) -> np.ndarray:
+    """Boolean (frames, rows, cols) masks of a BINARY or FRACTIONAL SEG."""
+    binary = str(ds.get("SegmentationType", "BINARY")) == "BINARY"
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        data = np.frombuffer(ds.PixelData, dtype=np.uint8)
+        if binary:
+            need = n_frames * rows * cols
+            if data.size * 8 < need:
+                msg = f"PixelData holds {data.size * 8} bits, {need} needed"
+                raise ValueError(msg)
+            bits = np.unpackbits(data, count=need, bitorder="little")
+            return bits.reshape(n_frames, rows, cols).astype(bool)
+        values = data[: n_frames * rows * cols].reshape(n_frames, rows, cols)
+    else:
+        values = np.asarray(pixel_array(ds)).reshape(n_frames, rows, cols)
+        if binary:
+            return values.astype(bool)
+    maximum = float(ds.get("MaximumFractionalValue", 255) or 255)
+    return np.asarray(values.astype(np.float32) / maximum >= 0.5)
+
+
 def read_seg_labels(path: Path, sop_instance_uids: Sequence[str]) -> np.ndarray:
     """Read a SEG back as a label volume aligned with ``sop_instance_uids``.
 
     Slice ``i`` of the result holds the segments of the frames that reference
-    ``sop_instance_uids[i]`` (segment number = label value); zeros where no frame does.
-    Segments absent from the file read as zeros.
+    ``sop_instance_uids[i]`` (segment number = label value; where segments overlap the
+    higher number wins); zeros where no frame does. Segments absent from the file read as
+    zeros. Frames are matched to images through the per-frame functional groups'
+    ReferencedSOPInstanceUID and ReferencedSegmentNumber, and BINARY pixel data is unpacked
+    with numpy (FRACTIONAL: a pixel is set at half the MaximumFractionalValue or above).
 
     Raises
     ------
     InputError
         When ``path`` is missing or not a readable DICOM Segmentation.
     """
-    import highdicom as hd
-
     path = Path(path)
     uids = [str(u) for u in sop_instance_uids]
     try:
@@ -187,27 +272,26 @@ def read_seg_labels(path: Path, sop_instance_uids: Sequence[str]) -> np.ndarray:
         msg = f"{path}: not a DICOM SEG (SOPClassUID is not Segmentation Storage)"
         raise InputError(msg)
     try:
-        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
-        rows, cols = int(seg.Rows), int(seg.Columns)
-        referenced = {str(sop) for _, _, sop in seg.get_source_image_uids()}
-        wanted = [u for u in uids if u in referenced]
+        if "SegmentSequence" not in ds:
+            msg = "no SegmentSequence"
+            raise ValueError(msg)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        references = _frame_references(ds, n_frames)
         out = np.zeros((len(uids), rows, cols), dtype=np.uint8)
+        position = {uid: i for i, uid in enumerate(uids)}
+        wanted = [
+            (segment, frame, position[ref])
+            for frame, (segment, refs) in enumerate(references)
+            for ref in refs
+            if ref in position
+        ]
         if not wanted:
             return out
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=wanted,
-            combine_segments=True,
-            relabel=False,
-            ignore_spatial_locations=True,
-            assert_missing_frames_are_empty=True,
-            dtype=np.uint8,
-        )
+        masks = _frames(ds, n_frames, rows, cols)
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         msg = f"{path}: not a readable DICOM SEG ({exc.__class__.__name__})"
         raise InputError(msg) from exc
-    position = {uid: i for i, uid in enumerate(wanted)}
-    for i, uid in enumerate(uids):
-        j = position.get(uid)
-        if j is not None:
-            out[i] = pixels[j]
+    for segment, frame, slot in sorted(wanted):
+        out[slot][masks[frame]] = segment
     return out

@@ -81,7 +81,7 @@ class ArchiveWriter:
         return self.root / "archive"
 
     # -- files -------------------------------------------------------------------------
-    def _write(self, rel: str, data: bytes, mtime: int) -> None:
+    def write_file(self, rel: str, data: bytes, mtime: int) -> None:
         path = self.archive / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -91,21 +91,32 @@ class ArchiveWriter:
     def _names(self, site: Site, study: Study, datasets: list[Dataset]) -> list[str]:
         """Archive-relative paths of a series' files in the site's layout."""
         first = datasets[0]
+        return self.names_for(
+            site,
+            study,
+            str(first.SeriesInstanceUID),
+            int(first.SeriesNumber),
+            [str(ds.SOPInstanceUID) for ds in datasets],
+        )
+
+    def names_for(
+        self, site: Site, study: Study, series_uid: str, series_number: int, sop_uids: list[str]
+    ) -> list[str]:
+        """Archive-relative paths of a series' files (by UIDs) in the site's layout."""
         key = SeriesKey(
             patient_id=study.patient_id,
             patient_index=study.patient_index,
             study_index=study.index,
             study_uid=study.study_uid,
             study_date=study.study_date.strftime("%Y%m%d"),
-            series_uid=str(first.SeriesInstanceUID),
-            series_number=int(first.SeriesNumber),
+            series_uid=series_uid,
+            series_number=series_number,
         )
-        sop_uids = [str(ds.SOPInstanceUID) for ds in datasets]
         counter = self.counters.get(site.code, 0)
-        self.counters[site.code] = counter + len(datasets)
+        self.counters[site.code] = counter + len(sop_uids)
         return [f"{site.code}/{name}" for name in series_files(site, key, sop_uids, counter)]
 
-    def _truth(self, study: Study, series_uid: str, kind: str, **kw: object) -> None:
+    def add_truth(self, study: Study, series_uid: str, kind: str, **kw: object) -> None:
         row = TruthRow(
             series_instance_uid=series_uid,
             study_instance_uid=study.study_uid,
@@ -140,7 +151,7 @@ class ArchiveWriter:
             blobs = [encode(ds, syntax) for ds in datasets]
         mtime = study_mtime(study.study_date)
         for name, blob in zip(names, blobs, strict=True):
-            self._write(name, blob, mtime)
+            self.write_file(name, blob, mtime)
         if syntax != "explicit":
             series = str(datasets[0].SeriesInstanceUID)
             self.trap_files.extend((n, f"{syntax}_lossless", None, series) for n in names)
@@ -154,7 +165,7 @@ class ArchiveWriter:
         else:
             self._other(study)
 
-    def _info(
+    def series_info(
         self, study: Study, name: str, number: int, desc: str, kernel: str, image_type: str
     ) -> SeriesInfo:
         leak = None
@@ -179,14 +190,15 @@ class ArchiveWriter:
         vendor = site.vendor
         top, bottom = scan_range(study.body)
         z = np.arange(top, bottom - 1e-6, -study.thickness)
-        pixel = study.fov / self.matrix
-        chest = make_chest(rng, study.body, Grid(z=z, matrix=self.matrix, pixel=pixel))
+        matrix = site.matrix(self.matrix)
+        pixel = study.fov / matrix
+        chest = make_chest(rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel))
         pattern = study.pattern or "negative"
         hu, labels, _ = add_pattern(rng, chest, pattern, study.severity, study.border)
         offset = -round(float(rng.uniform(40.0, 220.0)), 1)
         sn_loc, sn_thin, sn_thick, sn_dose = vendor.series_numbers
 
-        loc = self._info(
+        loc = self.series_info(
             study,
             "localizer",
             sn_loc,
@@ -196,13 +208,13 @@ class ArchiveWriter:
         )
         ds = localizer(study, site, loc, hu, uid(self.seed, "sop", loc.series_uid, 0), top + offset)
         names, _ = self._series(study, [ds])
-        self._truth(
+        self.add_truth(
             study, loc.series_uid, "localizer", quarantine="phi_present" if loc.leak else None
         )
         if loc.leak:
             self.trap_files.append((names[0], loc.leak, "phi_present", loc.series_uid))
 
-        thin = self._info(
+        thin = self.series_info(
             study,
             "thin",
             sn_thin,
@@ -254,7 +266,7 @@ class ArchiveWriter:
             all_labels[seg_keep],
         )
         names, blobs = self._series(study, written, names, syntax)
-        self._truth(study, thin.series_uid, "chest_ct")
+        self.add_truth(study, thin.series_uid, "chest_ct")
         if "duplicate_slice" in study.traps:
             self.trap_files.append((all_names[-1], "duplicate_slice", None, thin.series_uid))
         if "duplicate_site" in study.traps:
@@ -265,7 +277,7 @@ class ArchiveWriter:
         )
 
         if study.thick:
-            thick = self._info(
+            thick = self.series_info(
                 study,
                 "thick",
                 sn_thick,
@@ -279,18 +291,18 @@ class ArchiveWriter:
             ds_thick = ct_series(study, site, thick, vol, z_thick, pixel, THICK_MM, sops, offset)
             syntax = "jpegls" if "jpegls_lossless" in study.traps else "explicit"
             names, blobs = self._series(study, ds_thick, syntax=syntax)
-            self._truth(study, thick.series_uid, "chest_ct_soft")
+            self.add_truth(study, thick.series_uid, "chest_ct_soft")
             if "truncated" in study.traps:
-                self._truncate(study, names, blobs, thick.series_uid)
+                self.truncate(study, names, blobs, thick.series_uid)
 
-        dose = self._info(
+        dose = self.series_info(
             study, "dose", sn_dose, vendor.dose, "", "DERIVED\\SECONDARY\\SCREEN SAVE"
         )
-        ds = dose_report(study, site, dose, self.matrix, uid(self.seed, "sop", dose.series_uid, 0))
+        ds = dose_report(study, site, dose, matrix, uid(self.seed, "sop", dose.series_uid, 0))
         self._series(study, [ds])
-        self._truth(study, dose.series_uid, "dose_report")
+        self.add_truth(study, dose.series_uid, "dose_report")
 
-    def _truncate(self, study: Study, names: list[str], blobs: list[bytes], series: str) -> None:
+    def truncate(self, study: Study, names: list[str], blobs: list[bytes], series: str) -> None:
         """Cut one file inside its pixel data and another just before it."""
         mtime = study_mtime(study.study_date)
         inside, before = names[1], names[2]
@@ -311,24 +323,41 @@ class ArchiveWriter:
         self, study: Study, datasets: list[Dataset], blobs: list[bytes]
     ) -> None:
         """The same series sent by a second hospital: identical bytes, that site's layout."""
+        first = datasets[0]
+        self.copy_to_other_site(
+            study,
+            str(first.SeriesInstanceUID),
+            int(first.SeriesNumber),
+            [str(ds.SOPInstanceUID) for ds in datasets],
+            blobs,
+        )
+
+    def copy_to_other_site(
+        self,
+        study: Study,
+        series: str,
+        series_number: int,
+        sop_uids: list[str],
+        blobs: list[bytes],
+    ) -> None:
+        """Write ``blobs`` again under the next site, recorded as ``duplicate_site``."""
         codes = [s.code for s in SITES]
         other = SITE_BY_CODE[codes[(codes.index(study.site) + 1) % len(codes)]]
-        copies = self._names(other, study, datasets)
+        copies = self.names_for(other, study, series, series_number, sop_uids)
         mtime = study_mtime(study.study_date)
-        series = str(datasets[0].SeriesInstanceUID)
         for name, blob in zip(copies, blobs, strict=True):
-            self._write(name, blob, mtime)
+            self.write_file(name, blob, mtime)
             self.trap_files.append((name, "duplicate_site", None, series))
-        self._truth(study, series, "chest_ct", site=other.code, duplicate_of=series)
+        self.add_truth(study, series, "chest_ct", site=other.code, duplicate_of=series)
 
     def _other(self, study: Study) -> None:
         rng = np.random.default_rng(study.seed)
         site = SITE_BY_CODE[study.site]
         vendor = site.vendor
         kind = {"head": "head_ct", "abdomen": "abdomen_ct", "mr": "mr", "cr": "cr"}[study.kind]
-        matrix = max(32, self.matrix // 2)
+        matrix = max(32, site.matrix(self.matrix) // 2)
         if study.kind == "head":
-            info = self._info(
+            info = self.series_info(
                 study, kind, 2, "Head 5mm", vendor.soft_kernel, "ORIGINAL\\PRIMARY\\AXIAL"
             )
             pixel = study.fov / matrix
@@ -337,7 +366,7 @@ class ArchiveWriter:
             sops = [uid(self.seed, "sop", info.series_uid, i) for i in range(z.size)]
             datasets = ct_series(study, site, info, hu, z, pixel, 5.0, sops, 0.0)
         elif study.kind == "abdomen":
-            info = self._info(
+            info = self.series_info(
                 study, kind, 3, "Abdomen 5mm", vendor.soft_kernel, "ORIGINAL\\PRIMARY\\AXIAL"
             )
             pixel = study.fov / matrix
@@ -348,12 +377,12 @@ class ArchiveWriter:
             sops = [uid(self.seed, "sop", info.series_uid, i) for i in range(z.size)]
             datasets = ct_series(study, site, info, hu, z, pixel, 5.0, sops, -300.0)
         elif study.kind == "mr":
-            info = self._info(study, kind, 5, "T1 SE AX", "", "ORIGINAL\\PRIMARY\\M\\ND")
+            info = self.series_info(study, kind, 5, "T1 SE AX", "", "ORIGINAL\\PRIMARY\\M\\ND")
             image = extras.head_mr(rng, matrix, extras.MR_SLICES)
             sops = [uid(self.seed, "sop", info.series_uid, i) for i in range(extras.MR_SLICES)]
             datasets = mr_series(study, site, info, image, sops)
         else:
-            info = self._info(study, kind, 1, "Chest PA", "", "ORIGINAL\\PRIMARY")
+            info = self.series_info(study, kind, 1, "Chest PA", "", "ORIGINAL\\PRIMARY")
             top, bottom = scan_range(study.body)
             grid = Grid(z=np.arange(top, bottom, -6.0), matrix=48, pixel=400.0 / 48)
             image = extras.radiograph(make_chest(rng, study.body, grid), 2 * matrix)
@@ -361,7 +390,9 @@ class ArchiveWriter:
                 cr_image(study, site, info, image, uid(self.seed, "sop", info.series_uid, 0))
             ]
         names, _ = self._series(study, datasets)
-        self._truth(study, info.series_uid, kind, quarantine="phi_present" if info.leak else None)
+        self.add_truth(
+            study, info.series_uid, kind, quarantine="phi_present" if info.leak else None
+        )
         if info.leak:
             self.trap_files.extend((n, info.leak, "phi_present", info.series_uid) for n in names)
 
@@ -376,5 +407,5 @@ class ArchiveWriter:
             ("H05/00000000.tmp", b"", "zero_bytes"),
         ]
         for rel, data, trap in extra:
-            self._write(rel, data, fixed)
+            self.write_file(rel, data, fixed)
             self.trap_files.append((rel, f"non_dicom_{trap}", "not_dicom", None))

@@ -15,12 +15,10 @@ from pydicom.uid import generate_uid
 
 from ctcurate.params import SynthParams
 from ctcurate.synth.anatomy import Body, sample_body
-from ctcurate.synth.vendors import SITES
+from ctcurate.synth.vendors import SITE_BY_CODE, SITES
 
 FIRST_DATE = dt.date(2018, 1, 1)
 LAST_DATE = dt.date(2021, 12, 31)
-THIN_THICKNESS_MM = (1.25, 2.0, 2.5, 3.0)
-THIN_THICKNESS_P = (0.08, 0.27, 0.35, 0.3)
 THICK_MM = 5.0
 
 # (era, pneumonia, covid) case mix, cycled then shuffled so small archives get every kind.
@@ -105,6 +103,12 @@ def _era_range(era: str, pandemic_start: dt.date) -> tuple[dt.date, dt.date]:
     return FIRST_DATE, pandemic_start - dt.timedelta(days=1)
 
 
+def _thin_thickness(rng: np.random.Generator, site: str) -> float:
+    """A thin lung recon thickness from the site's protocol."""
+    spec = SITE_BY_CODE[site]
+    return float(spec.thin_mm[int(rng.choice(len(spec.thin_mm), p=spec.thin_p))])
+
+
 def plan_cohort(params: SynthParams, rng: np.random.Generator) -> list[Study]:
     """Plan every study of the archive, traps included, sorted by study index."""
     n = params.patients
@@ -137,7 +141,7 @@ def plan_cohort(params: SynthParams, rng: np.random.Generator) -> list[Study]:
                 covid=covid,
                 severity=round(severity, 3),
                 border=bool(pneumonia and severity > 0.45 and rng.random() < 0.5),
-                thickness=float(rng.choice(THIN_THICKNESS_MM, p=THIN_THICKNESS_P)),
+                thickness=_thin_thickness(rng, site_order[p]),
                 fov=float(np.clip(2.2 * body.half_width + rng.uniform(0, 40), 300, 400)),
                 thick=bool(p == 0 or rng.random() < 0.75),
                 seed=int(rng.integers(0, 2**31 - 1)),

@@ -100,8 +100,10 @@ def _base(study: Study, site: Site, series: SeriesInfo, sop_class: str, sop_uid:
     ds.StudyID = str(1000 + study.index)
     ds.SeriesNumber = series.number
     ds.FrameOfReferenceUID = series.frame_uid
-    block = ds.private_block(vendor.private_group, vendor.private_creator, create=True)
-    block.add_new(0x01, "LO", vendor.private_value)
+    for group, creator, elements in vendor.private:
+        block = ds.private_block(group, creator, create=True)
+        for offset, vr, value in elements:
+            block.add_new(offset, vr, value)
     return ds
 
 
