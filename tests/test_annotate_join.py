@@ -537,3 +537,40 @@ def test_cli_malformed_file_exits_non_zero_naming_file_and_line(
     assert exit_info.value.code == InputError.exit_code
     assert "pcr.csv:3: not UTF-8" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("era", "pcr", "pneumonia", "expected"),
+    [
+        ("pandemic", "positive", True, ("covid", None)),
+        ("pandemic", "positive", False, (None, "not_pneumonia")),
+        ("pandemic", "positive", None, (None, "pneumonia_unscored")),
+        ("pre_pandemic", "unlabeled", True, ("non_covid", None)),
+        ("pre_pandemic", "unlabeled", False, (None, "not_pneumonia")),
+        ("pandemic", "negative", True, (None, "pandemic_pcr_negative")),
+        (None, "positive", True, (None, "no_era")),
+    ],
+)
+def test_cohorts_need_pneumonia(
+    era: str | None, pcr: str, pneumonia: bool | None, expected: tuple[str | None, str | None]
+) -> None:
+    assert aj.cohort_of(era, pcr, pneumonia) == expected
+
+
+def test_read_selection_keeps_the_scorer_verdict(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "series_instance_uid": ["1.2"],
+            "site": ["H01"],
+            "study_instance_uid": ["9.1"],
+            "patient_id": ["P1"],
+            "study_date": pa.array([dt.date(2020, 1, 1)], pa.date32()),
+            "era": ["pandemic"],
+            "selected": [True],
+            "pneumonia": [True],
+        }
+    )
+    write_parquet(tmp_path / "s.parquet", table)
+    assert aj.read_selection(tmp_path / "s.parquet").column("pneumonia").to_pylist() == [True]
+    write_parquet(tmp_path / "r.parquet", table.drop_columns(["pneumonia"]))
+    assert "pneumonia" not in aj.read_selection(tmp_path / "r.parquet").column_names

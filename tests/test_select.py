@@ -339,7 +339,7 @@ def test_audit_against_truth() -> None:
 
 def write_index(folder: Path, rows: list[dict[str, Any]]) -> Path:
     write_parquet(folder / "series.parquet", series_table(rows))
-    write_parquet(folder / "instances.parquet", instances_table(rows))
+    write_parquet(folder / "instances" / "part-00000.parquet", instances_table(rows))
     return folder
 
 
@@ -382,7 +382,8 @@ def test_run_writes_selection_and_report_deterministically(tmp_path: Path) -> No
     assert sorted(digest(tmp_path / "a")) == ["report.json", "series.parquet"]
 
     table = read_parquet(tmp_path / "a" / "series.parquet")
-    assert table.schema.equals(select.OUTPUT_SCHEMA)
+    assert table.schema.equals(select.SCORED_SCHEMA)  # scorer columns null: no model
+    assert set(table.column("selector_version").to_pylist()) == {None}
     keys = list(
         zip(table["site"].to_pylist(), table["series_instance_uid"].to_pylist(), strict=True)
     )
@@ -410,8 +411,9 @@ def test_run_without_truth_has_no_audit(tmp_path: Path) -> None:
 
 def test_missing_index_file_fails_naming_it(tmp_path: Path) -> None:
     index = write_index(tmp_path / "index", demo_rows())
-    (index / "instances.parquet").unlink()
-    with pytest.raises(InputError, match=r"instances\.parquet: no such Parquet file"):
+    for shard in (index / "instances").iterdir():
+        shard.unlink()
+    with pytest.raises(InputError, match=r"instances: no Parquet shards"):
         select.run(index, RULES_DIR, tmp_path / "out", None, PARAMS)
     assert not (tmp_path / "out").exists()
 

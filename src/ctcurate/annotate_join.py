@@ -13,9 +13,12 @@ Rules (params section ``annotate_join``):
 * Consensus: the majority of the study's reader grades; a tie is broken by ``tie_break``
   (``most_typical``: lowest category among the tied, ``least_typical``: highest,
   ``unresolved``: no consensus). ``typical`` = 1 for consensus 1–2, 0 for 3–4.
-* Cohorts: pre-pandemic → ``non_covid``; pandemic era and PCR positive → ``covid``; every
-  other selected series gets an ``exclusion`` (``pandemic_pcr_negative``,
-  ``pandemic_pcr_unlabeled``, ``pandemic_pcr_conflict``, ``no_era``).
+* Cohorts: pre-pandemic pneumonia → ``non_covid``; pandemic era, PCR positive and
+  pneumonia → ``covid``. Pneumonia is the ``select`` scorer's verdict (column
+  ``pneumonia``); a selection without that column (rules only) is taken as pneumonia.
+  Every other selected series gets an ``exclusion`` (``not_pneumonia``,
+  ``pneumonia_unscored``, ``pandemic_pcr_negative``, ``pandemic_pcr_unlabeled``,
+  ``pandemic_pcr_conflict``, ``no_era``).
 * Grade rows are also rejected for an ``unknown_study`` (not in the selection table at all),
   ``unknown_reader`` (when ``readers`` lists the known readers) and ``repeat_read`` (the
   reader already graded the study on an earlier line, which is kept); rows of a study that
@@ -174,8 +177,18 @@ def typical_of(grade: int | None) -> int | None:
     return 1 if grade <= 2 else 0
 
 
-def cohort_of(era: str | None, pcr: str) -> tuple[str | None, str | None]:
-    """(cohort, exclusion) of a selected series from its era and PCR label."""
+def cohort_of(
+    era: str | None, pcr: str, pneumonia: bool | None = True
+) -> tuple[str | None, str | None]:
+    """(cohort, exclusion) of a selected series from its era, PCR label and pneumonia verdict.
+
+    ``pneumonia`` False → ``not_pneumonia``; None (selected but never scored) →
+    ``pneumonia_unscored``; both cohorts need pneumonia.
+    """
+    if pneumonia is None:
+        return None, "pneumonia_unscored"
+    if not pneumonia:
+        return None, "not_pneumonia"
     if era == "pre_pandemic":
         return "non_covid", None
     if era == "pandemic":
@@ -301,7 +314,7 @@ def join_annotations(
         counts = Counter(study_grades)
         if counts and sum(c == max(counts.values()) for c in counts.values()) > 1:
             ties += 1
-        cohort, exclusion = cohort_of(row["era"], link.label)
+        cohort, exclusion = cohort_of(row["era"], link.label, row.get("pneumonia", True))
         cases.append(
             {
                 "case_id": case_id(site, uid),
@@ -417,7 +430,8 @@ def read_selection(path: Path) -> pa.Table:
     if missing:
         msg = f"{path}: missing column(s) {', '.join(missing)}"
         raise InputError(msg)
-    table = table.select(SELECTED_COLUMNS)
+    columns = [*SELECTED_COLUMNS, "pneumonia"] if "pneumonia" in table.column_names else []
+    table = table.select(columns or SELECTED_COLUMNS)
     if table.num_rows == 0:
         msg = f"{path}: empty table"
         raise InputError(msg)

@@ -1,8 +1,15 @@
-"""select: the SQL rules over the index catalog and the era split.
+"""select: the SQL rules over the index catalog, the pneumonia scorer and the era split.
 
 Every indexed series gets a verdict: ``rule_reason`` (null when every rule passed, else the
 first failing rule's name), an ``era`` from its study date and, when selected, a cohort
 (``non_covid`` before ``pandemic_start``, ``covid_candidate`` from that day on).
+
+With a selector model (``select-train``) and the archive, the rule survivors' pixels are
+read on a local process pool and scored (:mod:`ctcurate.pneumonia`): each survivor gets
+``pneumonia_score``, the ``threshold`` and the ``selector_version`` (the model file's
+sha256) and ``pneumonia`` (score ≥ threshold); ``selected`` = rules passed and
+``pneumonia``. A survivor whose pixels cannot be used gets ``score_error`` and is not
+selected. Without a model the selection is the rules' (the scorer columns stay null).
 
 The rules live in ``stages/select/*.sql``; the contract of a rule file is written at the top
 of ``stages/select/rules.sql``. The files run in an in-memory DuckDB with the views
@@ -12,6 +19,8 @@ earlier file passed).
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -19,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctcurate.errors import AccountingError, InputError
-from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.atomic import atomic_dir, write_bytes, write_json
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import SelectParams
+from ctcurate.pneumonia import ScoreResult, ScoreTask, read_model, score_all
 
 log = get_logger("select")
 
@@ -63,6 +74,26 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("selected", pa.bool_(), nullable=False),
         pa.field("cohort", pa.string()),
     ]
+)
+#: The scorer's columns, appended to :data:`OUTPUT_SCHEMA` by :func:`apply_scores`.
+SCORE_FIELDS = (
+    pa.field("pneumonia_score", pa.float64()),
+    pa.field("threshold", pa.float64()),
+    pa.field("selector_version", pa.string()),
+    pa.field("pneumonia", pa.bool_()),
+    pa.field("score_error", pa.string()),
+)
+SCORED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *SCORE_FIELDS])
+AUDIT_SAMPLE_COLUMNS = (
+    "decision",
+    "site",
+    "series_instance_uid",
+    "study_instance_uid",
+    "study_date",
+    "era",
+    "pneumonia_score",
+    "threshold",
+    "selector_version",
 )
 
 _PARAM_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -148,12 +179,14 @@ def open_catalog(series_path: Path, instances_path: Path) -> duckdb.DuckDBPyConn
     Raises :class:`InputError` naming the file when one is missing, unreadable or empty,
     or when ``series`` lacks a key column or repeats a (site, series uid).
     """
-    for path in (series_path, instances_path):
-        if not Path(path).is_file():
-            msg = f"{path}: no such Parquet file"
+    sources = {series_path: [Path(series_path)]}  # instances: a folder of Parquet shards
+    sources[instances_path] = sorted(Path(instances_path).glob("part-*.parquet"))
+    for path, files in sources.items():
+        if not files or not all(f.is_file() for f in files):
+            msg = f"{path}: no such Parquet file" if files else f"{path}: no Parquet shards"
             raise InputError(msg)
         try:
-            n_rows = pq.ParquetFile(path).metadata.num_rows
+            n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         except (pa.ArrowInvalid, OSError) as exc:
             msg = f"{path}: not a readable Parquet file ({exc.__class__.__name__})"
             raise InputError(msg) from exc
@@ -163,7 +196,8 @@ def open_catalog(series_path: Path, instances_path: Path) -> duckdb.DuckDBPyConn
     con = duckdb.connect(":memory:")
     con.execute(f"CREATE VIEW series AS SELECT * FROM read_parquet({_sql_literal(series_path)})")
     con.execute(
-        f"CREATE VIEW instances AS SELECT * FROM read_parquet({_sql_literal(instances_path)})"
+        "CREATE VIEW instances AS SELECT * FROM "
+        f"read_parquet({_sql_literal(Path(instances_path) / 'part-*.parquet')})"
     )
     _check_series(con, str(series_path))
     return con
@@ -301,6 +335,109 @@ def _ratio(num: int, den: int) -> float | None:
     return round(num / den, _DIGITS) if den else None
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), _DIGITS)
+
+
+def apply_scores(
+    selection: pa.Table,
+    results: Sequence[ScoreResult],
+    scores: Mapping[tuple[str, str], float],
+    threshold: float | None,
+    version: str | None,
+) -> pa.Table:
+    """The selection with the scorer's columns (:data:`SCORED_SCHEMA`).
+
+    ``results`` are the rule survivors' feature results, ``scores`` their pneumonia
+    probabilities by (site, series uid). A survivor is selected when its score is at
+    least ``threshold``; one with an error is not selected. With ``version`` None (no
+    model) the scorer columns are null and the rules alone select.
+    """
+    by_key = {(r.site, r.series_instance_uid): r for r in results}
+    rows = selection.to_pylist()
+    for row in rows:
+        key = (str(row["site"]), str(row["series_instance_uid"]))
+        row.update(
+            pneumonia_score=None,
+            threshold=None,
+            selector_version=None,
+            pneumonia=None,
+            score_error=None,
+        )
+        if version is None or not row["selected"]:
+            continue
+        result = by_key.get(key)
+        row["threshold"], row["selector_version"] = threshold, version
+        if result is None or result.features is None:
+            row["score_error"] = result.error if result is not None else "not_scored"
+            row["selected"], row["cohort"] = False, None
+            continue
+        score = float(scores[key])
+        row["pneumonia_score"] = round(score, _DIGITS)
+        row["pneumonia"] = threshold is not None and score >= threshold
+        if not row["pneumonia"]:
+            row["selected"], row["cohort"] = False, None
+    return pa.Table.from_pylist(rows, schema=SCORED_SCHEMA)
+
+
+def audit_sample(selection: pa.Table, k: int, rng: np.random.Generator) -> bytes:
+    """CSV of K selected and K scorer-rejected series drawn with ``rng``, for human review.
+
+    Draws from the rows sorted by (site, series uid); fewer when fewer exist. Rows are
+    written sorted by (decision, site, series uid).
+    """
+    rows = sorted(
+        selection.to_pylist(), key=lambda r: (str(r["site"]), str(r["series_instance_uid"]))
+    )
+    groups = {
+        "selected": [r for r in rows if r["selected"]],
+        "rejected": [r for r in rows if not r["selected"] and r["pneumonia_score"] is not None],
+    }
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(AUDIT_SAMPLE_COLUMNS)
+    for decision in sorted(groups):
+        group = groups[decision]
+        picks = sorted(int(i) for i in rng.permutation(len(group))[: min(k, len(group))])
+        for i in picks:
+            r = group[i]
+            writer.writerow(
+                [
+                    decision,
+                    r["site"],
+                    r["series_instance_uid"],
+                    r["study_instance_uid"],
+                    r["study_date"].isoformat() if r["study_date"] is not None else "",
+                    r["era"] or "",
+                    "" if r["pneumonia_score"] is None else f"{r['pneumonia_score']:.6f}",
+                    "" if r["threshold"] is None else f"{r['threshold']:g}",
+                    r["selector_version"] or "",
+                ]
+            )
+    return out.getvalue().encode()
+
+
+def lung_mask_audit(results: Sequence[ScoreResult]) -> dict[str, Any]:
+    """Mean Dice (and kept consolidation) of both lung masks on the audited series."""
+    audited = sorted(
+        (r for r in results if r.dice_robust is not None and r.dice_threshold is not None),
+        key=lambda r: (r.site, r.series_instance_uid),
+    )
+
+    def mean(values: list[float | None]) -> float | None:
+        kept = [v for v in values if v is not None]
+        return _rounded(float(np.mean(kept))) if kept else None
+
+    return {
+        "series": len(audited),
+        "dice_threshold": mean([r.dice_threshold for r in audited]),
+        "dice_robust": mean([r.dice_robust for r in audited]),
+        "consolidation_kept_threshold": mean([r.consolidation_kept_threshold for r in audited]),
+        "consolidation_kept_robust": mean([r.consolidation_kept_robust for r in audited]),
+        "robust_better": sum((r.dice_robust or 0.0) > (r.dice_threshold or 0.0) for r in audited),
+    }
+
+
 def audit_against_truth(selection: pa.Table, truth: pa.Table) -> dict[str, Any]:
     """Precision / recall of ``selection`` against the synthetic ``truth``.
 
@@ -377,10 +514,31 @@ def summarize(selection: pa.Table, truth: pa.Table | None = None) -> dict[str, A
     cohorts = Counter(c for c in selection.column("cohort").to_pylist() if c is not None)
     eras = Counter(e for e in selection.column("era").to_pylist() if e is not None)
     n_selected = sum(bool(s) for s in selection.column("selected").to_pylist())
+    scorer: dict[str, Any] | None = None
+    scorer_rejected = 0
+    if "selector_version" in selection.column_names:
+        scored = [
+            r
+            for r in selection.to_pylist()
+            if r["rule_reason"] is None and r["selector_version"] is not None
+        ]
+        if scored:
+            errors = Counter(str(r["score_error"]) for r in scored if r["score_error"])
+            not_pneumonia = sum(r["pneumonia"] is False for r in scored)
+            scorer_rejected = not_pneumonia + sum(errors.values())
+            scorer = {
+                "selector_version": scored[0]["selector_version"],
+                "threshold": scored[0]["threshold"],
+                "rule_survivors": len(scored),
+                "pneumonia": sum(r["pneumonia"] is True for r in scored),
+                "not_pneumonia": not_pneumonia,
+                "errors": dict(sorted(errors.items())),
+            }
     report: dict[str, Any] = {
         "series_seen": selection.num_rows,
         "series_selected": n_selected,
-        "series_rejected": sum(reasons.values()),
+        "series_rejected": sum(reasons.values()) + scorer_rejected,
+        "scorer": scorer,
         "rule_rejections": dict(sorted(reasons.items())),
         "cohorts": {c: cohorts.get(c, 0) for c in sorted(COHORT_OF_ERA.values())},
         "eras": {e: eras.get(e, 0) for e in sorted(COHORT_OF_ERA)},
@@ -390,29 +548,117 @@ def summarize(selection: pa.Table, truth: pa.Table | None = None) -> dict[str, A
     return report
 
 
+def _score_survivors(
+    selection: pa.Table,
+    index_dir: Path,
+    archive: Path,
+    seg_dir: Path | None,
+    workers: int,
+) -> list[ScoreResult]:
+    """Features of every rule survivor (pixels read from ``archive``, paths from the index)."""
+    from ctcurate.select_train import series_paths
+
+    if not archive.is_dir():
+        msg = f"{archive}: archive folder not found"
+        raise InputError(msg)
+    paths = series_paths(index_dir / "instances")
+    tasks = []
+    for row in selection.to_pylist():
+        if not row["selected"]:
+            continue
+        key = (str(row["site"]), str(row["series_instance_uid"]))
+        seg = seg_dir / f"{key[1]}.dcm" if seg_dir is not None else None
+        tasks.append(
+            ScoreTask(
+                key[0],
+                key[1],
+                tuple(str(archive / p) for p in paths.get(key, [])),
+                str(seg) if seg is not None and seg.is_file() else None,
+            )
+        )
+    log.info("scoring %d rule survivors on %d worker(s)", len(tasks), workers)
+    return score_all(tasks, workers)
+
+
 def run(
-    index_dir: Path, rules_dir: Path, out: Path, truth: Path | None, params: SelectParams
+    index_dir: Path,
+    rules_dir: Path,
+    out: Path,
+    truth: Path | None,
+    params: SelectParams,
+    archive: Path | None = None,
+    model: Path | None = None,
+    seg_dir: Path | None = None,
 ) -> None:
     """Select series from ``index_dir`` with the rules in ``rules_dir`` into ``out``.
 
-    Writes ``out/series.parquet`` and ``out/report.json`` atomically (the whole folder).
+    With ``model`` (from ``select-train``) and ``archive``, the rule survivors are scored
+    for pneumonia; ``seg_dir`` (DICOM SEGs named ``<series uid>.dcm``) adds the lung-mask
+    Dice audit. Writes ``out/series.parquet``, ``out/report.json`` and, when scored,
+    ``out/audit_sample.csv`` atomically (the whole folder).
     """
     index_dir = Path(index_dir)
     rules = read_rules(rules_dir)
+    if (model is None) != (archive is None):
+        msg = "select: --model and --archive go together"
+        raise InputError(msg)
+    selector = None
+    if model is not None:
+        try:
+            selector = read_model(Path(model))
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
     truth_table = (
         read_parquet(Path(truth), columns=list(TRUTH_COLUMNS)) if truth is not None else None
     )
-    con = open_catalog(index_dir / "series.parquet", index_dir / "instances.parquet")
+    con = open_catalog(index_dir / "series.parquet", index_dir / "instances")
     try:
         selection = apply_rules(con, rules, params)
     finally:
         con.close()
+    results: list[ScoreResult] = []
+    if selector is not None and archive is not None:
+        selector_model, version = selector
+        results = _score_survivors(
+            selection, index_dir, Path(archive), Path(seg_dir) if seg_dir else None, params.workers
+        )
+        measured = [r for r in results if r.features is not None]
+        probs = (
+            selector_model.predict_proba(np.asarray([r.features for r in measured]))
+            if measured
+            else np.zeros(0)
+        )
+        scores = {
+            (r.site, r.series_instance_uid): float(p) for r, p in zip(measured, probs, strict=True)
+        }
+        selection = apply_scores(selection, results, scores, selector_model.threshold, version)
+    else:
+        selection = apply_scores(selection, [], {}, None, None)
     report = summarize(selection, truth_table)
+    if selector is not None:
+        report["lung_mask"] = lung_mask_audit(results)
     if report["series_seen"] != report["series_selected"] + report["series_rejected"]:
         msg = f"{index_dir}: series seen != selected + rejected"
         raise AccountingError(msg)
     for reason, count in report["rule_rejections"].items():
         log.info("rule %s: %d series rejected", reason, count)
+    if report["scorer"] is not None:
+        sc = report["scorer"]
+        log.info(
+            "scorer %s: %d survivors, %d pneumonia, %d not, %d errors",
+            sc["selector_version"],
+            sc["rule_survivors"],
+            sc["pneumonia"],
+            sc["not_pneumonia"],
+            sum(sc["errors"].values()),
+        )
+        lm = report["lung_mask"]
+        log.info(
+            "lung mask Dice on %d consolidated series: threshold %s, robust %s",
+            lm["series"],
+            lm["dice_threshold"],
+            lm["dice_robust"],
+        )
     log.info(
         "%d series seen, %d selected (%s)",
         report["series_seen"],
@@ -429,3 +675,8 @@ def run(
     with atomic_dir(Path(out)) as tmp:
         write_parquet(tmp / "series.parquet", selection)
         write_json(tmp / "report.json", report)
+        if selector is not None:
+            sample = audit_sample(
+                selection, params.audit_sample_k, np.random.default_rng(params.audit_seed)
+            )
+            write_bytes(tmp / "audit_sample.csv", sample)

@@ -1,0 +1,537 @@
+"""The pneumonia scorer of ``select``: opacity features of a CT series and a logistic model.
+
+Pure core (arrays in, numbers out) plus :func:`score_series`, the per-series task a worker
+process runs: read the instances, build the HU volume, measure the features and, when a
+DICOM SEG of the series is given, the Dice of both lung masks against its lung.
+
+Volume: slices ordered along the plane normal (:func:`ctcurate.volume.sort_slices`), axes
+turned to (z feet → head, y anterior → posterior, x) so that "lower zone" and
+"posterior" mean what they say whatever the series' orientation.
+
+Features (:data:`FEATURES`, all dimensionless), measured inside the consolidation-robust
+lung mask (:func:`ctcurate.lungmask.lung_masks`) on an in-plane 3×3 median of the HU:
+
+* ``ggo_fraction`` / ``consolidation_fraction``: lung voxels at ground-glass
+  (``GGO_HU_MIN``..``CONSOLIDATION_HU_MIN``) / consolidation (≥ ``CONSOLIDATION_HU_MIN``)
+  density after an in-plane opening (disk radius 2 px) that removes vessels;
+* ``blob_fraction``: lung voxels ≥ ``GGO_HU_MIN`` that survive a 3D opening with a ball of
+  ``BLOB_RADIUS_MM`` (compact lesions, not vessels);
+* ``border_fill_fraction``: share of the robust mask the threshold mask lost (dense
+  opacity at the lung border);
+* ``posterior_basal_symmetry``: aerated lower-posterior lung, smaller side / larger side
+  (lobar consolidation and effusions take the dependent lung of one side);
+* ``small_opacity_density`` / ``nodule_density``: isolated small dense components (all /
+  compact ones) per 10⁴ lung voxels (nodules);
+* ``bilateral_share``, ``peripheral_share``, ``lower_zone_share``: of the opacity voxels,
+  the share in the less affected lung ×2, within ``PERIPHERAL_MM`` of the lung surface,
+  and in the lower half of the lung's height (0 without opacity).
+
+Model: L2-regularised logistic regression on standardised features fitted by Newton's
+method (no randomness: the same audit list gives the same model bytes). It is kept here
+rather than shared with the typicality classifier of ``train`` so that ``select`` depends
+neither on torch nor on the training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from ctcurate.lungmask import dice, lung_masks
+
+#: Names of the features, in the order of :func:`opacity_features`.
+FEATURES: tuple[str, ...] = (
+    "ggo_fraction",
+    "consolidation_fraction",
+    "blob_fraction",
+    "border_fill_fraction",
+    "posterior_basal_symmetry",
+    "small_opacity_density",
+    "nodule_density",
+    "bilateral_share",
+    "peripheral_share",
+    "lower_zone_share",
+)
+#: Ground-glass density starts here (HU); consolidation at CONSOLIDATION_HU_MIN.
+GGO_HU_MIN = -750.0
+CONSOLIDATION_HU_MIN = -250.0
+#: Small-opacity components are voxels at or above this density (HU) inside the lung.
+NODULE_HU_MIN = -600.0
+#: Radius (mm) of the ball a compact lesion must hold (vessels are thinner).
+BLOB_RADIUS_MM = 7.0
+#: Small components: 2..SMALL_MAX_VOXELS voxels; compact ones fit in NODULE_MAX_MM.
+SMALL_MAX_VOXELS = 60
+NODULE_MAX_MM = 14.0
+#: Opacity within this distance (mm) of the lung surface is peripheral.
+PERIPHERAL_MM = 15.0
+#: Every model file says this.
+MODEL_KIND = "pneumonia_logistic_regression"
+
+FloatArray = npt.NDArray[np.float64]
+
+
+# --------------------------------------------------------------------------- volume
+
+
+@dataclass(frozen=True)
+class SeriesVolume:
+    """One series as a HU volume (z feet → head, y anterior → posterior, x)."""
+
+    hu: npt.NDArray[np.float32]
+    spacing_mm: tuple[float, float, float]  # (z, y, x)
+    sop_instance_uids: tuple[str, ...]  # per z index
+    transposed: bool
+    flip_z: bool
+    flip_y: bool
+
+    def orient(self, slices: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Apply this volume's axis changes to per-instance slices given in sorted order."""
+        out = np.asarray(slices)
+        if self.transposed:
+            out = out.transpose(0, 2, 1)
+        if self.flip_z:
+            out = out[::-1]
+        if self.flip_y:
+            out = out[:, ::-1]
+        return np.ascontiguousarray(out)
+
+
+def series_volume(datasets: Sequence[Any]) -> tuple[SeriesVolume, list[int]]:
+    """HU volume of a CT series (pydicom datasets with pixels, any order).
+
+    Returns the volume and the instance indices in slice order (before any z flip).
+    Raises :class:`ctcurate.volume.ExcludedSeries` for unusable geometry or pixels and
+    ``ValueError`` for fewer than 3 instances or mismatched slices.
+    """
+    from ctcurate.volume import sort_slices
+
+    if len(datasets) < 3:
+        msg = f"{len(datasets)} instances: too few for a volume"
+        raise ValueError(msg)
+    order, along, normal = sort_slices(datasets)
+    first = datasets[order[0]]
+    iop = [float(v) for v in first.ImageOrientationPatient]
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    transposed = abs(row[1]) > abs(row[0])  # image rows run along x
+    y_dir = row if transposed else col
+    slices = []
+    for i in order:
+        ds = datasets[i]
+        pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slices.append(pixels * np.float32(slope) + np.float32(intercept))
+    if len({s.shape for s in slices}) != 1 or slices[0].ndim != 2:
+        msg = "slices differ in shape"
+        raise ValueError(msg)
+    steps = np.diff(along)
+    dz = float(np.median(steps)) if len(steps) else 1.0
+    spacing = [float(v) for v in first.PixelSpacing]
+    dy, dx = (spacing[1], spacing[0]) if transposed else (spacing[0], spacing[1])
+    volume = SeriesVolume(
+        hu=np.zeros((0, 0, 0), np.float32),
+        spacing_mm=(abs(dz) or 1.0, dy, dx),
+        sop_instance_uids=(),
+        transposed=bool(transposed),
+        flip_z=bool(normal[2] < 0),
+        flip_y=bool(y_dir[1] < 0),
+    )
+    uids = [str(datasets[i].get("SOPInstanceUID", "")) for i in order]
+    if volume.flip_z:
+        uids = uids[::-1]
+    hu = volume.orient(np.stack(slices)).astype(np.float32, copy=False)
+    return (
+        SeriesVolume(
+            hu=hu,
+            spacing_mm=volume.spacing_mm,
+            sop_instance_uids=tuple(uids),
+            transposed=volume.transposed,
+            flip_z=volume.flip_z,
+            flip_y=volume.flip_y,
+        ),
+        order,
+    )
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _ball(radius_mm: float, spacing_mm: tuple[float, float, float]) -> npt.NDArray[np.bool_]:
+    rz, ry, rx = (max(int(radius_mm / s), 0) for s in spacing_mm)
+    ry, rx = max(ry, 1), max(rx, 1)
+    z, y, x = np.mgrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
+    dz, dy, dx = spacing_mm
+    return np.asarray(((z * dz) ** 2 + (y * dy) ** 2 + (x * dx) ** 2) <= radius_mm**2 + 1e-6)
+
+
+_DISK = np.zeros((1, 5, 5), dtype=bool)
+_DISK[0] = np.add.outer(np.arange(-2, 3) ** 2, np.arange(-2, 3) ** 2) <= 4
+
+
+def _share(part: int, whole: int) -> float:
+    return float(part) / float(whole) if whole else 0.0
+
+
+def opacity_features(
+    hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: tuple[float, float, float],
+    threshold_mask: npt.NDArray[np.bool_],
+    lung: npt.NDArray[np.bool_],
+) -> FloatArray:
+    """The :data:`FEATURES` of one volume (z feet → head, y anterior → posterior, x).
+
+    ``threshold_mask`` and ``lung`` are the plain and the robust lung masks of ``hu``.
+    An empty lung gives all zeros.
+    """
+    img = np.asarray(hu, dtype=np.float32)
+    lung = np.asarray(lung, dtype=bool)
+    thr = np.asarray(threshold_mask, dtype=bool)
+    n = int(lung.sum())
+    if n == 0:
+        return np.zeros(len(FEATURES), dtype=np.float64)
+    smooth = ndimage.median_filter(img, size=(1, 3, 3))
+    dense = lung & (smooth >= GGO_HU_MIN)
+    opacity = ndimage.binary_opening(dense, structure=_DISK)
+    consolidation = opacity & (smooth >= CONSOLIDATION_HU_MIN)
+    ggo = opacity & ~consolidation
+    blob = ndimage.binary_opening(dense, structure=_ball(BLOB_RADIUS_MM, spacing_mm))
+
+    cols = np.arange(img.shape[2])
+    in_lung_cols = lung.any(axis=(0, 1))
+    midline = float(cols[in_lung_cols].mean()) if in_lung_cols.any() else img.shape[2] / 2.0
+    left, right = cols < midline, cols >= midline
+
+    # aerated lower-posterior lung per side
+    z_has = np.flatnonzero(thr.any(axis=(1, 2)))
+    if len(z_has):
+        z_mid = int((z_has[0] + z_has[-1]) // 2)
+        y_mid = int(np.argwhere(thr)[:, 1].mean())
+        region = thr.copy()
+        region[z_mid + 1 :] = False
+        region[:, :y_mid] = False
+        a, b = int(region[:, :, left].sum()), int(region[:, :, right].sum())
+        symmetry = _share(min(a, b), max(a, b))
+    else:
+        symmetry = 0.0
+
+    # isolated small dense components well inside the lung
+    inner = ndimage.binary_erosion(lung, iterations=2)
+    labels, n_comp = ndimage.label(inner & (smooth >= NODULE_HU_MIN))
+    small = nodules = 0
+    if n_comp:
+        sizes = np.bincount(labels.ravel())[1:]
+        for i, box in enumerate(ndimage.find_objects(labels)):
+            if box is None or not 2 <= sizes[i] <= SMALL_MAX_VOXELS:
+                continue
+            small += 1
+            extent = [(sl.stop - sl.start) * s for sl, s in zip(box, spacing_mm, strict=True)]
+            if max(extent) <= NODULE_MAX_MM:
+                nodules += 1
+
+    n_opacity = int(opacity.sum())
+    if n_opacity:
+        a, b = int(opacity[:, :, left].sum()), int(opacity[:, :, right].sum())
+        bilateral = 2.0 * _share(min(a, b), n_opacity)
+        depth = ndimage.distance_transform_edt(lung, sampling=spacing_mm)
+        peripheral = _share(int((opacity & (depth <= PERIPHERAL_MM)).sum()), n_opacity)
+        z_lung = np.flatnonzero(lung.any(axis=(1, 2)))
+        z_half = (z_lung[0] + z_lung[-1]) / 2.0
+        lower = _share(int(opacity[: int(np.floor(z_half)) + 1].sum()), n_opacity)
+    else:
+        bilateral = peripheral = lower = 0.0
+
+    per_10k = n / 1e4
+    values = (
+        _share(int(ggo.sum()), n),
+        _share(int(consolidation.sum()), n),
+        _share(int(blob.sum()), n),
+        _share(int((lung & ~thr).sum()), n),
+        symmetry,
+        small / per_10k,
+        nodules / per_10k,
+        bilateral,
+        peripheral,
+        lower,
+    )
+    return np.asarray(values, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class SelectorModel:
+    """p(pneumonia) = σ(w·(x − mean)/scale + b); selected when p ≥ ``threshold``."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    l2: float
+    threshold: float
+    n_fit: int
+    n_positive: int
+
+    def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
+        """Pneumonia probability for rows of ``x`` (features in :attr:`features` order)."""
+        arr = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        if arr.shape[1] != len(self.features):
+            msg = f"expected {len(self.features)} features, got {arr.shape[1]}"
+            raise ValueError(msg)
+        z = (arr - np.asarray(self.mean)) / np.asarray(self.scale)
+        logit = np.clip(z @ np.asarray(self.weights) + self.bias, -500.0, 500.0)
+        proba: FloatArray = 1.0 / (1.0 + np.exp(-logit))
+        return proba
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (the model file)."""
+        return {
+            "kind": MODEL_KIND,
+            "features": list(self.features),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "weights": list(self.weights),
+            "bias": self.bias,
+            "l2": self.l2,
+            "threshold": self.threshold,
+            "n_fit": self.n_fit,
+            "n_positive": self.n_positive,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SelectorModel:
+        """Inverse of :meth:`to_json`; ``ValueError`` naming what is wrong."""
+        if data.get("kind") != MODEL_KIND:
+            msg = f"not a pneumonia selector model (kind is not {MODEL_KIND!r})"
+            raise ValueError(msg)
+        try:
+            model = cls(
+                features=tuple(str(f) for f in data["features"]),
+                mean=tuple(float(v) for v in data["mean"]),
+                scale=tuple(float(v) for v in data["scale"]),
+                weights=tuple(float(v) for v in data["weights"]),
+                bias=float(data["bias"]),
+                l2=float(data["l2"]),
+                threshold=float(data["threshold"]),
+                n_fit=int(data["n_fit"]),
+                n_positive=int(data["n_positive"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            msg = f"not a pneumonia selector model: bad or missing {exc}"
+            raise ValueError(msg) from exc
+        if model.features != FEATURES:
+            msg = "selector model features differ from this version's features"
+            raise ValueError(msg)
+        if not len(model.mean) == len(model.scale) == len(model.weights) == len(FEATURES):
+            msg = "not a pneumonia selector model: feature vectors of different lengths"
+            raise ValueError(msg)
+        return model
+
+
+def fit_selector(
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    l2: float,
+    threshold: float,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> SelectorModel:
+    """Fit the L2-regularised logistic regression by Newton's method (deterministic).
+
+    Features are standardised with the fit set's mean and standard deviation (a constant
+    feature keeps scale 1); the penalty ``l2/2·|w|²`` spares the bias. With one class only
+    the model is the smoothed prior: zero weights and bias ``log((n1 + 1) / (n0 + 1))``.
+    """
+    ya = np.asarray(y, dtype=np.float64).ravel()
+    xa = np.asarray(x, dtype=np.float64).reshape(len(ya), len(FEATURES))
+    if not np.isin(ya, (0.0, 1.0)).all():
+        msg = "fit_selector: labels must be 0 or 1"
+        raise ValueError(msg)
+    if not np.isfinite(xa).all():
+        msg = "fit_selector: features must be finite"
+        raise ValueError(msg)
+    n, d = xa.shape
+    n1 = int(ya.sum())
+    mean = xa.mean(axis=0) if n else np.zeros(d)
+    std = xa.std(axis=0) if n else np.ones(d)
+    scale = np.where(std > 1e-12, std, 1.0)
+    w = np.zeros(d + 1)  # last entry: bias
+    if 0 < n1 < n:
+        z = np.hstack([(xa - mean) / scale, np.ones((n, 1))])
+        penalty = np.full(d + 1, l2)
+        penalty[-1] = 0.0
+        for _ in range(max_iter):
+            p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -500.0, 500.0)))
+            grad = z.T @ (p - ya) + penalty * w
+            hess = (z * (p * (1.0 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(d + 1)
+            step = np.linalg.solve(hess, grad)
+            w = w - step
+            if float(np.abs(step).max()) < tol:
+                break
+    else:
+        w[-1] = float(np.log((n1 + 1.0) / (n - n1 + 1.0)))
+    return SelectorModel(
+        features=FEATURES,
+        mean=tuple(float(v) for v in mean),
+        scale=tuple(float(v) for v in scale),
+        weights=tuple(float(v) for v in w[:-1]),
+        bias=float(w[-1]),
+        l2=float(l2),
+        threshold=float(threshold),
+        n_fit=n,
+        n_positive=n1,
+    )
+
+
+def model_bytes(model: SelectorModel) -> bytes:
+    """The model file's bytes: canonical JSON (sorted keys, 2-space indent, newline)."""
+    return (json.dumps(model.to_json(), sort_keys=True, indent=2) + "\n").encode()
+
+
+def model_version(data: bytes) -> str:
+    """A model's version: ``sha256:`` + the first 16 hex digits of its file's sha256."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_model(path: Path) -> tuple[SelectorModel, str]:
+    """(model, version) of a model file; ``ValueError`` naming the file when unusable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        msg = f"{path}: model file unreadable ({exc.__class__.__name__})"
+        raise ValueError(msg) from exc
+    try:
+        model = SelectorModel.from_json(json.loads(data))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        msg = f"{path}: not a JSON model file"
+        raise ValueError(msg) from exc
+    except ValueError as exc:
+        msg = f"{path}: {exc}"
+        raise ValueError(msg) from exc
+    return model, model_version(data)
+
+
+# --------------------------------------------------------------------------- worker task
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """What a worker needs to score one series (picklable)."""
+
+    site: str
+    series_instance_uid: str
+    paths: tuple[str, ...]  # absolute instance paths
+    seg_path: str | None  # the series' DICOM SEG, for the lung-mask audit
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Features of one series, or the reason there are none; lung-mask Dice when audited."""
+
+    site: str
+    series_instance_uid: str
+    features: tuple[float, ...] | None
+    error: str | None
+    dice_threshold: float | None = None
+    dice_robust: float | None = None
+    consolidation_kept_threshold: float | None = None
+    consolidation_kept_robust: float | None = None
+
+
+def _mask_audit(
+    seg_path: str, volume: SeriesVolume, thr: npt.NDArray[np.bool_], robust: npt.NDArray[np.bool_]
+) -> dict[str, float | None]:
+    """Dice of both masks against the SEG lung (labels > 0), on consolidated series only."""
+    from ctcurate.errors import InputError
+    from ctcurate.io.seg import read_seg_labels
+
+    try:
+        labels = read_seg_labels(Path(seg_path), list(volume.sop_instance_uids))
+    except InputError:
+        return {}
+    if labels.shape != volume.hu.shape:
+        labels = labels.transpose(0, 2, 1) if volume.transposed else labels
+        if labels.shape != volume.hu.shape:
+            return {}
+    if volume.flip_y:
+        labels = labels[:, ::-1]
+    consolidated = labels == 3
+    if not consolidated.any():
+        return {}
+    truth = labels > 0
+    return {
+        "dice_threshold": dice(thr, truth),
+        "dice_robust": dice(robust, truth),
+        "consolidation_kept_threshold": float(thr[consolidated].mean()),
+        "consolidation_kept_robust": float(robust[consolidated].mean()),
+    }
+
+
+def score_series(task: ScoreTask) -> ScoreResult:
+    """Read one series and measure its features (runs in a worker process).
+
+    Never raises for a bad series: the result's ``error`` names the reason
+    (``unreadable``, ``pixel_data``, ``geometry``, ``no_lung``).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from ctcurate.volume import ExcludedSeries
+
+    def failed(reason: str) -> ScoreResult:
+        return ScoreResult(task.site, task.series_instance_uid, None, reason)
+
+    try:
+        datasets = [pydicom.dcmread(p) for p in task.paths]
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
+        return failed("unreadable")
+    try:
+        volume, _ = series_volume(datasets)
+    except ExcludedSeries as exc:
+        return failed("pixel_data" if exc.reason == "pixel_data" else "geometry")
+    except (
+        AttributeError,
+        KeyError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        NotImplementedError,
+    ):
+        return failed("pixel_data")
+    thr, robust = lung_masks(volume.hu)
+    if not robust.any():
+        return failed("no_lung")
+    features = opacity_features(volume.hu, volume.spacing_mm, thr, robust)
+    audit = _mask_audit(task.seg_path, volume, thr, robust) if task.seg_path else {}
+    return ScoreResult(
+        task.site,
+        task.series_instance_uid,
+        tuple(float(v) for v in features),
+        None,
+        dice_threshold=audit.get("dice_threshold"),
+        dice_robust=audit.get("dice_robust"),
+        consolidation_kept_threshold=audit.get("consolidation_kept_threshold"),
+        consolidation_kept_robust=audit.get("consolidation_kept_robust"),
+    )
+
+
+def score_all(tasks: Sequence[ScoreTask], workers: int) -> list[ScoreResult]:
+    """:func:`score_series` over ``tasks`` on a local process pool, results in task order.
+
+    ``workers == 1`` runs in this process.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers <= 1 or len(tasks) <= 1:
+        return [score_series(t) for t in tasks]
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        return list(pool.map(score_series, tasks, chunksize=1))

@@ -1,0 +1,284 @@
+"""The pneumonia scorer: lung masks, opacity features, the selector model, series volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from ctcurate.lungmask import _hull_2d, dice, lung_masks, threshold_lung_mask
+from ctcurate.pneumonia import (
+    FEATURES,
+    ScoreTask,
+    SelectorModel,
+    fit_selector,
+    model_bytes,
+    model_version,
+    opacity_features,
+    read_model,
+    score_series,
+    series_volume,
+)
+
+SPACING = (4.0, 4.0, 4.0)
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def chest(
+    nz: int = 8, n: int = 40, ggo: list[tuple[int, int, int]] | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """A tiny chest (z, y, x): body at 40 HU, two lungs at -850 HU; optional GGO balls
+    (z, y, x centres, radius 3 px) at -600 HU. Returns (hu, true lung)."""
+    z, y, x = np.mgrid[0:nz, 0:n, 0:n].astype(np.float64)
+    c = (n - 1) / 2.0
+    body = ((y - c) / (0.42 * n)) ** 2 + ((x - c) / (0.46 * n)) ** 2 <= 1.0
+    lung = np.zeros(body.shape, dtype=bool)
+    for side in (-1, 1):
+        cx = c + side * 0.2 * n
+        lung |= ((y - c) / (0.3 * n)) ** 2 + ((x - cx) / (0.13 * n)) ** 2 <= 1.0
+    hu = np.full(body.shape, -1000.0, dtype=np.float32)
+    hu[body] = 40.0
+    hu[lung] = -850.0
+    for kz, ky, kx in ggo or []:
+        ball = ((z - kz) ** 2 + (y - ky) ** 2 + (x - kx) ** 2 <= 9.0) & lung
+        hu[ball] = -600.0
+    return hu, lung
+
+
+def consolidate_border(
+    hu: npt.NDArray[np.float32], lung: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float32]:
+    """Dense consolidation (30 HU) in the lateral, posterior corner of the right lung."""
+    out = hu.copy()
+    n = hu.shape[1]
+    region = np.zeros(lung.shape, dtype=bool)
+    region[:, int(0.55 * n) : int(0.75 * n), : int(0.34 * n)] = True
+    out[region & lung] = 30.0
+    return out
+
+
+# --- lung masks ----------------------------------------------------------------------------
+
+
+def test_hull_of_a_triangle_is_filled_and_convex() -> None:
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[2, 5] = mask[9, 1] = mask[9, 10] = True
+    hull = _hull_2d(mask)
+    assert hull[mask].all()
+    assert hull[6, 5]
+    assert hull[9, 5]
+    assert not hull[2, 1]
+    assert not hull[3, 9]
+    for row in hull:  # one span per row: convex
+        cols = np.flatnonzero(row)
+        if len(cols):
+            assert cols[-1] - cols[0] + 1 == len(cols)
+
+
+def test_threshold_mask_finds_both_lungs_on_a_clean_chest() -> None:
+    hu, lung = chest()
+    mask = threshold_lung_mask(hu)
+    score = dice(mask, lung)
+    assert score is not None
+    assert score > 0.99
+
+
+def test_robust_mask_keeps_border_consolidation_the_threshold_loses() -> None:
+    hu, lung = chest()
+    sick = consolidate_border(hu, lung)
+    consolidated = lung & (sick > 0)
+    assert consolidated.sum() > 50
+    thr, robust = lung_masks(sick)
+    assert thr[consolidated].mean() < 0.05  # a plain threshold drops it
+    assert robust[consolidated].mean() > 0.6
+    d_thr, d_rob = dice(thr, lung), dice(robust, lung)
+    assert d_thr is not None
+    assert d_rob is not None
+    assert d_rob > d_thr + 0.02
+    # the body wall and the space between the lungs stay out
+    assert not robust[:, :, :2].any()
+    n = hu.shape[2]
+    assert not robust[:, :, n // 2 - 1 : n // 2 + 1].any()
+
+
+def test_masks_reject_a_non_volume() -> None:
+    with pytest.raises(ValueError, match=r"expected a \(z, y, x\) volume"):
+        threshold_lung_mask(np.zeros((4, 4), dtype=np.float32))
+
+
+def test_dice_edge_cases() -> None:
+    empty = np.zeros((2, 2, 2), dtype=bool)
+    assert dice(empty, empty) is None
+    full = ~empty
+    assert dice(full, full) == 1.0
+    with pytest.raises(ValueError, match="mask shapes differ"):
+        dice(empty, np.zeros((2, 2), dtype=bool))
+
+
+# --- features ------------------------------------------------------------------------------
+
+
+def features_of(hu: npt.NDArray[np.float32]) -> dict[str, float]:
+    thr, robust = lung_masks(hu)
+    return dict(zip(FEATURES, opacity_features(hu, SPACING, thr, robust), strict=True))
+
+
+def test_features_of_a_clear_chest_show_no_opacity() -> None:
+    hu, _ = chest()
+    f = features_of(hu)
+    assert f["ggo_fraction"] == 0.0
+    assert f["consolidation_fraction"] == 0.0
+    assert f["bilateral_share"] == 0.0
+    assert f["posterior_basal_symmetry"] > 0.9  # both dependent lungs aerated
+
+
+def test_ggo_in_both_lower_lungs_is_bilateral_and_lower_zone() -> None:
+    n = 40
+    hu, _ = chest(ggo=[(1, 20, 9), (1, 20, 30)])
+    f = features_of(hu)
+    assert f["ggo_fraction"] > 0.02
+    assert f["consolidation_fraction"] == 0.0
+    assert f["bilateral_share"] > 0.8
+    assert f["lower_zone_share"] == 1.0
+    one, _ = chest(ggo=[(6, 20, 9)], n=n)
+    g = features_of(one)
+    assert g["bilateral_share"] == 0.0  # one lung only
+    assert g["lower_zone_share"] == 0.0  # upper slices
+
+
+def test_border_consolidation_shows_in_the_features() -> None:
+    hu, lung = chest()
+    f = features_of(consolidate_border(hu, lung))
+    assert f["border_fill_fraction"] > 0.03
+    assert f["consolidation_fraction"] > 0.03
+    assert f["peripheral_share"] > 0.5  # against the chest wall
+
+
+def test_an_empty_lung_gives_zero_features() -> None:
+    hu = np.full((4, 8, 8), 40.0, dtype=np.float32)
+    none = np.zeros(hu.shape, dtype=bool)
+    assert not opacity_features(hu, SPACING, none, none).any()
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+def toy_data() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, len(FEATURES)))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    return x, y
+
+
+def test_fit_is_deterministic_and_versioned_by_its_bytes() -> None:
+    x, y = toy_data()
+    a = model_bytes(fit_selector(x, y, l2=0.1, threshold=0.5))
+    b = model_bytes(fit_selector(x.copy(), y.copy(), l2=0.1, threshold=0.5))
+    assert a == b
+    assert model_version(a) == model_version(b)
+    c = model_bytes(fit_selector(x, y, l2=1.0, threshold=0.5))
+    assert model_version(c) != model_version(a)
+    model = fit_selector(x, y, l2=0.1, threshold=0.5)
+    accuracy = float(((model.predict_proba(x) >= 0.5) == (y == 1)).mean())
+    assert accuracy > 0.9
+
+
+def test_one_class_gives_the_prior() -> None:
+    x, _ = toy_data()
+    model = fit_selector(x[:5], np.ones(5, dtype=np.int64), l2=0.1, threshold=0.5)
+    assert not any(model.weights)
+    assert model.bias == pytest.approx(np.log(6.0))
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        fit_selector(x[:2], np.array([0, 2]), l2=0.1, threshold=0.5)
+
+
+def test_model_file_round_trip_and_errors(tmp_path: Path) -> None:
+    x, y = toy_data()
+    model = fit_selector(x, y, l2=0.1, threshold=0.4)
+    path = tmp_path / "selector.json"
+    path.write_bytes(model_bytes(model))
+    back, version = read_model(path)
+    assert back == model
+    assert version == model_version(path.read_bytes())
+    with pytest.raises(ValueError, match="expected 10 features"):
+        model.predict_proba(np.zeros((1, 3)))
+    bad = model.to_json() | {"kind": "other"}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"selector\.json: not a pneumonia selector model"):
+        read_model(path)
+    path.write_text(json.dumps(model.to_json() | {"features": ["a"]}))
+    with pytest.raises(ValueError, match="features differ"):
+        read_model(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not a JSON model file"):
+        read_model(path)
+    with pytest.raises(ValueError, match="model file unreadable"):
+        read_model(tmp_path / "missing.json")
+    assert isinstance(SelectorModel.from_json(model.to_json()), SelectorModel)
+
+
+# --- series volume and the worker task -----------------------------------------------------
+
+
+def ct_slices(hu: npt.NDArray[np.float32], series_uid: str, z_step: float = 4.0) -> list[Dataset]:
+    """One CT Image Storage dataset per slice of ``hu`` (z ascending = head-wards)."""
+    out = []
+    for k in range(hu.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CT_IMAGE
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CT_IMAGE
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = "CT"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, k * z_step]
+        ds.PixelSpacing = [4.0, 4.0]
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 1
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = (np.rint(hu[k]) + 1024).astype(np.int16).tobytes()
+        out.append(ds)
+    return out
+
+
+def test_series_volume_orders_slices_whatever_the_input_order() -> None:
+    hu, _ = chest(nz=6, n=24)
+    hu[2] += 5.0  # tell the slices apart
+    slices = ct_slices(hu, "1.2.3")
+    volume, _ = series_volume(slices[::-1])
+    np.testing.assert_array_equal(volume.hu, hu)
+    assert volume.sop_instance_uids == tuple(str(s.SOPInstanceUID) for s in slices)
+    assert volume.spacing_mm == (4.0, 4.0, 4.0)
+    with pytest.raises(ValueError, match="too few for a volume"):
+        series_volume(slices[:2])
+
+
+def test_score_series_reads_files_and_reports_errors(tmp_path: Path) -> None:
+    hu, _ = chest(nz=6, n=32, ggo=[(2, 16, 8)])
+    paths = []
+    for i, ds in enumerate(ct_slices(hu, "1.2.3")):
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(str(path))
+    result = score_series(ScoreTask("H01", "1.2.3", tuple(paths), None))
+    assert result.error is None
+    assert result.features is not None
+    assert dict(zip(FEATURES, result.features, strict=True))["ggo_fraction"] > 0.0
+    (tmp_path / "junk.dcm").write_text("not dicom")
+    broken = score_series(ScoreTask("H01", "1.2.3", (str(tmp_path / "junk.dcm"),), None))
+    assert broken.features is None
+    assert broken.error == "unreadable"
+    assert pydicom.dcmread(paths[0]).Modality == "CT"
