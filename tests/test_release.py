@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from test_pack import make_ct
 
 import ctcurate.release
 from ctcurate import pack
-from ctcurate.errors import InputError, VerifyError
+from ctcurate.errors import InputError, LockedError, VerifyError
 from ctcurate.io.seg import write_seg
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import PackParams
@@ -164,7 +166,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
         )
     _write_cases(root / "cases.parquet", sorted(cases, key=lambda c: str(c["case_id"])))
     write_parquet(
-        root / "index" / "instances.parquet",
+        root / "index" / "instances" / "part-00000.parquet",
         pa.Table.from_pylist(sorted(instances, key=lambda r: str(r["path"]))),
     )
     return Inputs(root, root / "cases.parquet", root / "index", archive, annotations)
@@ -263,7 +265,8 @@ def test_pack_is_byte_reproducible_across_processes_and_row_order(
         " params=PackParams.model_validate_json(sys.argv[6]))"
     )
     args = [shuffled, inputs.index_dir, inputs.archive, inputs.annotations, out]
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    # Another hash seed, and Blosc on one thread (the parent uses its default, all cores).
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "BLOSC_NTHREADS": "1"}
     subprocess.run(
         [sys.executable, "-c", code, *map(str, args), PARAMS.model_dump_json()],
         check=True,
@@ -346,6 +349,20 @@ def test_open_yields_documented_samples_through_a_dataloader(release: Path) -> N
     train.close()
 
 
+def test_open_samples_carry_the_stored_case_attributes(release: Path) -> None:
+    import h5py
+
+    data = ctcurate.release.open(release)
+    for i, case in enumerate(data.cases):
+        sample = data[i]
+        with h5py.File(release / "shards" / case["shard"], "r") as h5:
+            image, label, meta = ctcurate.release.read_case(h5, case["case_id"])
+        assert sample["meta"] == {k: "null" if v is None else v for k, v in meta.items()}
+        assert np.array_equal(sample["image"][0].numpy(), image.astype(np.float32))
+        assert np.array_equal(sample["label"][0].numpy(), label.astype(np.int64))
+    data.close()
+
+
 def test_cli_verify(release: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -370,8 +387,9 @@ def test_cli_verify(release: Path, tmp_path: Path) -> None:
     assert "shard-00000.h5: sha256 does not match" in lines[0]
 
 
-def _kill_mid_pack(inputs: Inputs, out: Path, marker: Path) -> None:
-    """Start pack in a child that stalls after writing its first shard; kill -9 it there."""
+@contextlib.contextmanager
+def _stalled_pack(inputs: Inputs, out: Path, marker: Path) -> Iterator[None]:
+    """Start pack in a child that stalls after writing its first shard; kill -9 it on exit."""
     code = (
         "import sys, time; from pathlib import Path; from ctcurate import pack;"
         "from ctcurate.params import PackParams;"
@@ -390,17 +408,22 @@ def _kill_mid_pack(inputs: Inputs, out: Path, marker: Path) -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args), PARAMS.model_dump_json(), str(marker)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
-            assert child.poll() is None, "pack exited before the kill point"
+            if child.poll() is not None:
+                pytest.fail(f"pack exited before the kill point:\n{child.communicate()[1]}")
             assert time.monotonic() < deadline, "pack never reached the kill point"
             time.sleep(0.05)
+        yield
         os.kill(child.pid, signal.SIGKILL)
     finally:
-        child.wait(timeout=30)
+        if child.poll() is None:
+            child.kill()
+        child.communicate(timeout=30)
 
 
 def test_kill_9_mid_pack_leaves_the_previous_release(
@@ -409,15 +432,56 @@ def test_kill_9_mid_pack_leaves_the_previous_release(
     out = tmp_path / "release"
     shutil.copytree(release, out)
     before = _hashes(out)
-    _kill_mid_pack(inputs, out, tmp_path / "marker")
+    with _stalled_pack(inputs, out, tmp_path / "marker"):
+        pass
     assert _hashes(out) == before
     ctcurate.release.verify(out)
 
 
 def test_kill_9_mid_first_pack_leaves_no_release(inputs: Inputs, tmp_path: Path) -> None:
     out = tmp_path / "release"
-    _kill_mid_pack(inputs, out, tmp_path / "marker")
+    with _stalled_pack(inputs, out, tmp_path / "marker"):
+        pass
     assert not out.exists()
+
+
+def test_a_second_build_of_one_release_fails_fast(
+    inputs: Inputs, release: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "release"
+    shutil.copytree(release, out)
+    before = _hashes(out)
+    lock = ctcurate.release.lock_path(out)
+    assert lock == tmp_path / ".release.lock"  # beside the DVC out, not inside it
+    with _stalled_pack(inputs, out, tmp_path / "marker"):
+        pid = int(lock.read_text())
+        started = time.monotonic()
+        with pytest.raises(
+            LockedError,
+            match=rf"release: another build is writing this release \(pid {pid} holds the lock",
+        ):
+            _pack(inputs, out)
+        assert time.monotonic() - started < 5  # fails fast, does not wait
+    assert _hashes(out) == before
+    # The killed holder left its lock file behind; the kernel released the lock itself.
+    assert lock.exists()
+    _pack(inputs, out)
+    assert not lock.exists()
+    assert _hashes(out) == _hashes(release)
+
+
+def test_build_lock_is_exclusive_and_removed_after_use(tmp_path: Path) -> None:
+    out = tmp_path / "data" / "release"
+    with ctcurate.release.build_lock(out) as lock:
+        assert lock.read_text().strip() == str(os.getpid())
+        with (
+            pytest.raises(LockedError, match=r"data/release: another build is writing"),
+            ctcurate.release.build_lock(out),
+        ):
+            pass
+    assert not lock.exists()
+    with ctcurate.release.build_lock(out):
+        pass
 
 
 def test_nothing_packable_fails_naming_the_cases_file(inputs: Inputs, tmp_path: Path) -> None:

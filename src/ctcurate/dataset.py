@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctcurate.errors import InputError
-from ctcurate.release import SHARD_DIR, read_case, read_manifest
+from ctcurate.release import MANIFEST_ONLY, SHARD_DIR, read_arrays, read_manifest
 
 
 class ReleaseDataset(Dataset[dict[str, Any]]):
@@ -56,7 +56,10 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
-        image, label, meta = read_case(self._shard(str(case["shard"])), str(case["case_id"]))
+        image, label = read_arrays(self._shard(str(case["shard"])), str(case["case_id"]))
+        # The manifest entry holds the same attributes as the HDF5 group (both are written
+        # from one mapping and covered by the case hash); reading them there is faster.
+        meta = {k: v for k, v in case.items() if k not in MANIFEST_ONLY}
         typical = meta.get("typical")
         sample: dict[str, Any] = {
             "image": torch.from_numpy(image.astype(np.float32)[None]),

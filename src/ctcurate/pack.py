@@ -33,6 +33,7 @@ import numpy.typing as npt
 from ctcurate import __version__
 from ctcurate.errors import AccountingError, InputError
 from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
 from ctcurate.log import get_logger, progress
 from ctcurate.params import PackParams
@@ -41,6 +42,7 @@ from ctcurate.release import (
     SHARD_DIR,
     CaseRecord,
     MetaValue,
+    build_lock,
     build_manifest,
     write_shard,
 )
@@ -229,7 +231,7 @@ def _read_cases(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_instances(path: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    rows: list[dict[str, Any]] = read_parquet(path, columns=INSTANCE_COLUMNS).to_pylist()
+    rows: list[dict[str, Any]] = read_shards(path, columns=INSTANCE_COLUMNS).to_pylist()
     by_series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in sorted(rows, key=lambda r: str(r["path"])):
         by_series.setdefault((str(row["site"]), str(row["series_instance_uid"])), []).append(row)
@@ -350,7 +352,8 @@ def run(
 
     Writes ``out/shards/shard-*.h5``, ``out/manifest.json``, ``out/report.json``,
     ``out/card.md`` and ``out/card/montage.png``; the folder is published atomically (a
-    crash leaves the previous release or none).
+    crash leaves the previous release or none). A lock file beside ``out`` keeps a second
+    build of the same folder from running at the same time: it fails fast instead.
 
     Raises
     ------
@@ -358,11 +361,25 @@ def run(
         When a table is missing or malformed, or no case could be packed.
     AccountingError
         When seen cases do not balance packed + excluded.
+    LockedError
+        When another build of ``out`` is running (see :func:`ctcurate.release.build_lock`).
     """
+    with build_lock(Path(out)):
+        _build(cases, index_dir, archive, annotations_dir, out, params)
+
+
+def _build(
+    cases: Path,
+    index_dir: Path,
+    archive: Path,
+    annotations_dir: Path,
+    out: Path,
+    params: PackParams,
+) -> None:
     from ctcurate import card
 
     case_rows = _read_cases(Path(cases))
-    instances = _read_instances(Path(index_dir) / "instances.parquet")
+    instances = _read_instances(Path(index_dir) / "instances")
     seg_dir = Path(annotations_dir) / SEG_DIR
     with atomic_dir(Path(out)) as release:
         # Volumes wait in a scratch folder inside the unpublished release until splits
