@@ -14,9 +14,10 @@ import torch
 
 import ctcurate.release
 from ctcurate import train
+from ctcurate.augment import RandLesionCropd, patch_start, train_transform
 from ctcurate.errors import InputError, ParamsError
 from ctcurate.io.atomic import write_json
-from ctcurate.nets import FEATURES, fit_logistic, typicality_features
+from ctcurate.nets import FEATURES, balanced_weights, fit_logistic, typicality_features
 from ctcurate.params import TrainParams
 from ctcurate.release import CaseRecord, build_manifest, write_shard
 
@@ -144,9 +145,10 @@ def test_overfits_two_cases(tmp_path: Path) -> None:
     root = make_release(tmp_path / "rel", n_cases=2, splits=("train",))
     params = tiny_params(epochs=30, batch_size=2, channels=(8, 16), lr=0.02)
     train.seed_everything(params.seed, params.threads, torch.device("cpu"))
-    data = ctcurate.release.open(root, split="train", transform=train._tensors)
-    _, history = train.train_segmenter(data, None, params, (16, 16, 16), torch.device("cpu"))
-    losses = [h.train_loss for h in history]
+    augment = train_transform(None, 0.0, flip=False, seed=0)
+    data = ctcurate.release.open(root, split="train", transform=augment)
+    trained = train.train_segmenter(data, None, params, (16, 16, 16), torch.device("cpu"))
+    losses = [h.train_loss for h in trained.history]
     assert len(losses) == 30
     assert losses[-1] < 0.5 * losses[0], losses
     assert min(losses[-5:]) < min(losses[:5])
@@ -155,7 +157,12 @@ def test_overfits_two_cases(tmp_path: Path) -> None:
 def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     out, live = tmp_path / "models", tmp_path / "live"
     train.run(release, out, live, tiny_params())
-    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "model.json", "seg.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classifier.json",
+        "model.json",
+        "seg.pt",
+        "seg_last.pt",
+    ]
     card = json.loads((out / "model.json").read_text())
     assert card["input"]["hu_window"] == [-1024.0, 600.0]
     assert card["input"]["shape"] == [16, 16, 16]
@@ -163,9 +170,11 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert card["release_id"] == json.loads((release / "manifest.json").read_text())["release_id"]
     assert card["n_train"] == 4
     assert card["n_val"] == 2
+    assert card["training_patch"] == [16, 16, 16]  # train.patch clipped to the volume
+    assert card["checkpoint"]["epoch"] in (1, 2)
     clf = json.loads((out / "classifier.json").read_text())
     assert clf["features"] == list(FEATURES)
-    assert clf["n_fit"] == 4
+    assert clf["n_fit"] == 6  # train + val cases with a known label
     metrics = json.loads((live / "metrics.json").read_text())
     assert metrics["step"] == 1
     assert {"train", "val"} <= set(metrics)
@@ -173,7 +182,7 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert not (live / "dvc.yaml").exists()
     net, classifier, loaded = train.load_models(out)
     assert loaded == card
-    assert classifier.n_fit == 4
+    assert classifier.n_fit == 6
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
@@ -265,3 +274,122 @@ def test_fit_logistic() -> None:
         fit_logistic(x, np.array([0, 1, 2, 0, 1, 0]), features=("f",))
     with pytest.raises(ValueError, match=r"expected 1 features"):
         model.predict_proba(np.zeros((1, 2)))
+
+
+def test_best_checkpoint_is_kept(release: Path, tmp_path: Path) -> None:
+    params = tiny_params(epochs=4, lr=0.05, lr_schedule="constant", val_every=1)
+    train.seed_everything(params.seed, params.threads, torch.device("cpu"))
+    data = ctcurate.release.open(
+        release, split="train", transform=train_transform(None, 0, True, 0)
+    )
+    val = ctcurate.release.open(release, split="val")
+    run = train.train_segmenter(data, val, params, (16, 16, 16), torch.device("cpu"))
+    scores = [train.checkpoint_score(h.val_lung_dice, h.val_lesion_dice) for h in run.history]
+    assert all(s is not None for s in scores)
+    best = max(range(4), key=lambda i: (scores[i], -i))  # earliest of the highest
+    assert run.best_epoch == best + 1
+    last = train.state_dict_bytes(run.net)
+    net = run.best_net()
+    assert train.validate(net, val, (16, 16, 16), torch.device("cpu"), False) == (
+        run.history[best].val_lung_dice,
+        run.history[best].val_lesion_dice,
+    )
+    assert (train.state_dict_bytes(net) == last) == (run.best_epoch == 4)
+
+
+def test_cosine_schedule_and_val_every(release: Path) -> None:
+    params = tiny_params(epochs=4, val_every=3, lr=0.01)
+    train.seed_everything(params.seed, params.threads, torch.device("cpu"))
+    data = ctcurate.release.open(
+        release, split="train", transform=train_transform(None, 0, True, 0)
+    )
+    val = ctcurate.release.open(release, split="val")
+    run = train.train_segmenter(data, val, params, (16, 16, 16), torch.device("cpu"))
+    lrs = [h.lr for h in run.history]
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] == pytest.approx(0.01 * (1 + np.cos(np.pi * 3 / 4)) / 2)
+    validated = [h.epoch for h in run.history if h.val_lung_dice is not None]
+    assert validated == [3, 4]  # every 3rd epoch and the last
+    assert run.best_epoch in validated
+
+
+@pytest.mark.parametrize("loss", ["dice_ce", "dice_focal"])
+def test_losses_fall_with_class_weights(loss: str, tmp_path: Path) -> None:
+    root = make_release(tmp_path / "rel", n_cases=2, splits=("train",))
+    params = tiny_params(
+        epochs=12,
+        channels=(8, 16),
+        lr=0.02,
+        lr_schedule="constant",
+        loss=loss,
+        class_weights=(1, 1, 3, 3),
+    )
+    train.seed_everything(params.seed, params.threads, torch.device("cpu"))
+    data = ctcurate.release.open(root, split="train", transform=train_transform(None, 0, False, 0))
+    run = train.train_segmenter(data, None, params, (16, 16, 16), torch.device("cpu"))
+    losses = [h.train_loss for h in run.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert run.best_epoch == 12  # without val: the last epoch
+
+
+def test_patch_crops_are_seeded_and_lesion_centred() -> None:
+    rng = np.random.default_rng(0)
+    image, label = make_case(rng, (16, 24, 24), "typical")
+    sample = {
+        "image": torch.from_numpy(image.astype(np.float32)[None]),
+        "label": torch.from_numpy(label.astype(np.int64)[None]),
+    }
+
+    def crops(seed: int, fraction: float) -> list[dict[str, Any]]:
+        t = train_transform((8, 8, 8), fraction, flip=True, seed=seed)
+        return [t(dict(sample)) for _ in range(6)]
+
+    a, b, c = crops(0, 1.0), crops(0, 1.0), crops(1, 1.0)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["image"], y["image"])
+        assert torch.equal(x["label"], y["label"])
+    assert any(not torch.equal(x["image"], y["image"]) for x, y in zip(a, c, strict=True))
+    for crop in a:
+        assert set(crop) == {"image", "label"}
+        assert type(crop["image"]) is torch.Tensor  # plain tensors, no MONAI meta
+        assert crop["image"].shape == crop["label"].shape == (1, 8, 8, 8)
+        assert bool((crop["label"] >= 2).any())  # centred on a lesion voxel
+    negative = make_case(rng, (16, 24, 24), "negative")[1]
+    crop = train_transform((8, 8, 8), 1.0, flip=False, seed=0)(
+        {"image": torch.zeros(1, 16, 24, 24), "label": torch.from_numpy(negative[None])}
+    )
+    assert crop["label"].shape == (1, 8, 8, 8)  # no lesion: a uniform random patch
+
+
+def test_patch_start_and_training_patch(tmp_path: Path) -> None:
+    assert patch_start((16, 24, 24), (8, 8, 8), (0, 23, 12)) == (0, 16, 8)
+    with pytest.raises(ValueError, match=r"patch \[8, 8, 32\] is larger than the volume"):
+        patch_start((16, 24, 24), (8, 8, 32), (0, 0, 0))
+    with pytest.raises(ValueError, match=r"lesion_fraction must be within 0\.\.1"):
+        RandLesionCropd(("image",), (8, 8, 8), 1.5)
+    params = tiny_params(channels=(4, 8, 16), patch=(12, 64, 64))
+    assert train.training_patch(params, (16, 16, 16), 4, tmp_path) == (12, 16, 16)
+    with pytest.raises(ParamsError, match=r"training patch \[10, 16, 16\].*multiple of 4"):
+        train.training_patch(tiny_params(patch=(10, 16, 16)), (16, 16, 16), 4, tmp_path)
+
+
+def test_weighted_and_balanced_logistic() -> None:
+    x = np.array([[0.0], [1.0], [2.0], [3.0], [1.8], [1.6], [0.5]])  # not separable
+    y = np.array([0, 0, 1, 1, 0, 1, 0])
+    w = np.array([1.0, 2.0, 1.0, 1.0, 1.0, 2.0, 1.0])
+    weighted = fit_logistic(x, y, features=("f",), l2=0.0, sample_weight=w)
+    # a weight of 2 is the same as the row twice (mean and scale aside: use l2 = 0 and
+    # compare decisions, which standardisation does not change)
+    dup = fit_logistic(np.vstack([x, x[[1, 5]]]), np.concatenate([y, y[[1, 5]]]), ("f",), 0.0)
+    grid = np.linspace(-1, 4, 11)[:, None]
+    assert np.allclose(weighted.predict_proba(grid), dup.predict_proba(grid), atol=1e-8)
+    bw = balanced_weights(y)
+    assert bw.tolist() == pytest.approx([7 / 8, 7 / 8, 7 / 6, 7 / 6, 7 / 8, 7 / 6, 7 / 8])
+    assert float(bw[y == 1].sum()) == pytest.approx(float(bw[y == 0].sum()))
+    assert balanced_weights(np.array([1, 1])).tolist() == [1.0, 1.0]
+    balanced = fit_logistic(x, y, features=("f",), l2=0.1, sample_weight=bw)
+    plain = fit_logistic(x, y, features=("f",), l2=0.1)
+    assert balanced.bias > plain.bias  # the minority (typical) class gains weight
+    with pytest.raises(ValueError, match=r"sample_weight must be 7 positive finite values"):
+        fit_logistic(x, y, features=("f",), sample_weight=np.zeros(7))

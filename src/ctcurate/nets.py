@@ -234,19 +234,34 @@ class LogisticModel:
         return model
 
 
+def balanced_weights(y: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Sample weights giving each class present half the total weight (``n / (2 n_c)``).
+
+    With one class only every weight is 1.
+    """
+    ya = np.asarray(y, dtype=np.int64)
+    n = ya.size
+    n1 = int((ya == 1).sum())
+    if n1 in (0, n):
+        return np.ones(n, dtype=np.float64)
+    return np.where(ya == 1, n / (2.0 * n1), n / (2.0 * (n - n1)))
+
+
 def fit_logistic(
     x: npt.NDArray[np.float64],
     y: npt.NDArray[np.int64],
     features: Sequence[str] = FEATURES,
     l2: float = 1.0,
+    sample_weight: npt.NDArray[np.float64] | None = None,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> LogisticModel:
     """Fit an L2-regularised logistic regression by Newton's method (deterministic).
 
     Features are standardised with the fit set's mean and standard deviation (a constant
-    feature keeps scale 1); the penalty ``l2/2·|w|²`` spares the bias. Without both classes
-    the model is the smoothed prior: zero weights and bias ``log((n1 + 1) / (n0 + 1))``.
+    feature keeps scale 1); the penalty ``l2/2·|w|²`` spares the bias; ``sample_weight``
+    (e.g. :func:`balanced_weights`) weighs each case's log-loss. Without both classes the
+    model is the smoothed prior: zero weights and bias ``log((n1 + 1) / (n0 + 1))``.
     """
     xa = np.asarray(x, dtype=np.float64).reshape(len(y), len(features))
     ya = np.asarray(y, dtype=np.float64)
@@ -254,6 +269,10 @@ def fit_logistic(
         msg = "fit_logistic: labels must be 0 or 1"
         raise ValueError(msg)
     n, d = xa.shape
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sw.shape != (n,) or not (np.isfinite(sw).all() and (sw > 0).all()):
+        msg = f"fit_logistic: sample_weight must be {n} positive finite values"
+        raise ValueError(msg)
     n1 = int(ya.sum())
     mean = xa.mean(axis=0) if n else np.zeros(d)
     std = xa.std(axis=0) if n else np.ones(d)
@@ -265,8 +284,9 @@ def fit_logistic(
         penalty[-1] = 0.0
         for _ in range(max_iter):
             p = 1.0 / (1.0 + np.exp(-(z @ w)))
-            grad = z.T @ (p - ya) + penalty * w
-            hess = (z * (p * (1.0 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(d + 1)
+            grad = z.T @ (sw * (p - ya)) + penalty * w
+            curv = sw * p * (1.0 - p)
+            hess = (z * curv[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(d + 1)
             step = np.linalg.solve(hess, grad)
             w = w - step
             if float(np.abs(step).max()) < tol:
