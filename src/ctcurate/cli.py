@@ -84,6 +84,15 @@ def synth(
         int | None, typer.Option(help="Number of patients (overrides params).", min=1)
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (overrides params).", min=0)] = None,
+    header_heavy: Annotated[
+        int | None,
+        typer.Option(
+            "--header-heavy",
+            help="Instead: write at least N small instances (tiny images, full headers) "
+            "for index benchmarks; uses the seed only.",
+            min=1,
+        ),
+    ] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Generate the built-in synthetic multi-hospital CT archive."""
@@ -93,6 +102,9 @@ def synth(
     overrides = {k: v for k, v in {"patients": patients, "seed": seed}.items() if v is not None}
     if overrides:
         section = SynthParams.model_validate(section.model_dump() | overrides)
+    if header_heavy is not None:
+        stage.write_header_heavy(out=out, n_instances=header_heavy, seed=section.seed)
+        return
     stage.run(out=out, params=section)
 
 
@@ -182,9 +194,27 @@ def select_(
             dir_okay=False,
         ),
     ] = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive", help="Archive root (pixels of the rule survivors).", file_okay=False
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Pneumonia selector from `select-train`.", dir_okay=False),
+    ] = None,
+    seg: Annotated[
+        Path | None,
+        typer.Option(
+            "--seg",
+            help="Folder of DICOM SEGs (<series uid>.dcm) for the lung-mask Dice audit.",
+            file_okay=False,
+        ),
+    ] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Apply the selection rules and the era split to the indexed series."""
+    """Apply the selection rules, the pneumonia scorer and the era split to the series."""
     from ctcurate import select as stage
 
     stage.run(
@@ -192,6 +222,56 @@ def select_(
         rules_dir=rules,
         out=out,
         truth=truth,
+        params=_section_or_default(params, "select", SelectParams),
+        archive=archive,
+        model=model,
+        seg_dir=seg,
+    )
+
+
+@app.command("select-audit-list")
+def select_audit_list(
+    truth: Annotated[
+        Path, typer.Option("--truth", help="Synthetic ground truth (demo).", dir_okay=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Audit list CSV to write.", dir_okay=False)],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Draw the demo's pneumonia audit list from the synthetic ground truth."""
+    from ctcurate import select_train as stage
+
+    stage.run_audit_list(
+        truth=truth, out=out, params=_section_or_default(params, "select", SelectParams)
+    )
+
+
+@app.command("select-train")
+def select_train(
+    index: Annotated[
+        Path, typer.Option("--index", help="Index folder from `index`.", file_okay=False)
+    ],
+    archive: Annotated[
+        Path, typer.Option("--archive", help="Archive root folder.", file_okay=False)
+    ],
+    audit_list: Annotated[
+        Path,
+        typer.Option(
+            "--audit-list", help="CSV: series_instance_uid,site,pneumonia.", dir_okay=False
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Selector model JSON to write.", dir_okay=False)
+    ],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Fit the pneumonia selector on a labelled audit list."""
+    from ctcurate import select_train as stage
+
+    stage.run(
+        index_dir=index,
+        archive=archive,
+        audit_list=audit_list,
+        out=out,
         params=_section_or_default(params, "select", SelectParams),
     )
 

@@ -66,6 +66,12 @@ class SelectParams(Section):
     min_slices: PositiveInt = 16
     max_slice_thickness_mm: PositiveFloat = 3.0
     min_z_coverage_mm: PositiveFloat = 120.0
+    workers: PositiveInt = 2  # local processes reading the survivors' pixels
+    threshold: Fraction = 0.5  # pneumonia score >= threshold → pneumonia
+    l2: PositiveFloat = 0.1  # L2 penalty of the pneumonia logistic regression
+    audit_seed: Annotated[int, Field(ge=0)] = 7  # demo audit list sample / audit sample
+    audit_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75  # of the truth's chest CTs
+    audit_sample_k: Annotated[int, Field(ge=0)] = 5  # selected + rejected series for review
 
 
 class AnnotateJoinParams(Section):
@@ -107,21 +113,38 @@ class PackParams(Section):
 class TrainParams(Section):
     """``train``: segmentation and typicality models.
 
-    The defaults are the CPU demo profile (12 epochs of a 4-level U-Net, about 2.5 CPU
-    minutes on 50 cases of 48x64x64). A larger profile for real releases or a GPU:
-    ``epochs: 100, channels: [16, 32, 64, 128], num_res_units: 2, batch_size: 4``.
+    The defaults are the CPU demo profile (about 2.5 minutes on 2 CPU cores for the demo
+    release of 48x64x64 volumes); docs/models.md documents the larger profile and both
+    measurements.
     """
 
     seed: Annotated[int, Field(ge=0)] = 0
-    epochs: PositiveInt = 12
-    batch_size: PositiveInt = 2
-    lr: PositiveFloat = 1e-3
+    epochs: PositiveInt = 45
+    batch_size: PositiveInt = 4
+    lr: PositiveFloat = 3e-3
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     channels: tuple[PositiveInt, ...] = Field(default=(8, 16, 32, 64), min_length=2)
     num_res_units: Annotated[int, Field(ge=0, le=4)] = 0
+    loss: Literal["dice_ce", "dice_focal"] = "dice_ce"
+    # loss weights of background, normal lung, GGO, consolidation (cross-entropy / focal)
+    class_weights: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveFloat] = (
+        1.0,
+        1.0,
+        3.0,
+        3.0,
+    )
+    patch: tuple[PositiveInt, PositiveInt, PositiveInt] | None = (32, 64, 64)  # None: whole
+    lesion_crop_fraction: Fraction = 0.5  # patches centred on a lesion voxel
+    flip: bool = True  # random left-right flips
+    val_every: PositiveInt = 3  # epochs between validations (the last one always)
     amp: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt = 2
     classifier_features: Literal["predicted", "truth"] = "predicted"
+    classifier_splits: tuple[Literal["train", "val"], ...] = Field(
+        default=("train", "val"), min_length=1
+    )
+    classifier_balanced: bool = False  # weight the two classes equally in the fit
     classifier_l2: PositiveFloat = 1.0
 
 
