@@ -45,6 +45,9 @@ def codecs() -> dict[str, Mapping[str, Any]]:
         "blosc-lz4+shuffle": {
             **hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
         },
+        "blosc-lz4hc-5+shuffle": {
+            **hdf5plugin.Blosc(cname="lz4hc", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+        },
         "blosc-zstd-1+shuffle": {
             **hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE)
         },

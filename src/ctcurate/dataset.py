@@ -9,11 +9,12 @@ from typing import Any
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
 from ctcurate.errors import InputError
-from ctcurate.release import MANIFEST_ONLY, SHARD_DIR, read_arrays, read_manifest
+from ctcurate.release import CASES_GROUP, IMAGE, LABEL, MANIFEST_ONLY, SHARD_DIR, read_manifest
 
 
 class ReleaseDataset(Dataset[dict[str, Any]]):
@@ -21,6 +22,8 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
 
     HDF5 shards are opened lazily and once per process, so the dataset can be handed to a
     ``torch.utils.data.DataLoader`` with several workers (each opens its own handles).
+    A case's datasets are looked up once per process too; shards are opened without a
+    chunk cache (each sample is read once per epoch, so a cache would only hold memory).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
         self.cases: list[dict[str, Any]] = sorted(cases, key=lambda c: str(c["case_id"]))
         self.transform = transform
         self._handles: dict[str, h5py.File] = {}
+        self._datasets: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -49,21 +53,33 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
     def _shard(self, name: str) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a DataLoader worker: own handles
             self._handles = {}
+            self._datasets = {}
             self._pid = os.getpid()
         if name not in self._handles:
-            self._handles[name] = h5py.File(self.release_dir / SHARD_DIR / name, "r")
+            path = self.release_dir / SHARD_DIR / name
+            self._handles[name] = h5py.File(path, "r", rdcc_nbytes=0)
         return self._handles[name]
+
+    def _case_datasets(self, case: dict[str, Any]) -> tuple[h5py.Dataset, h5py.Dataset]:
+        case_id = str(case["case_id"])
+        shard = self._shard(str(case["shard"]))  # first: resets the lookups after a fork
+        if case_id not in self._datasets:
+            grp = shard[CASES_GROUP][case_id]
+            self._datasets[case_id] = (grp[IMAGE], grp[LABEL])
+        return self._datasets[case_id]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
-        image, label = read_arrays(self._shard(str(case["shard"])), str(case["case_id"]))
+        image_ds, label_ds = self._case_datasets(case)
+        image = _read(image_ds, np.int16)
+        label = _read(label_ds, np.uint8)
         # The manifest entry holds the same attributes as the HDF5 group (both are written
         # from one mapping and covered by the case hash); reading them there is faster.
         meta = {k: v for k, v in case.items() if k not in MANIFEST_ONLY}
         typical = meta.get("typical")
         sample: dict[str, Any] = {
-            "image": torch.from_numpy(image.astype(np.float32)[None]),
-            "label": torch.from_numpy(label.astype(np.int64)[None]),
+            "image": _widen(image, torch.float32),
+            "label": _widen(label, torch.int64),
             "typical": int(typical) if isinstance(typical, int | float) else -1,
             "case_id": str(case["case_id"]),
             # None → "null" (the attribute convention) so default_collate can batch it.
@@ -76,8 +92,25 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
         for handle in self._handles.values():
             handle.close()
         self._handles = {}
+        self._datasets = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_datasets"] = {}
         return state
+
+
+def _read(dataset: h5py.Dataset, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """The whole dataset, decompressed straight into a fresh array of the stored dtype."""
+    out = np.empty(dataset.shape, dtype=dtype)
+    if out.size:
+        dataset.id.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+    return out
+
+
+def _widen(array: npt.NDArray[Any], dtype: torch.dtype) -> torch.Tensor:
+    """``array`` with a leading channel axis, converted in one pass into a new tensor."""
+    tensor = torch.empty((1, *array.shape), dtype=dtype)
+    tensor.numpy()[0] = array
+    return tensor

@@ -46,7 +46,7 @@ class SynthParams(Section):
 class SnapshotParams(Section):
     """``snapshot``: listing of the archive root."""
 
-    ignore: tuple[str, ...] = ("Thumbs.db", ".DS_Store")
+    ignore: tuple[str, ...] = ()
 
 
 class IndexParams(Section):
