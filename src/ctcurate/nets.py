@@ -26,6 +26,8 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 
+from ctcurate.logistic import fit_newton, predict_standardised
+
 #: Hounsfield window of the network input: clipped, then scaled to [0, 1].
 HU_WINDOW: tuple[float, float] = (-1024.0, 600.0)
 N_CLASSES = 4
@@ -185,14 +187,7 @@ class LogisticModel:
 
     def predict_proba(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Probability of the positive class (typical) for rows of ``x``."""
-        arr = np.atleast_2d(np.asarray(x, dtype=np.float64))
-        if arr.shape[1] != len(self.features):
-            msg = f"expected {len(self.features)} features, got {arr.shape[1]}"
-            raise ValueError(msg)
-        z = (arr - np.asarray(self.mean)) / np.asarray(self.scale)
-        logit = z @ np.asarray(self.weights) + self.bias
-        proba: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-logit))
-        return proba
+        return predict_standardised(x, self.mean, self.scale, self.weights, self.bias)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (``classifier.json``)."""
@@ -268,38 +263,19 @@ def fit_logistic(
     if not np.isin(ya, (0.0, 1.0)).all():
         msg = "fit_logistic: labels must be 0 or 1"
         raise ValueError(msg)
-    n, d = xa.shape
+    n = xa.shape[0]
     sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if sw.shape != (n,) or not (np.isfinite(sw).all() and (sw > 0).all()):
         msg = f"fit_logistic: sample_weight must be {n} positive finite values"
         raise ValueError(msg)
-    n1 = int(ya.sum())
-    mean = xa.mean(axis=0) if n else np.zeros(d)
-    std = xa.std(axis=0) if n else np.ones(d)
-    scale = np.where(std > 1e-12, std, 1.0)
-    w = np.zeros(d + 1)  # last entry: bias
-    if 0 < n1 < n:
-        z = np.hstack([(xa - mean) / scale, np.ones((n, 1))])
-        penalty = np.full(d + 1, l2)
-        penalty[-1] = 0.0
-        for _ in range(max_iter):
-            p = 1.0 / (1.0 + np.exp(-(z @ w)))
-            grad = z.T @ (sw * (p - ya)) + penalty * w
-            curv = sw * p * (1.0 - p)
-            hess = (z * curv[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(d + 1)
-            step = np.linalg.solve(hess, grad)
-            w = w - step
-            if float(np.abs(step).max()) < tol:
-                break
-    else:
-        w[-1] = float(np.log((n1 + 1.0) / (n - n1 + 1.0)))
+    fit = fit_newton(xa, ya, l2, sample_weight=sw, max_iter=max_iter, tol=tol)
     return LogisticModel(
         features=tuple(features),
-        mean=tuple(float(v) for v in mean),
-        scale=tuple(float(v) for v in scale),
-        weights=tuple(float(v) for v in w[:-1]),
-        bias=float(w[-1]),
+        mean=tuple(float(v) for v in fit.mean),
+        scale=tuple(float(v) for v in fit.scale),
+        weights=tuple(float(v) for v in fit.weights),
+        bias=fit.bias,
         l2=float(l2),
-        n_fit=n,
-        n_positive=n1,
+        n_fit=fit.n_fit,
+        n_positive=fit.n_positive,
     )

@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from ctcurate.logistic import fit_newton, predict_standardised
 from ctcurate.lungmask import dice, lung_masks
 
 #: Names of the features, in the order of :func:`opacity_features`.
@@ -283,14 +284,7 @@ class SelectorModel:
 
     def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
         """Pneumonia probability for rows of ``x`` (features in :attr:`features` order)."""
-        arr = np.atleast_2d(np.asarray(x, dtype=np.float64))
-        if arr.shape[1] != len(self.features):
-            msg = f"expected {len(self.features)} features, got {arr.shape[1]}"
-            raise ValueError(msg)
-        z = (arr - np.asarray(self.mean)) / np.asarray(self.scale)
-        logit = np.clip(z @ np.asarray(self.weights) + self.bias, -500.0, 500.0)
-        proba: FloatArray = 1.0 / (1.0 + np.exp(-logit))
-        return proba
+        return predict_standardised(x, self.mean, self.scale, self.weights, self.bias)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (the model file)."""
@@ -359,36 +353,17 @@ def fit_selector(
     if not np.isfinite(xa).all():
         msg = "fit_selector: features must be finite"
         raise ValueError(msg)
-    n, d = xa.shape
-    n1 = int(ya.sum())
-    mean = xa.mean(axis=0) if n else np.zeros(d)
-    std = xa.std(axis=0) if n else np.ones(d)
-    scale = np.where(std > 1e-12, std, 1.0)
-    w = np.zeros(d + 1)  # last entry: bias
-    if 0 < n1 < n:
-        z = np.hstack([(xa - mean) / scale, np.ones((n, 1))])
-        penalty = np.full(d + 1, l2)
-        penalty[-1] = 0.0
-        for _ in range(max_iter):
-            p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -500.0, 500.0)))
-            grad = z.T @ (p - ya) + penalty * w
-            hess = (z * (p * (1.0 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(d + 1)
-            step = np.linalg.solve(hess, grad)
-            w = w - step
-            if float(np.abs(step).max()) < tol:
-                break
-    else:
-        w[-1] = float(np.log((n1 + 1.0) / (n - n1 + 1.0)))
+    fit = fit_newton(xa, ya, l2, max_iter=max_iter, tol=tol)
     return SelectorModel(
         features=FEATURES,
-        mean=tuple(float(v) for v in mean),
-        scale=tuple(float(v) for v in scale),
-        weights=tuple(float(v) for v in w[:-1]),
-        bias=float(w[-1]),
+        mean=tuple(float(v) for v in fit.mean),
+        scale=tuple(float(v) for v in fit.scale),
+        weights=tuple(float(v) for v in fit.weights),
+        bias=fit.bias,
         l2=float(l2),
         threshold=float(threshold),
-        n_fit=n,
-        n_positive=n1,
+        n_fit=fit.n_fit,
+        n_positive=fit.n_positive,
     )
 
 
