@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,3 +171,30 @@ def test_overlay_png_deterministic() -> None:
     assert first == evaluate.overlay_png(hu, label, label, "x")
     assert first != evaluate.overlay_png(hu, label, np.zeros_like(label), "x")
     assert b"Software" not in first
+
+
+def test_lesion_cut_of_the_model_card_is_applied(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release, models = trained
+    base, _ = _run(release, models, tmp_path / "base", max_overlays=0)
+    cut = tmp_path / "models"
+    shutil.copytree(models, cut)
+    card = json.loads((cut / "model.json").read_text())
+    card["postprocess"]["min_lesion_mm3"] = 1e12  # larger than any lung: no lesion is kept
+    (cut / "model.json").write_text(json.dumps(card))
+    calls: list[tuple[float, int, int]] = []
+    real = evaluate.remove_small_lesions
+
+    def spy(label: Any, min_mm3: float, spacing: Any) -> Any:
+        out = real(label, min_mm3, spacing)
+        calls.append((min_mm3, int((label >= 2).sum()), int((out >= 2).sum())))
+        return out
+
+    monkeypatch.setattr(evaluate, "remove_small_lesions", spy)
+    report, _ = _run(release, cut, tmp_path / "cut", max_overlays=0)
+    assert [c[0] for c in calls] == [1e12] * report["n_test"]
+    assert all(after == 0 for _, _, after in calls)
+    assert report["lung_dice"] == base["lung_dice"]  # a removed lesion stays lung
+    for key in ("lesion_dice", "ggo_dice", "consolidation_dice"):
+        assert report[key] in (0.0, None), key

@@ -510,23 +510,23 @@ def test_killed_run_resumes_without_redoing_finished_chunks(
     small_archive(archive)
     snap, out = listing(archive, tmp_path), tmp_path / "out"
     params = IndexParams(workers=1, shard_size=4, chunk_files=2)
-    write_part = build._write_part
+    finish_part = build._finish_part
     calls: list[int] = []
 
-    def crash_after_two(parts: Path, name: str, tables: list[pa.Table]) -> None:
+    def crash_after_two(tmp: Path, final: Path) -> None:
         if len(calls) == 2:
             msg = "killed"
             raise RuntimeError(msg)
-        write_part(parts, name, tables)
-        calls.append(sum(t.num_rows for t in tables))
+        finish_part(tmp, final)
+        calls.append(pq.ParquetFile(final).metadata.num_rows)
 
-    monkeypatch.setattr(build, "_write_part", crash_after_two)
+    monkeypatch.setattr(build, "_finish_part", crash_after_two)
     with pytest.raises(RuntimeError, match="killed"):
         index.index_archive(archive, snap, out, params)
     assert not out.exists()
-    saved = sorted((index.work_dir(out) / "parts").glob("*.parquet"))
-    assert len(saved) == 2
-    monkeypatch.setattr(build, "_write_part", write_part)
+    saved = sorted((index.work_dir(out) / "parts").glob("*"))
+    assert len(saved) == 2  # the unfinished chunk was dropped
+    monkeypatch.setattr(build, "_finish_part", finish_part)
     resumed = index.index_archive(archive, snap, out, params)
     assert resumed.files_read == 25 - sum(calls)
     assert sum(calls) >= 8

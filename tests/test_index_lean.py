@@ -11,6 +11,8 @@ from typing import Any
 import pydicom
 import pydicom.data
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from test_index import ct_slice, save
@@ -73,6 +75,12 @@ def with_item(**attrs: Any) -> Dataset:
     return ds
 
 
+def multiframe() -> Dataset:
+    ds = ct_slice(0, NumberOfFrames=2)
+    ds.PixelData = ds.PixelData * 2
+    return ds
+
+
 def rle() -> Dataset:
     ds = ct_slice(0)
     ds.compress(RLELossless)
@@ -96,6 +104,25 @@ def rle() -> Dataset:
         ("latin1", lambda: ct_slice(0, SpecificCharacterSet="ISO_IR 100"), True),
         ("japanese", lambda: ct_slice(0, SpecificCharacterSet="ISO 2022 IR 87"), False),
         ("no_pixels", lambda: ct_slice(0, PixelData=b""), False),
+        ("uid_leading_space", lambda: ct_slice(0, SOPInstanceUID=" 1.2.3.4"), True),
+        ("uid_too_long", lambda: ct_slice(0, SOPInstanceUID="1." + "2" * 70), False),
+        ("uid_letters", lambda: ct_slice(0, SOPInstanceUID="1.2.a"), False),
+        ("position_two", lambda: ct_slice(0, ImagePositionPatient="1\\2"), True),
+        ("position_huge", lambda: ct_slice(0, ImagePositionPatient="1e999\\0\\0"), True),
+        ("position_spaced", lambda: ct_slice(0, ImagePositionPatient=" +1 \\.5\\-2e1"), True),
+        ("number_huge", lambda: ct_slice(0, InstanceNumber="12345678901234567"), True),
+        ("number_signed", lambda: ct_slice(0, InstanceNumber="+5"), True),
+        ("number_two", lambda: ct_slice(0, InstanceNumber="1\\2"), True),
+        ("number_empty", lambda: ct_slice(0, InstanceNumber=""), True),
+        ("modality_two", lambda: ct_slice(0, Modality="CT\\MR"), False),
+        ("modality_empty", lambda: ct_slice(0, Modality=""), False),
+        ("date_short", lambda: ct_slice(0, StudyDate="2020011"), True),
+        ("date_bad_month", lambda: ct_slice(0, StudyDate="20201301"), True),
+        ("series_uid_bad", lambda: ct_slice(0, SeriesInstanceUID="1..2"), False),
+        ("study_uid_bad", lambda: ct_slice(0, StudyInstanceUID="1..2"), True),
+        ("multiframe", multiframe, True),
+        ("charset_two", lambda: ct_slice(0, SpecificCharacterSet=["", "ISO 2022 IR 87"]), False),
+        ("dicomdir_class", lambda: ct_slice(0, SOPClassUID="1.2.840.10008.1.3.10"), False),
     ],
 )
 def test_lean_reads_or_gives_up_with_the_same_outcome(
@@ -151,3 +178,88 @@ def test_lean_header_answers_only_needed_keywords() -> None:
     assert lean.convert("DS", b"1\\2.5 ") == [1.0, 2.5]
     assert lean.convert("IS", b" 12") == 12
     assert lean.convert("UI", ExplicitVRLittleEndian.encode() + b"\x00") == ExplicitVRLittleEndian
+
+
+# --- the per-file fast paths against the reference conversion ------------------------------
+
+NUMERIC = st.text(alphabet=" 0123456789.+-eE\\\x00a", max_size=24).map(str.encode)
+TEXTS = st.one_of(
+    NUMERIC, st.text(alphabet=" ABC12.\\^\x00\x7f", max_size=12).map(str.encode), st.binary()
+)
+
+
+def give_up_or(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except lean._GiveUp:
+        return "give up"
+
+
+@given(raw=st.one_of(st.none(), NUMERIC))
+@settings(max_examples=300, deadline=None)
+def test_fast_columns_give_the_reference_values(raw: bytes | None) -> None:
+    def reference(kind: str, keyword: str) -> Any:
+        return give_up_or(lean.column_reference, kind, keyword, raw)
+
+    assert give_up_or(lean.image_position, raw) == reference("floats3", "ImagePositionPatient")
+    number = reference("int", "InstanceNumber")
+    assert give_up_or(lean.instance_number, raw) == (number if number == "give up" else number[0])
+    uid = give_up_or(lean.sop_instance_uid, raw)
+    if uid != "give up":  # the fast path may give up more often, never differ
+        assert reference("core", "SOPInstanceUID") == (uid, ())
+
+
+BASE = {
+    "SOPInstanceUID": b"1.2.3.4",
+    "SeriesInstanceUID": b"1.2.3.5",
+    "Modality": b"CT",
+    "Rows": b"\x08\x00",
+    "Columns": b"\x08\x00",
+    "BitsAllocated": b"\x10\x00",
+    "SOPClassUID": b"1.2.840.10008.5.1.4.1.1.2\x00",
+    "StudyInstanceUID": b"1.2.3.6 ",
+    "PatientID": b"P1",
+    "StudyDate": b"20200315",
+    "ImageType": b"ORIGINAL\\PRIMARY",
+    "SliceThickness": b"2.5 ",
+    "PixelSpacing": b"0.7\\0.8 ",
+    "ImagePositionPatient": b"-1\\2.5\\3e1 ",
+    "ImageOrientationPatient": b"1\\0\\0\\0\\1\\0 ",
+    "InstanceNumber": b"7 ",
+    "RescaleSlope": b"1",
+    "NumberOfFrames": b"1 ",
+    "SpecificCharacterSet": b"ISO_IR 100",
+}
+
+
+@given(
+    values=st.dictionaries(st.sampled_from(sorted(BASE)), st.one_of(st.none(), TEXTS), max_size=3)
+)
+@settings(max_examples=300, deadline=None)
+def test_lean_record_is_the_record_builder_on_lean_values(
+    values: dict[str, bytes | None],
+) -> None:
+    raws = {k: v for k, v in (BASE | values).items() if v is not None}
+    fast = give_up_or(
+        lean.lean_record,
+        {lean._T[k]: v for k, v in raws.items()},
+        None,
+        "H01/a.dcm",
+        10,
+        20,
+        ExplicitVRLittleEndian,
+        ["changed_since_snapshot"],
+    )
+    if fast == "give up":
+        return
+    header = lean.LeanHeader(
+        {
+            lean._BY_KEYWORD[k]: lean.convert(lean._NEEDED[lean._BY_KEYWORD[k]][1], v)
+            for k, v in raws.items()
+        },
+        lean.LeanMeta(None),
+    )
+    reference = dicom.instance_record(
+        header, "H01/a.dcm", 10, 20, ExplicitVRLittleEndian, ["changed_since_snapshot"]
+    )
+    assert fast[0] == reference

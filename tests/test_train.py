@@ -17,7 +17,13 @@ from ctcurate import train
 from ctcurate.augment import RandLesionCropd, patch_start, train_transform
 from ctcurate.errors import InputError, ParamsError
 from ctcurate.io.atomic import write_json
-from ctcurate.nets import FEATURES, balanced_weights, fit_logistic, typicality_features
+from ctcurate.nets import (
+    FEATURES,
+    balanced_weights,
+    fit_logistic,
+    remove_small_lesions,
+    typicality_features,
+)
 from ctcurate.params import TrainParams
 from ctcurate.release import CaseRecord, build_manifest, write_shard
 
@@ -172,6 +178,11 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert card["n_val"] == 2
     assert card["training_patch"] == [16, 16, 16]  # train.patch clipped to the volume
     assert card["checkpoint"]["epoch"] in (1, 2)
+    post = card["postprocess"]
+    assert post["min_lesion_mm3"] in TrainParams().min_lesion_mm3
+    assert sorted(post["val_lesion_dice"], key=float) == [
+        f"{c:g}" for c in sorted(TrainParams().min_lesion_mm3)
+    ]
     clf = json.loads((out / "classifier.json").read_text())
     assert clf["features"] == list(FEATURES)
     assert clf["n_fit"] == 6  # train + val cases with a known label
@@ -393,3 +404,46 @@ def test_weighted_and_balanced_logistic() -> None:
     assert balanced.bias > plain.bias  # the minority (typical) class gains weight
     with pytest.raises(ValueError, match=r"sample_weight must be 7 positive finite values"):
         fit_logistic(x, y, features=("f",), sample_weight=np.zeros(7))
+
+
+def test_remove_small_lesions_by_volume() -> None:
+    label = np.zeros((6, 10, 10), dtype=np.uint8)
+    label[:, 1:9, 1:9] = 1
+    label[1:4, 2:5, 2:5] = 2  # 27 voxels of GGO
+    label[2, 6, 6] = 3  # one voxel of consolidation, apart
+    label[3, 7, 7] = 2  # a diagonal neighbour of it: one 26-connected component of 2 voxels
+    # 1 x 1 x 1 mm voxels: cut at 10 mm^3 drops the 2-voxel component only
+    out = remove_small_lesions(label, 10.0)
+    assert out[2, 6, 6] == 1
+    assert out[3, 7, 7] == 1
+    assert (out[1:4, 2:5, 2:5] == 2).all()
+    assert ((out > 0) == (label > 0)).all()  # the lung is untouched
+    # 2 x 2 x 2 mm voxels: the 27-voxel component is 216 mm^3, below a 300 mm^3 cut
+    assert (remove_small_lesions(label, 300.0, (2.0, 2.0, 2.0)) <= 1).all()
+    assert (remove_small_lesions(label, 200.0, (2.0, 2.0, 2.0))[1:4, 2:5, 2:5] == 2).all()
+    unchanged = remove_small_lesions(label, 0.0)
+    assert (unchanged == label).all()
+    assert unchanged is not label
+
+
+def test_choose_lesion_filter_on_val() -> None:
+    truth = np.zeros((4, 8, 8), dtype=np.uint8)
+    truth[:, 1:7, 1:7] = 1
+    truth[1:3, 2:5, 2:5] = 2  # an 18-voxel lesion
+    pred = truth.copy()
+    pred[3, 6, 6] = 2  # a 1-voxel false positive
+    clean = truth.copy()
+    clean[1:3, 2:5, 2:5] = 1
+    fp_only = clean.copy()
+    fp_only[0, 1, 1] = 3  # a lesion-free case with a 1-voxel false positive
+    one = (1.0, 1.0, 1.0)
+    chosen = train.choose_lesion_filter([0, 5, 50], [(pred, truth, one), (fp_only, clean, one)])
+    # cut 0: Dice 36/37 and 0 -> 0.486; cut 5: 1.0 (the lesion-free case drops out of the mean);
+    # cut 50 removes the true lesion as well: 0.0
+    assert chosen.min_lesion_mm3 == 5.0
+    assert chosen.val_lesion_dice["0"] == pytest.approx((36 / 37) / 2)
+    assert chosen.val_lesion_dice["5"] == 1.0
+    assert chosen.val_lesion_dice["50"] == 0.0
+    tie = train.choose_lesion_filter([8, 2], [(pred, truth, one)])
+    assert tie.min_lesion_mm3 == 2.0  # equal Dice: the smallest cut
+    assert train.choose_lesion_filter([3, 1], []).min_lesion_mm3 == 1.0

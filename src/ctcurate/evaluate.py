@@ -1,8 +1,10 @@
 """The ``evaluate`` stage: the trained models on the release's ``test`` split.
 
 Per test case the network predicts a label volume (whole when the case has the training
-shape, else a sliding window) and the classifier a typicality probability from features of
-that prediction; a case is called typical when the probability is ``>= threshold``.
+shape, else a sliding window), lesion components below the size cut chosen on val by
+train (``model.json`` ``postprocess.min_lesion_mm3``) become normal lung, and the
+classifier gives a typicality probability from features of that prediction; a case is
+called typical when the probability is ``>= threshold``.
 
 ``metrics/eval.json`` (canonical JSON, numbers rounded to 6 decimals):
 
@@ -51,7 +53,13 @@ from ctcurate.metrics import (
     sensitivity,
     specificity,
 )
-from ctcurate.nets import CONSOLIDATION, GGO, predict_labels, typicality_features
+from ctcurate.nets import (
+    CONSOLIDATION,
+    GGO,
+    predict_labels,
+    remove_small_lesions,
+    typicality_features,
+)
 from ctcurate.params import EvaluateParams
 from ctcurate.train import load_models, resolve_device, spacing_of
 
@@ -266,6 +274,7 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
     net, classifier, card = load_models(models)
     net = net.to(device)
     roi = [int(s) for s in card["input"]["shape"]]
+    min_lesion_mm3 = float(card.get("postprocess", {}).get("min_lesion_mm3", 0.0))
     test_set = ctcurate.release.open(release, split="test")
     release_id = test_set.manifest.get("release_id")
     if card.get("release_id") != release_id:
@@ -275,10 +284,11 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
     for i in progress(range(len(test_set)), len(test_set), "evaluate", log, unit="cases"):
         sample = test_set[i]
         image = sample["image"]
+        meta: Mapping[str, Any] = sample["meta"]
         pred = predict_labels(net, image[None], roi, device)[0]
+        pred = remove_small_lesions(pred, min_lesion_mm3, spacing_of(meta))
         truth = sample["label"][0].numpy().astype(np.uint8)
         hu = image[0].numpy()
-        meta: Mapping[str, Any] = sample["meta"]
         feats = typicality_features(pred, spacing_of(meta))
         prob = float(classifier.predict_proba(feats[None])[0])
         result = evaluate_case(

@@ -114,6 +114,33 @@ def predict_labels(
     return labels.to(device="cpu", dtype=torch.uint8).numpy()
 
 
+def remove_small_lesions(
+    label: npt.NDArray[np.integer[Any]],
+    min_mm3: float,
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+) -> npt.NDArray[np.uint8]:
+    """``label`` with every lesion component smaller than ``min_mm3`` relabelled normal lung.
+
+    A lesion component is a 26-connected region of GGO or consolidation voxels; its
+    volume is its voxel count times the voxel volume of ``spacing_mm`` (z, y, x). The
+    lung (label > 0) is unchanged: a dropped lesion stays lung. ``min_mm3 <= 0`` returns
+    an unchanged copy.
+    """
+    lab = np.asarray(label).astype(np.uint8, copy=True)
+    if min_mm3 <= 0:
+        return lab
+    lesion = lab >= GGO
+    components, n = ndimage.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return lab
+    voxel_mm3 = float(np.prod(np.asarray(spacing_mm, dtype=np.float64)))
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:] * voxel_mm3
+    small = np.flatnonzero(sizes < min_mm3) + 1
+    if small.size:
+        lab[np.isin(components, small)] = NORMAL
+    return lab
+
+
 def typicality_features(
     label: npt.NDArray[np.integer[Any]], spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> npt.NDArray[np.float64]:

@@ -57,6 +57,7 @@ class IndexParams(Section):
     max_file_mb: PositiveFloat = 2048.0
     timeout_s: PositiveFloat = 60.0
     chunk_files: PositiveInt = 512
+    duckdb_memory_mb: PositiveInt = 128  # the build's DuckDB spills to disk beyond this
 
 
 class SelectParams(Section):
@@ -146,6 +147,11 @@ class TrainParams(Section):
     )
     classifier_balanced: bool = False  # weight the two classes equally in the fit
     classifier_l2: PositiveFloat = 1.0
+    # lesion components smaller than this (mm^3) become normal lung; with several values
+    # the one with the best mean val lesion Dice is kept (the smallest on a tie)
+    min_lesion_mm3: tuple[Annotated[float, Field(ge=0.0)], ...] = Field(
+        default=(0.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0), min_length=1
+    )
 
 
 class EvaluateParams(Section):

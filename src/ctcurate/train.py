@@ -56,6 +56,7 @@ from ctcurate.nets import (
     fit_logistic,
     normalise_hu,
     predict_labels,
+    remove_small_lesions,
     shape_multiple,
     typicality_features,
     unet_config,
@@ -272,11 +273,12 @@ def case_features(
     roi: Sequence[int],
     device: torch.device,
     amp: bool,
+    min_lesion_mm3: float = 0.0,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Typicality features and labels of the dataset's cases with a known label.
 
-    With ``net`` the features are measured on its predicted segmentation, without it on
-    the reference labels.
+    With ``net`` the features are measured on its predicted segmentation (lesions below
+    ``min_lesion_mm3`` removed, as evaluate does), without it on the reference labels.
     """
     rows: list[npt.NDArray[np.float64]] = []
     ys: list[int] = []
@@ -288,6 +290,7 @@ def case_features(
             label = sample["label"][0].numpy().astype(np.uint8)
         else:
             label = predict_labels(net, sample["image"][None], roi, device, amp)[0]
+            label = remove_small_lesions(label, min_lesion_mm3, spacing_of(sample["meta"]))
         rows.append(typicality_features(label, spacing_of(sample["meta"])))
         ys.append(int(sample["typical"]))
     x = np.vstack(rows) if rows else np.zeros((0, len(FEATURES)))
@@ -441,12 +444,70 @@ def training_patch(
     return patch
 
 
+@dataclass(frozen=True)
+class LesionFilter:
+    """The lesion post-processing chosen on val: the size cut and each candidate's Dice."""
+
+    min_lesion_mm3: float
+    val_lesion_dice: dict[str, float | None]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``postprocess`` entry of ``model.json``."""
+        return {
+            "min_lesion_mm3": self.min_lesion_mm3,
+            "chosen_by": "best mean val lesion Dice over train.min_lesion_mm3 (smallest on a tie)",
+            "val_lesion_dice": self.val_lesion_dice,
+        }
+
+
+def choose_lesion_filter(
+    candidates: Sequence[float],
+    cases: Sequence[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], Sequence[float]]],
+) -> LesionFilter:
+    """The size cut of :func:`remove_small_lesions` with the best mean lesion Dice.
+
+    ``cases`` are (predicted, reference, spacing) of the val cases. Candidates are tried
+    in increasing order and a later one must be strictly better, so a tie keeps the
+    smallest. Without cases (or without a defined Dice) the smallest candidate is kept.
+    """
+    ordered = sorted({float(c) for c in candidates})
+    scores: dict[str, float | None] = {}
+    best, best_score = ordered[0], -math.inf
+    for cut in ordered:
+        score = mean_defined(
+            dice(remove_small_lesions(pred, cut, spacing) >= GGO, truth >= GGO)
+            for pred, truth, spacing in cases
+        )
+        scores[f"{cut:g}"] = score
+        if score is not None and score > best_score:
+            best, best_score = cut, score
+    return LesionFilter(min_lesion_mm3=best, val_lesion_dice=scores)
+
+
+def predict_dataset(
+    net: torch.nn.Module,
+    dataset: Dataset[dict[str, Any]],
+    roi: Sequence[int],
+    device: torch.device,
+    amp: bool,
+) -> list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], tuple[float, float, float]]]:
+    """(predicted, reference, spacing) of every case of ``dataset``."""
+    out = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        sample = dataset[i]
+        pred = predict_labels(net, sample["image"][None], roi, device, amp)[0]
+        truth = sample["label"][0].numpy().astype(np.uint8)
+        out.append((pred, truth, spacing_of(sample["meta"])))
+    return out
+
+
 def fit_classifier(
     net: torch.nn.Module | None,
     datasets: Sequence[Dataset[dict[str, Any]]],
     params: TrainParams,
     roi: Sequence[int],
     device: torch.device,
+    min_lesion_mm3: float = 0.0,
 ) -> tuple[LogisticModel, int]:
     """The typicality classifier fitted on the cases of ``datasets`` with a known label.
 
@@ -457,7 +518,7 @@ def fit_classifier(
     use_amp = params.amp and device.type == "cuda"
     xs, ys, seen = [], [], 0
     for ds in datasets:
-        x, y = case_features(net, ds, roi, device, use_amp)
+        x, y = case_features(net, ds, roi, device, use_amp, min_lesion_mm3)
         xs.append(x)
         ys.append(y)
         seen += len(ds)  # type: ignore[arg-type]
@@ -530,13 +591,23 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
         last_weights = state_dict_bytes(trained.net)
         net = trained.best_net()
         log.info("best checkpoint: epoch %d of %d", trained.best_epoch, len(trained.history))
+        use_amp = params.amp and device.type == "cuda"
+        val_cases = predict_dataset(net, val_set, roi, device, use_amp) if val_set else []
+        lesion_filter = choose_lesion_filter(params.min_lesion_mm3, val_cases)
+        log.info(
+            "lesion post-processing: components below %g mm^3 removed (val lesion dice %s)",
+            lesion_filter.min_lesion_mm3,
+            _fmt(lesion_filter.val_lesion_dice[f"{lesion_filter.min_lesion_mm3:g}"]),
+        )
         feature_net = net if params.classifier_features == "predicted" else None
         fit_sets: list[Dataset[dict[str, Any]]] = [train_set]
         if "val" in params.classifier_splits and val_set is not None:
             fit_sets.append(val_set)
         if "train" not in params.classifier_splits:
             fit_sets = fit_sets[1:]
-        classifier, seen = fit_classifier(feature_net, fit_sets, params, roi, device)
+        classifier, seen = fit_classifier(
+            feature_net, fit_sets, params, roi, device, lesion_filter.min_lesion_mm3
+        )
         log.info(
             "typicality classifier fitted on %d cases of %s (%d typical, %d other, %d unknown)",
             classifier.n_fit,
@@ -549,6 +620,7 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
             log.warning("typicality: the fit cases lack a class; the classifier is a prior")
         dvclive.summary["best_epoch"] = trained.best_epoch
     card = model_card(params, roi, patch, manifest, trained, len(train_set), n_val)
+    card["postprocess"] = lesion_filter.to_json()
     weights = state_dict_bytes(net)
     with atomic_dir(out) as tmp:
         (tmp / SEG_FILE).write_bytes(weights)

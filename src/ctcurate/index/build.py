@@ -7,15 +7,17 @@ Per run:
    ``out`` (when its ``report.json`` names the same reader fingerprint) and from the
    chunks an interrupted run left in the work folder; files whose outcome may change
    without the file changing (:data:`RETRY_REASONS`, :data:`RETRY_FLAG`) are read again.
-3. The other files are read in chunks on the executor; every ``shard_size`` rows the
-   results are written to the work folder, so a killed run resumes where it stopped.
-4. DuckDB joins the reused and the new rows (the ledger), applies the duplicate rules and
-   streams ``instances/part-*.parquet`` (``shard_size`` rows each), ``quarantine``,
-   ``skipped`` and ``series`` out in key order; the folder is published atomically and the
-   work folder removed.
+3. The other files are read in chunks on the executor; the results stream into work
+   chunks of ``shard_size`` rows (one row group at a time, renamed when complete), so a
+   killed run resumes where it stopped.
+4. DuckDB joins the reused and the new rows into the ledger (a Parquet file in the work
+   folder), applies the duplicate rules and streams ``instances/part-*.parquet``
+   (``shard_size`` rows each), ``quarantine``, ``skipped`` and ``series`` out in key
+   order; the folder is published atomically and the work folder removed.
 
-Nothing holds all rows in Python memory: DuckDB spills to the work folder past its memory
-limit, and Python sees one batch or one chunk at a time. The output bytes depend only on
+Nothing holds all rows in memory: DuckDB runs on one thread under
+``index.duckdb_memory_mb`` and spills to the work folder beyond, and Python sees one
+chunk, row group or batch at a time. The output bytes depend only on
 the listing, the files and the reader, never on worker count, chunking, reuse or resume.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,8 +53,8 @@ from ctcurate.index.tables import (
     series_table,
 )
 from ctcurate.io import dicom
-from ctcurate.io.atomic import atomic_dir, write_json
-from ctcurate.io.shards import SHARD_GLOB, write_parquet_stream, write_shards
+from ctcurate.io.atomic import atomic_dir, fsync_dir, write_json
+from ctcurate.io.shards import SHARD_GLOB, rebatch, shard_name, write_parquet_stream
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger, progress
 from ctcurate.params import IndexParams
@@ -74,12 +77,22 @@ RETRY_REASONS = (
 RETRY_FLAG = "changed_since_snapshot"
 INSTANCES_DIR = "instances"
 WORK_PARTS = "parts"
-#: DuckDB memory before it spills to the work folder.
-DUCKDB_MEMORY = "512MB"
+#: DuckDB settings of the build. Memory is ``index.duckdb_memory_mb`` (small: peak RSS
+#: must not grow with the archive; DuckDB sorts, joins, aggregates and windows out of core,
+#: spilling to the work folder). One thread: each thread holds its own sort and hash
+#: buffers under that limit. Every query whose row order matters says ORDER BY.
+#: Options of the build's COPY to Parquet: small row groups (the writer buffers one).
+COPY_OPTIONS = "(FORMAT parquet, ROW_GROUP_SIZE 8192)"
+DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {
+    "threads": 1,
+    "preserve_insertion_order": False,
+}
 #: Rows per Arrow batch fetched from DuckDB.
 BATCH_ROWS = 8192
 #: Source modules whose code decides the rows (part of the reader fingerprint).
 READER_MODULES = ("dicom.py", "lean.py")
+#: Suffix of a work chunk being written (never read as a chunk).
+TMP_SUFFIX = ".parquet.tmp"
 
 
 @dataclass(frozen=True)
@@ -245,9 +258,78 @@ def _todo_chunks(todo: Path, per_chunk: int) -> Iterator[list[scan.Entry]]:
         yield list(zip(cols["path"], cols["size"], cols["mtime_ns"], strict=True))
 
 
-def _write_part(parts: Path, name: str, tables: list[pa.Table]) -> None:
-    """Persist read rows of this run (the unit a resumed run does not redo)."""
-    write_parquet(parts / name, pa.concat_tables(tables))
+#: Rows of read results buffered before they are written as one row group of a work chunk.
+PART_ROW_GROUP = 8192
+
+
+def _finish_part(tmp: Path, final: Path) -> None:
+    """Publish a finished work chunk under its final name (the unit a resumed run keeps)."""
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(final)
+    fsync_dir(final.parent)
+
+
+class _PartWriter:
+    """Streams the rows read by this run into work chunks of about ``shard_size`` rows.
+
+    Rows go to a temporary file one row group (:data:`PART_ROW_GROUP` rows) at a time;
+    a chunk gets its final name (``chunk-<attempt>-<seq>.parquet``) only once complete,
+    so a killed run leaves finished chunks and at most one temporary file (ignored and
+    removed by the next run). Memory holds one row group, whatever the archive size.
+    """
+
+    def __init__(self, parts: Path, attempt: int, shard_size: int) -> None:
+        self.parts, self.attempt, self.shard_size = parts, attempt, shard_size
+        self.seq = 0
+        self._pending: list[pa.Table] = []
+        self._n_pending = 0
+        self._n_part = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+
+    def add(self, table: pa.Table) -> None:
+        """Append the rows of one chunk of results."""
+        self._pending.append(table)
+        self._n_pending += table.num_rows
+        self._n_part += table.num_rows
+        if self._n_pending >= PART_ROW_GROUP:
+            self._flush()
+        if self._n_part >= self.shard_size:
+            self._close_part()
+
+    def close(self) -> None:
+        """Finish the last chunk."""
+        if self._n_part:
+            self._close_part()
+
+    def abort(self) -> None:
+        """Drop the unfinished chunk (finished chunks stay for a resumed run)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._tmp = self.parts / f".chunk-{self.attempt:04d}-{self.seq:06d}{TMP_SUFFIX}"
+            self._writer = pq.ParquetWriter(self._tmp, LEDGER_SCHEMA, compression="zstd")
+        self._writer.write_table(pa.concat_tables(self._pending), row_group_size=PART_ROW_GROUP)
+        self._pending, self._n_pending = [], 0
+
+    def _close_part(self) -> None:
+        self._flush()
+        if self._writer is None or self._tmp is None:  # no row since the last chunk
+            return
+        self._writer.close()
+        final = self.parts / f"chunk-{self.attempt:04d}-{self.seq:06d}.parquet"
+        _finish_part(self._tmp, final)
+        self._writer, self._tmp = None, None
+        self._n_part, self.seq = 0, self.seq + 1
 
 
 def _read_files(
@@ -258,7 +340,7 @@ def _read_files(
     params: IndexParams,
     scheduler: str | None,
 ) -> None:
-    """Read the files listed in ``todo``; write their rows to ``parts`` in shards."""
+    """Read the files listed in ``todo``; write their rows to ``parts`` in chunks."""
     attempts = [int(p.name.split("-")[1]) for p in parts.glob("chunk-*.parquet")]
     attempt = max(attempts, default=0) + 1
     per_chunk = max(1, min(params.chunk_files, math.ceil(n_todo / (4 * params.workers))))
@@ -276,18 +358,14 @@ def _read_files(
             yield from repeat(None, table.num_rows - 1)
             yield table
 
-    buffered: list[pa.Table] = []
-    n_buffered, seq = 0, 0
-    for item in progress(per_file(), n_todo, "index", log):
-        if item is None:
-            continue
-        buffered.append(item)
-        n_buffered += item.num_rows
-        if n_buffered >= params.shard_size:
-            _write_part(parts, f"chunk-{attempt:04d}-{seq:06d}.parquet", buffered)
-            buffered, n_buffered, seq = [], 0, seq + 1
-    if buffered:
-        _write_part(parts, f"chunk-{attempt:04d}-{seq:06d}.parquet", buffered)
+    writer = _PartWriter(parts, attempt, params.shard_size)
+    try:
+        for item in progress(per_file(), n_todo, "index", log):
+            if item is not None:
+                writer.add(item)
+        writer.close()
+    finally:
+        writer.abort()
 
 
 # --- publishing ------------------------------------------------------------------------------
@@ -334,6 +412,47 @@ def _series_batches(con: duckdb.DuckDBPyConnection, folder: Path) -> Iterator[pa
         yield from series_table(carry).to_batches()
 
 
+#: Rows per row group of an ``instances`` shard (memory holds one row group, not a shard).
+INSTANCE_ROW_GROUP = 8192
+
+
+def write_instance_shards(folder: Path, batches: Iterator[pa.RecordBatch], shard_size: int) -> int:
+    """Write ``batches`` as ``instances`` shards of ``shard_size`` rows; return the rows.
+
+    Each shard is streamed one row group (:data:`INSTANCE_ROW_GROUP` rows) at a time, so
+    memory does not grow with the shard size. Row groups and shards are cut at row counts
+    only: the bytes depend on the rows alone. At least one (empty) shard is written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    total, shard, in_shard = 0, 0, 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for table in rebatch(batches, INSTANCE_SCHEMA, min(INSTANCE_ROW_GROUP, shard_size)):
+            rest = table
+            while rest.num_rows:
+                if writer is None:
+                    writer = pq.ParquetWriter(
+                        folder / shard_name(shard),
+                        INSTANCE_SCHEMA,
+                        compression="zstd",
+                        write_statistics=True,
+                        store_schema=True,
+                    )
+                take = min(rest.num_rows, shard_size - in_shard)
+                writer.write_table(rest.slice(0, take), row_group_size=INSTANCE_ROW_GROUP)
+                rest = rest.slice(take)
+                in_shard, total = in_shard + take, total + take
+                if in_shard == shard_size:
+                    writer.close()
+                    writer, shard, in_shard = None, shard + 1, 0
+    finally:
+        if writer is not None:
+            writer.close()
+    if total == 0:
+        write_parquet(folder / shard_name(0), INSTANCE_SCHEMA.empty_table())
+    return total
+
+
 def _publish(
     con: duckdb.DuckDBPyConnection,
     archive: Path,
@@ -346,8 +465,12 @@ def _publish(
     groups = [
         list(row[0])
         for row in con.execute(
-            "SELECT list(path ORDER BY path) FROM ledger WHERE status = 'indexed' "
-            "GROUP BY coalesce(site, ''), sop_instance_uid HAVING count(*) > 1 ORDER BY 1"
+            # keys first (a plain aggregate spills), then lists for the few duplicates only
+            "WITH dup AS (SELECT coalesce(site, '') AS s, sop_instance_uid AS u FROM ledger "
+            "WHERE status = 'indexed' GROUP BY 1, 2 HAVING count(*) > 1) "
+            "SELECT list(l.path ORDER BY l.path) FROM ledger l JOIN dup "
+            "ON coalesce(l.site, '') = dup.s AND l.sop_instance_uid IS NOT DISTINCT FROM dup.u "
+            "WHERE l.status = 'indexed' GROUP BY dup.s, dup.u ORDER BY 1"
         ).fetchall()
     ]
     taken = duplicate_outcomes(groups, lambda p: sha256_or_none(archive, p))
@@ -382,8 +505,8 @@ def _publish(
         )
 
     with atomic_dir(out) as tmp:
-        n_indexed = write_shards(
-            tmp / INSTANCES_DIR, _stream(con, instances_sql), INSTANCE_SCHEMA, params.shard_size
+        n_indexed = write_instance_shards(
+            tmp / INSTANCES_DIR, _stream(con, instances_sql), params.shard_size
         )
         write_parquet_stream(
             tmp / "quarantine.parquet", _stream(con, reasons_sql("quarantined")), REASON_SCHEMA
@@ -411,13 +534,17 @@ def _publish(
 
 
 def _prepare_work(out: Path, stamp: str) -> Path:
-    """The work folder's chunk folder; chunks of another reader or archive are dropped."""
+    """The work folder's chunk folder; chunks of another reader or archive are dropped,
+    and so are the unfinished chunk and the DuckDB spill files of a killed run."""
     work = work_dir(out)
     stamp_file = work / "reader"
     if work.exists() and (not stamp_file.is_file() or stamp_file.read_text() != stamp):
         shutil.rmtree(work)
     parts = work / WORK_PARTS
     parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob(f"*{TMP_SUFFIX}"):
+        stale.unlink()
+    shutil.rmtree(work / "duckdb", ignore_errors=True)
     stamp_file.write_text(stamp)
     return parts
 
@@ -441,12 +568,17 @@ def index_archive(
         msg = f"{archive}: archive folder not found"
         raise InputError(msg)
     reader = reader_fingerprint(int(params.max_file_mb * 2**20))
-    con = duckdb.connect(":memory:")
+    config = DUCKDB_CONFIG | {"memory_limit": f"{params.duckdb_memory_mb}MB"}
+    con = duckdb.connect(":memory:", config=config)
     try:
-        files_seen = check_listing(con, Path(snapshot))
         parts = _prepare_work(out, f"{reader} {archive.resolve()}\n")
-        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
         con.execute(f"SET temp_directory = {_sql_text(str((parts.parent / 'duckdb').resolve()))}")
+        try:
+            files_seen = check_listing(con, Path(snapshot))
+        except InputError:
+            if not list(parts.glob("chunk-*.parquet")):  # nothing of an earlier run to keep
+                shutil.rmtree(work_dir(out), ignore_errors=True)
+            raise
         con.register("ledger_schema", LEDGER_SCHEMA.empty_table())
         prev = _previous_index(out, reader)
         reusable = _ledger_sources(prev, parts, reusable_only=True)
@@ -455,7 +587,7 @@ def index_archive(
             "COPY (SELECT l.path, l.size, l.mtime_ns FROM listing l "
             f"ANTI JOIN ({reusable}) r ON l.path = r.path AND l.size = r.size "
             "AND l.mtime_ns = r.mtime_ns ORDER BY l.path) "
-            f"TO {_sql_text(str(todo.resolve()))} (FORMAT parquet)"
+            f"TO {_sql_text(str(todo.resolve()))} {COPY_OPTIONS}"
         )
         n_todo = pq.ParquetFile(todo).metadata.num_rows
         log.info(
@@ -469,11 +601,20 @@ def index_archive(
             _read_files(archive, todo, n_todo, parts, params, scheduler)
         sources = _ledger_sources(prev, parts, reusable_only=False)
         names = ", ".join(f"x.{n}" for n in LEDGER_SCHEMA.names)
+        # one row per listed path: a work chunk's (the latest) before the previous index's;
+        # the winner is found on narrow columns (an aggregate and a join: both spill)
+        # and the ledger goes to a Parquet file, not to DuckDB's memory
+        ledger = _sql_text(str((parts.parent / "ledger.parquet").resolve()))
         con.execute(
-            f"CREATE TEMP TABLE ledger AS SELECT {names} FROM ({sources}) x "
-            "JOIN listing l ON x.path = l.path AND x.size = l.size AND x.mtime_ns = l.mtime_ns "
-            "QUALIFY row_number() OVER (PARTITION BY x.path ORDER BY x.src, x.part DESC) = 1"
+            "COPY (WITH x AS NOT MATERIALIZED ("
+            f"SELECT s.* FROM ({sources}) s JOIN listing l "
+            "ON s.path = l.path AND s.size = l.size AND s.mtime_ns = l.mtime_ns), "
+            "win AS (SELECT path, min(src) AS src, max(part) FILTER (WHERE src = 0) AS part "
+            "FROM x GROUP BY path) "
+            f"SELECT {names} FROM x JOIN win ON x.path = win.path AND x.src = win.src "
+            f"AND x.part = coalesce(win.part, '')) TO {ledger} {COPY_OPTIONS}"
         )
+        con.execute(f"CREATE VIEW ledger AS SELECT * FROM read_parquet({ledger})")
         (n_ledger,) = con.execute("SELECT count(*) FROM ledger").fetchall()[0]
         if n_ledger != files_seen:
             msg = f"index does not balance: {files_seen} files listed, {n_ledger} read or reused"

@@ -31,13 +31,16 @@ CONNECT_TIMEOUT_S = 30.0
 def scan_chunk(archive: str, entries: list[Entry], max_bytes: int, timeout_s: float) -> pa.Table:
     """Ledger rows of ``entries`` (``(path, size, mtime_ns)``) read under ``archive``.
 
-    The per-file time cap (SIGALRM) applies where the chunk runs on a process's main
-    thread (the local pool); threads of a Dask worker cannot take signals, so there only
-    the size caps apply.
+    The per-file time cap is SIGALRM where the chunk runs on a process's main thread (the
+    local pool), a watcher thread on the threads of a Dask worker; the size caps apply
+    everywhere.
     """
-    if threading.current_thread() is threading.main_thread() and dicom.timeout_s() != timeout_s:
-        dicom.init_worker(timeout_s)
-    return ledger_table(dicom.scan_files(archive, entries, max_bytes))
+    if threading.current_thread() is threading.main_thread():
+        if dicom.timeout_s() != timeout_s:
+            dicom.init_worker(timeout_s)
+    else:
+        dicom.quiet_pydicom()
+    return ledger_table(dicom.scan_files(archive, entries, max_bytes, timeout_s))
 
 
 def run_chunks(

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ctcurate.errors import AccountingError
 from ctcurate.io.dicom import FileOutcome, Status
@@ -228,20 +229,24 @@ def reasons_table(outcomes: Iterable[FileOutcome], status: str) -> pa.Table:
 
 
 def ledger_table(outcomes: Iterable[FileOutcome]) -> pa.Table:
-    """The ledger rows (:data:`LEDGER_SCHEMA`) of outcomes, in the given order."""
-    rows: list[dict[str, Any]] = []
-    for o in outcomes:
-        row: dict[str, Any] = dict(o.record) if o.record is not None else {}
-        row |= {
-            "path": o.path,
-            "size": o.size,
-            "mtime_ns": o.mtime_ns,
-            "status": o.status,
-            "reason": o.reason,
-            "detail": o.detail,
-        }
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+    """The ledger rows (:data:`LEDGER_SCHEMA`) of outcomes, in the given order.
+
+    Built column by column (one Python list per column, not one dict per row).
+    """
+    outcomes = list(outcomes)
+    records = [o.record for o in outcomes]
+    arrays = []
+    for f in LEDGER_SCHEMA:
+        name = f.name
+        if name in _OUTCOME_FIELDS:
+            values = [getattr(o, name) for o in outcomes]
+        else:
+            values = [None if r is None else r.get(name) for r in records]
+        arrays.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=LEDGER_SCHEMA)
+
+
+_OUTCOME_FIELDS = frozenset({"path", "size", "mtime_ns", "status", "reason", "detail"})
 
 
 @dataclass(frozen=True)
@@ -354,44 +359,48 @@ def _group_bounds(keys: list[tuple[str, str]]) -> Iterator[tuple[int, int]]:
 
 def series_table(instances: pa.Table) -> pa.Table:
     """One row per (site, series_instance_uid) of ``instances``, sorted by those."""
-    cols = instances.to_pydict()
     n = instances.num_rows
-    order = sorted(
-        range(n),
-        key=lambda i: (
-            cols["site"][i] is None,
-            cols["site"][i] or "",
-            cols["series_instance_uid"][i],
-            cols["path"][i],
-        ),
+    if n == 0:
+        return SERIES_SCHEMA.empty_table()
+    order = pc.sort_indices(
+        instances,
+        sort_keys=[(k, "ascending", "at_end") for k in ("site", "series_instance_uid", "path")],
     )
-    keys = [(cols["site"][i] or "", cols["series_instance_uid"][i]) for i in order]
-    xyz = np.array(
-        [[np.nan if v is None else v for v in cols[f"image_position_{a}"]] for a in "xyz"],
-        dtype=np.float64,
-    ).T.reshape(n, 3)
-    ori = np.full((n, 6), np.nan)
-    for i, value in enumerate(cols["image_orientation"]):
-        if value is not None:
-            ori[i] = value
+    table = instances.take(order)
+    cols = {
+        name: table[name].to_pylist()
+        for name in ("site", "series_instance_uid", "study_instance_uid", "rows", "columns")
+    }
+    keys = [
+        (site or "", uid)
+        for site, uid in zip(cols["site"], cols["series_instance_uid"], strict=True)
+    ]
+    bounds = list(_group_bounds(keys))
+    starts = np.array([b[0] for b in bounds], dtype=np.int64)
+    stops = np.array([b[1] for b in bounds], dtype=np.int64)
+    copied = {name: _first_valid(table[name], starts, stops) for name in SERIES_COPIED}
+    member_flags = _group_flags(table["flags"], starts, stops)
+    xyz = np.column_stack(
+        [table[f"image_position_{a}"].to_numpy(zero_copy_only=False) for a in "xyz"]
+    ).astype(np.float64)
+    ori = _orientations(table["image_orientation"].combine_chunks())
     rows: list[dict[str, Any]] = []
-    for start, stop in _group_bounds(keys):
-        members = order[start:stop]
-        first = members[0]
+    for g, (start, stop) in enumerate(bounds):
         row: dict[str, Any] = {
-            "series_instance_uid": cols["series_instance_uid"][first],
-            "site": cols["site"][first],
+            "series_instance_uid": cols["series_instance_uid"][start],
+            "site": cols["site"][start],
         }
         for name in SERIES_COPIED:
-            row[name] = next((cols[name][i] for i in members if cols[name][i] is not None), None)
-        geo = series_geometry(xyz[members], ori[members])
-        flags = {f for i in members for f in cols["flags"][i]} | set(geo.flags)
-        if len({cols["study_instance_uid"][i] for i in members}) > 1:
+            row[name] = copied[name][g]
+        geo = series_geometry(xyz[start:stop], ori[start:stop])
+        flags = member_flags[g] | set(geo.flags)
+        if len(set(cols["study_instance_uid"][start:stop])) > 1:
             flags.add("mixed_study")
-        if len({(cols["rows"][i], cols["columns"][i]) for i in members}) > 1:
+        matrix = zip(cols["rows"][start:stop], cols["columns"][start:stop], strict=True)
+        if len(set(matrix)) > 1:
             flags.add("mixed_matrix")
         row |= {
-            "slice_count": len(members),
+            "slice_count": stop - start,
             "orientation": geo.orientation,
             "gantry_tilt_deg": geo.gantry_tilt_deg,
             "spacing_min_mm": geo.spacing_min_mm,
@@ -406,6 +415,49 @@ def series_table(instances: pa.Table) -> pa.Table:
         }
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=SERIES_SCHEMA)
+
+
+def _first_valid(column: pa.ChunkedArray, starts: np.ndarray, stops: np.ndarray) -> list[Any]:
+    """The first non-null value of each row range ``[start, stop)`` (None if all null)."""
+    valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+    at = np.searchsorted(valid, starts)
+    found = at < len(valid)
+    first = np.where(found, valid[np.minimum(at, max(len(valid) - 1, 0))], 0) if len(valid) else 0
+    found &= first < stops
+    picked = column.take(pa.array(np.where(found, first, 0))).to_pylist()
+    return [v if ok else None for v, ok in zip(picked, found.tolist(), strict=True)]
+
+
+def _group_flags(column: pa.ChunkedArray, starts: np.ndarray, stops: np.ndarray) -> list[set[str]]:
+    """The union of the flag lists of each row range ``[start, stop)``."""
+    out: list[set[str]] = [set() for _ in range(len(starts))]
+    flat = column.combine_chunks()
+    values = pc.list_flatten(flat)
+    if len(values) == 0:
+        return out
+    rows = pc.list_parent_indices(flat).to_numpy(zero_copy_only=False)
+    groups = np.searchsorted(stops, rows, side="right")
+    for g, flag in zip(groups.tolist(), values.to_pylist(), strict=True):
+        out[g].add(flag)
+    return out
+
+
+def _orientations(column: pa.Array) -> np.ndarray:
+    """``(n, 6)`` ImageOrientationPatient values; NaN rows where null."""
+    ori = np.full((len(column), 6), np.nan)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    if not valid.any():
+        return ori
+    values = column.flatten()
+    if values.null_count == 0 and len(values) == 6 * int(valid.sum()):
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if (lengths[valid] == 6).all():
+            ori[valid] = values.to_numpy(zero_copy_only=False).reshape(-1, 6)
+            return ori
+    for i, value in enumerate(column.to_pylist()):  # odd lengths or null cosines
+        if value is not None:
+            ori[i] = value
+    return ori
 
 
 def build_report(

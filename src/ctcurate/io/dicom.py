@@ -15,21 +15,26 @@ any pixel:
 
 Every failure becomes a quarantine reason; no exception escapes :func:`read_instance`.
 
-The common case takes a faster route: :func:`read_instance` first tries the lean reader
-(:mod:`ctcurate.io.lean`), which gives the same row for a clean file in a common transfer
-syntax and gives up on anything else, which is then read here with pydicom.
+The common case takes a faster route: :func:`read_instance` first opens the file with
+plain ``os`` calls and tries the lean reader (:mod:`ctcurate.io.lean`), which gives the
+same row for a clean file in a common transfer syntax and gives up on anything else,
+which is then read here with pydicom.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import functools
 import io
 import math
+import os
 import re
 import signal
 import stat
 import struct
+import threading
+import time
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -93,9 +98,10 @@ _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"})
 _LONG_VRS |= {b"UR", b"UT", b"UV"}
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_UID_MAX_CHARS = 64
+UID_MAX_CHARS = 64
 _MAX_SEQ_DEPTH = 16
 _HEAD_BYTES = 1 << 16
+_CHANGED = "changed_since_snapshot"
 _INT64_LIMIT = 1 << 63
 _EMPTY_CHARS = " \x00^="  # a PN made of separators only is empty
 _MIN_AXIS_NORM = 0.5  # ImageOrientationPatient row / column vectors shorter than this are bad
@@ -142,7 +148,7 @@ class Reject(Exception):
 
 
 class _FileTimeout(BaseException):
-    """Raised by the alarm when one file takes longer than the per-file time cap.
+    """Raised when one file takes longer than the per-file time cap.
 
     A ``BaseException`` so that no ``except Exception`` inside a reader swallows it.
     """
@@ -155,12 +161,17 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
     raise _FileTimeout
 
 
-def init_worker(timeout_s: float) -> None:
-    """Prepare a worker process: per-file time cap (SIGALRM) and a quiet pydicom logger."""
+def quiet_pydicom() -> None:
+    """Silence pydicom's logger in this process: its messages may quote header values."""
     import logging
 
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def init_worker(timeout_s: float) -> None:
+    """Prepare a worker process: per-file time cap (SIGALRM) and a quiet pydicom logger."""
     global _timeout_s  # noqa: PLW0603 - per-process setting of a pool worker
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # its messages may quote values
+    quiet_pydicom()
     if timeout_s > 0 and hasattr(signal, "setitimer"):
         signal.signal(signal.SIGALRM, _on_alarm)
         _timeout_s = timeout_s
@@ -173,30 +184,116 @@ def timeout_s() -> float:
     return _timeout_s
 
 
+def _async_raise(ident: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in thread ``ident`` at its next bytecode (``None``: cancel a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(exc) if exc is not None else None
+    )
+
+
+class _Watchdog:
+    """The per-file time cap of a thread that cannot take signals (a Dask worker thread).
+
+    A watcher thread raises :class:`_FileTimeout` in the reading thread once a file's
+    deadline passes, as SIGALRM does on a main thread: between two bytecodes, so pure
+    Python parsing loops are cut, a single long C call is not (the size caps bound those).
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.ident = threading.get_ident()
+        self.cond = threading.Condition(threading.RLock())
+        self.deadline: float | None = None
+        self.fired = False
+        self.stopped = False
+        self.thread = threading.Thread(target=self._watch, name="file-time-cap", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        with self.cond:
+            while not self.stopped:
+                if self.deadline is None:
+                    self.cond.wait()
+                    continue
+                left = self.deadline - time.monotonic()
+                if left > 0:
+                    self.cond.wait(left)
+                    continue
+                self.deadline, self.fired = None, True
+                _async_raise(self.ident, _FileTimeout)
+
+    def arm(self) -> None:
+        """Start the clock of one file."""
+        with self.cond:
+            self.deadline = time.monotonic() + self.limit_s
+            self.cond.notify()
+
+    def disarm(self) -> None:
+        """Stop the clock; a timeout raised but not yet delivered is cancelled."""
+        with self.cond:
+            self.deadline = None
+            if self.fired:
+                _async_raise(self.ident, None)
+                self.fired = False
+
+    def stop(self) -> None:
+        """End the watcher thread."""
+        with self.cond:
+            self.stopped, self.deadline = True, None
+            self.cond.notify()
+        self.thread.join()
+
+
 def scan_files(
-    archive: str, entries: Sequence[tuple[str, int, int]], max_bytes: int
+    archive: str,
+    entries: Sequence[tuple[str, int, int]],
+    max_bytes: int,
+    timeout_s: float | None = None,
 ) -> list[FileOutcome]:
     """Read every ``(path, size, mtime_ns)`` of ``entries`` under ``archive`` (worker task).
 
-    In a process set up by :func:`init_worker` each file gets the per-file time cap; a file
-    exceeding it is quarantined ``timeout``.
+    Each file gets the per-file time cap ``timeout_s`` (default: the one set by
+    :func:`init_worker` in this process; 0: none); a file exceeding it is quarantined
+    ``timeout``. On a process's main thread set up by :func:`init_worker` the cap is
+    SIGALRM; on any other thread (Dask workers) it is a watcher thread.
     """
     root = Path(archive)
+    cap = _timeout_s if timeout_s is None else timeout_s
+    if cap <= 0:
+        return [read_instance(root, p, size, mtime, max_bytes) for p, size, mtime in entries]
+    alarm = (
+        threading.current_thread() is threading.main_thread()
+        and _timeout_s == cap
+        and signal.getsignal(signal.SIGALRM) is _on_alarm
+    )
+    dog = None if alarm else _Watchdog(cap)
     out: list[FileOutcome] = []
-    for path, size, mtime_ns in entries:
-        if _timeout_s > 0:
+    try:
+        for path, size, mtime_ns in entries:
             try:
-                signal.setitimer(signal.ITIMER_REAL, _timeout_s)
+                if dog is None:
+                    signal.setitimer(signal.ITIMER_REAL, cap)
+                else:
+                    dog.arm()
                 outcome = read_instance(root, path, size, mtime_ns, max_bytes)
+                if dog is None:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                else:
+                    dog.disarm()
             except _FileTimeout:
+                if dog is None:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                else:
+                    dog.disarm()
                 outcome = FileOutcome(
-                    path, "quarantined", "timeout", f"over {_timeout_s:g} s", None, size, mtime_ns
+                    path, "quarantined", "timeout", f"over {cap:g} s", None, size, mtime_ns
                 )
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            out.append(outcome)
+    finally:
+        if dog is None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         else:
-            outcome = read_instance(root, path, size, mtime_ns, max_bytes)
-        out.append(outcome)
+            dog.stop()
     return out
 
 
@@ -217,8 +314,12 @@ def read_instance(
         Try the lean reader (:mod:`ctcurate.io.lean`) first; ``False`` reads every file
         with pydicom (the reference the lean reader is tested against).
     """
+    if lean:
+        record = _read_lean_file(str(archive), path, size, mtime_ns, max_bytes)
+        if record is not None:
+            return FileOutcome(path, "indexed", record=record, size=size, mtime_ns=mtime_ns)
     try:
-        record = _read_checked(archive, path, size, mtime_ns, max_bytes, lean)
+        record = _read_checked(archive, path, size, mtime_ns, max_bytes)
     except Reject as rej:
         return FileOutcome(path, rej.status, rej.reason, rej.detail, None, size, mtime_ns)
     except OSError as exc:
@@ -241,8 +342,53 @@ def _resolve(archive: Path, path: str) -> Path:
     return archive.joinpath(*rel.parts)
 
 
+def _plain_path(path: str) -> bool:
+    """Whether ``path`` is relative with no empty, ``.`` or ``..`` part (nor hidden name)."""
+    return (
+        bool(path)
+        and path[0] not in "/."
+        and path[-1] != "/"
+        and "//" not in path
+        and ("/." not in path)
+    )
+
+
+def _read_lean_file(
+    archive: str, path: str, size: int, mtime_ns: int, max_bytes: int
+) -> dict[str, Any] | None:
+    """The row of a clean file by the lean reader, ``None`` to let :func:`_read_checked` read it.
+
+    The same checks as :func:`_read_checked` up to the header read, with plain ``os``
+    calls; anything unusual (an odd path, a stat or read error, a short read) is left to it.
+    """
+    if not _plain_path(path):
+        return None
+    from ctcurate.io.lean import read_lean
+
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is not read)
+        fd = os.open(f"{archive}/{path}", os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return None
+        flags = [] if st.st_size == size and st.st_mtime_ns == mtime_ns else [_CHANGED]
+        head = os.read(fd, _HEAD_BYTES)
+        if len(head) >= st.st_size:  # the whole file
+            return read_lean(None, head, path, size, mtime_ns, st.st_size, flags)
+        if len(head) < _HEAD_BYTES:
+            return None
+        with open(fd, "rb", buffering=0, closefd=False) as fp:
+            return read_lean(fp, head, path, size, mtime_ns, st.st_size, flags)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_checked(
-    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int, lean: bool
+    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int
 ) -> dict[str, Any]:
     full = _resolve(archive, path)
     try:
@@ -261,17 +407,11 @@ def _read_checked(
         raise Reject(reason="too_large", detail=msg)
     flags: list[str] = []
     if st.st_size != size or st.st_mtime_ns != mtime_ns:
-        flags.append("changed_since_snapshot")
+        flags.append(_CHANGED)
 
     with full.open("rb") as fp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         head = fp.read(_HEAD_BYTES)
-        if lean:
-            from ctcurate.io.lean import read_lean
-
-            record = read_lean(fp, head, path, size, mtime_ns, st.st_size, flags)
-            if record is not None:
-                return record
         has_preamble = head[128:132] == b"DICM"
         meta_ts = _meta_transfer_syntax(head) if has_preamble else None
         fp.seek(0)
@@ -438,7 +578,7 @@ def _core_value(ds: Header, keyword: str) -> str | None:
 
 def valid_uid(text: str) -> bool:
     """Whether ``text`` is a DICOM UID (digits and dots, at most 64 characters)."""
-    return len(text) <= _UID_MAX_CHARS and _UID_RE.match(text) is not None
+    return len(text) <= UID_MAX_CHARS and _UID_RE.match(text) is not None
 
 
 def _tag_name(tag: int) -> str:
@@ -601,7 +741,7 @@ def check_pixel_element(
         if not encapsulated:
             msg = f"{name} has undefined length in a native transfer syntax"
             raise Reject(reason="pixel_length_short", detail=msg)
-        _check_fragments(stream, value_start, stream_size, name)
+        check_fragments(stream, value_start, stream_size, name)
         return
     expected = length if encapsulated else expected_pixel_bytes(ds)
     got = min(length, available)
@@ -617,7 +757,13 @@ def _pixel_header(
     if pos + 8 > size:
         return None
     stream.seek(pos)
-    raw = stream.read(12)
+    return pixel_element(stream.read(12), pos, size, implicit=implicit, little=little)
+
+
+def pixel_element(
+    raw: bytes, pos: int, size: int, *, implicit: bool, little: bool
+) -> tuple[int, int, int] | None:
+    """(tag, declared length, value offset) from the (up to) 12 bytes at ``pos``."""
     end = "<" if little else ">"
     group, elem = struct.unpack_from(f"{end}HH", raw, 0)
     tag = group << 16 | elem
@@ -636,7 +782,7 @@ def _pixel_header(
     return tag, length, pos + 8
 
 
-def _check_fragments(stream: BinaryIO, start: int, size: int, name: str) -> None:
+def check_fragments(stream: BinaryIO, start: int, size: int, name: str) -> None:
     """Walk the item headers of encapsulated pixel data (offset table, then fragments)."""
     pos, items = start, 0
     while True:
@@ -713,6 +859,38 @@ def instance_record(
         "burned_in_annotation": _text(ds, "BurnedInAnnotation", flags),
         "flags": sorted(set(flags)),
     }
+
+
+def column_value(ds: Header, kind: str, keyword: str) -> tuple[Any, list[str]]:
+    """One value of :func:`instance_record` computed alone: ``(value, flags)``.
+
+    ``kind`` names the conversion :func:`instance_record` applies to ``keyword``:
+    ``text``, ``uid``, ``date``, ``float``, ``int``, ``core`` (a core attribute, ``None``
+    when missing or invalid), ``floats2`` / ``floats3`` (a list of 2 or 3 numbers) or
+    ``orientation``.
+    """
+    flags: list[str] = []
+    value: Any
+    if kind == "text":
+        value = _text(ds, keyword, flags)
+    elif kind == "uid":
+        value = _uid(ds, keyword, flags)
+    elif kind == "date":
+        value = _date(ds, keyword, flags)
+    elif kind == "float":
+        value = _float(ds, keyword, flags)
+    elif kind == "int":
+        value = _int(ds, keyword)
+    elif kind == "core":
+        value = _core_value(ds, keyword)
+    elif kind in {"floats2", "floats3"}:
+        value = _floats(ds, keyword, int(kind[-1]), flags)
+    elif kind == "orientation":
+        value = _orientation(ds, flags)
+    else:
+        msg = f"unknown column kind {kind!r}"
+        raise ValueError(msg)
+    return value, flags
 
 
 def _flag(keyword: str) -> str:

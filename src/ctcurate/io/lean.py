@@ -6,27 +6,44 @@ pixel data, and converts only the needed values. It gives the same ``instances``
 the pydicom path of :mod:`ctcurate.io.dicom` or gives up (returns ``None``) so that the
 pydicom path decides. It gives up on anything it cannot prove clean:
 
-- a file whose checks would fail (not indexable, PHI, missing or short pixel data): the
-  pydicom path names the reason;
+- a file whose checks would fail (not indexable, PHI, missing or short pixel data, a
+  missing, invalid or multi-valued core attribute): the pydicom path names the reason;
 - Deflated and Big Endian syntaxes, unknown VRs, ``UN`` elements, undefined lengths
   outside sequences and encapsulated pixel data, an element past the bytes read, nesting
-  deeper than pydicom's PHI walk, a file meta that does not parse;
+  deeper than pydicom's PHI walk, a file meta that does not parse, a needed attribute
+  seen twice;
 - a PHI-bearing attribute that is not empty, at any depth of any sequence (so the PHI
   verdict and its detail always come from the pydicom path);
 - a needed value that is not plain printable ASCII, a DS/IS that does not match the
   strict grammar, a binary value of unexpected length, a needed value whose VR differs
   from the dictionary's, a character set other than the default, Latin-1 or UTF-8.
 
-The values of the needed attributes are then converted as pydicom converts them
-(differential tests compare both paths on every file of the synthetic archive and of
-pydicom's own test files), and the same record builder runs on them.
+How it stays fast (about 10x fewer Python operations per file than a generic walk):
+
+- the top-level walk looks each element up by its 6 header bytes (tag and VR) in a table
+  of plans filled on first sight: most elements cost one unpack, one lookup and one
+  addition; needed values are kept as raw bytes;
+- the values shared by the files of a series (UIDs, descriptions, geometry of the grid,
+  pixel attributes...) are converted once per distinct combination
+  (:func:`shared_columns`, cached); only SOPInstanceUID, ImagePositionPatient and
+  InstanceNumber are converted per file, by narrow fast paths that fall back to the
+  reference conversion for anything unusual.
+
+The values are converted as pydicom converts them: each column is the pydicom path's
+record builder applied to the lean conversion of its attribute
+(:func:`column_reference`). Differential tests compare both paths on every file of the
+synthetic archive and of pydicom's own test files, and property tests compare the fast
+paths with the reference conversion.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import re
 import struct
 from functools import lru_cache
+from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -88,7 +105,6 @@ _DS_RE = re.compile(rb"^ *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? 
 _IS_RE = re.compile(rb"^ *[+-]?[0-9]+ *$")
 _PRINTABLE_RE = re.compile(rb"^[\x20-\x7e]*$")
 _VR_LIKE = re.compile(rb"^[A-Z]{2}$")
-_SPLIT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
 _U16 = struct.Struct("<H")
 _TAG_VR_LEN16 = struct.Struct("<HH2sH")
 _U32 = struct.Struct("<L")
@@ -299,33 +315,44 @@ class _Walker:
 
 def _meta(head: bytes) -> tuple[int, str, str | None]:
     """Offset after the file meta, its TransferSyntaxUID and MediaStorageSOPClassUID."""
-    pos, values = 132, {}
-    while pos + 8 <= len(head):
+    pos, n, ts, sop = 132, len(head), None, None
+    while pos + 8 <= n:
         group, elem, vr, length = _TAG_VR_LEN16.unpack_from(head, pos)
         if group != 0x0002:
             break
-        if vr not in _VRS or vr in {b"SQ", b"UN"}:
+        info = _META_VRS.get(vr)
+        if info is None:
             raise _GiveUp
-        if vr in _LONG:
-            if pos + 12 > len(head):
+        if info:
+            if pos + 12 > n:
                 raise _GiveUp
             length = _U32.unpack_from(head, pos + 8)[0]
             start = pos + 12
         else:
             start = pos + 8
-        if length == _UNDEFINED or start + length > len(head):
-            raise _GiveUp
-        values[elem] = head[start : start + length]
         pos = start + length
-    ts = values.get(0x0010)
+        if length == _UNDEFINED or pos > n:
+            raise _GiveUp
+        if elem == 0x0010:
+            ts = head[start:pos]
+        elif elem == 0x0002:
+            sop = head[start:pos]
     if ts is None:
         raise _GiveUp
+    ts_text, sop_text = _meta_uids(ts, sop)
+    return pos, ts_text, sop_text
+
+
+_META_VRS = {vr: long for vr, (_, long) in _VR_INFO.items() if vr not in {b"SQ", b"UN"}}
+
+
+@lru_cache(maxsize=1024)
+def _meta_uids(ts: bytes, sop: bytes | None) -> tuple[str, str | None]:
     ts_text = convert("UI", ts)
-    sop = values.get(0x0002)
     sop_text = convert("UI", sop) if sop is not None else None
     if ts_text != ts.decode("ascii").rstrip(" \x00") or not dicom.valid_uid(ts_text):
         raise _GiveUp
-    return pos, ts_text, sop_text
+    return ts_text, sop_text
 
 
 @lru_cache(maxsize=256)
@@ -343,8 +370,391 @@ def _syntax_ok(ts: str) -> bool:
     return True
 
 
+# --- the fast top-level walk ----------------------------------------------------------------
+#
+# Each element of the top-level dataset is looked up by its first 6 bytes (tag and VR, as
+# they are in the file; the 4-byte tag for implicit VR) in a table of what to do with it
+# (a "plan"), filled the first time a tag and VR are seen. Most elements are skipped
+# with one unpack, one lookup and one addition; an element running past the bytes read
+# ends the loop, and the walk gives up.
+
+
+def _le(tag: int) -> int:
+    """A tag as the little endian 32-bit word of its bytes in the file."""
+    return (tag & 0xFFFF) << 16 | tag >> 16
+
+
+_NEED, _PHI_CHECK, _PIXEL = 1, 2, 3
+_ACTION: dict[int, int] = (
+    dict.fromkeys(map(_le, _NEEDED), _NEED)
+    | dict.fromkeys(map(_le, _PHI), _PHI_CHECK)
+    | dict.fromkeys(map(_le, dicom.PIXEL_TAGS), _PIXEL)
+)
+_NEEDED_VR = {_le(tag): vr for tag, (_, vr) in _NEEDED.items()}
+#: Plans: skip a short / long element, keep a needed value, check a PHI value (short,
+#: long, sequence), walk a sequence, stop at the pixel element (short, long header).
+_SKIP, _SKIP_LONG, _KEEP, _PHI_SHORT, _PHI_LONG, _PHI_SEQ, _SEQ, _PIX, _PIX_LONG = range(9)
+_TAG_VR = struct.Struct("<L2s")
+_KEY_LEN16 = struct.Struct("<6sH")
+_LE_TAG_LEN = struct.Struct("<LL")
+_MAX_PLANS = 1 << 16  # distinct tags remembered (a fuzzed archive must not grow it freely)
+_explicit_plans: dict[bytes, int] = {}
+_implicit_plans: dict[int, int] = {}
+
+
+def _key(tag_le: int, vr: str) -> bytes:
+    return _TAG_VR.pack(tag_le, vr.encode())
+
+
+def _plan(tag: int, vr: str, long: bool) -> int:
+    """What the walk does with a top-level element (raises _GiveUp where :class:`_Walker`
+    gives up whatever the element's value)."""
+    group = tag & 0xFFFF
+    if group == 0x0002 or group == 0xFFFE or vr == "UN":  # noqa: PLR1714 - ints
+        if tag in _PIXEL_LE:
+            return _PIX_LONG if long else _PIX
+        raise _GiveUp
+    action = _ACTION.get(tag)
+    if action == _PIXEL:
+        return _PIX_LONG if long else _PIX
+    if action == _PHI_CHECK:
+        return _PHI_SEQ if vr == "SQ" else _PHI_LONG if long else _PHI_SHORT
+    if vr == "SQ":
+        return _SEQ
+    if action == _NEED:
+        if vr != _NEEDED_VR[tag] or long:
+            raise _GiveUp
+        return _KEEP
+    return _SKIP_LONG if long else _SKIP
+
+
+def _explicit_plan(key: bytes) -> int:
+    tag, vr_bytes = _TAG_VR.unpack(key)
+    info = _VR_INFO.get(vr_bytes)
+    if info is None:
+        raise _GiveUp
+    plan = _plan(tag, *info)
+    if len(_explicit_plans) < _MAX_PLANS:
+        _explicit_plans[key] = plan
+    return plan
+
+
+def _implicit_plan(tag: int, length: int) -> int:
+    vr = _implicit_vr(_le(tag), length)  # the swap is its own inverse
+    plan = _plan(tag, vr, False)
+    if length != _UNDEFINED and len(_implicit_plans) < _MAX_PLANS:
+        _implicit_plans[tag] = plan  # an undefined length may change the VR (UN)
+    return plan
+
+
+_PIXEL_LE = frozenset(map(_le, dicom.PIXEL_TAGS))
+_IMPLICIT_KEYS = {tag: _key(tag, vr) for tag, vr in _NEEDED_VR.items()}
+
+
+def walk_top(buf: bytes, pos: int, implicit: bool) -> tuple[dict[bytes, bytes], int]:
+    """The raw bytes of the needed top-level values and the offset of the pixel element.
+
+    The same walk as :class:`_Walker` at depth 0 (sequences are walked by it), keeping
+    the undecoded values (keyed by their 6 bytes of tag and VR); raises _GiveUp where it
+    does, and on a needed tag seen twice.
+    """
+    if implicit:
+        return _walk_implicit(buf, pos)
+    n = len(buf)
+    raw: dict[bytes, bytes] = {}
+    unpack = _KEY_LEN16.unpack_from
+    plans = _explicit_plans
+    while pos + 8 <= n:
+        key, length = unpack(buf, pos)
+        plan = plans.get(key)
+        if plan is None:
+            plan = _explicit_plan(key)
+        if plan == _SKIP:
+            pos += 8 + length
+        elif plan == _KEEP:
+            start = pos + 8
+            pos = start + length
+            if pos > n or key in raw:
+                raise _GiveUp
+            raw[key] = buf[start:pos]
+        elif plan == _SKIP_LONG:  # an undefined length jumps past the end: gives up
+            pos += 12 + _U32.unpack_from(buf, pos + 8)[0]
+        elif plan == _PIX:
+            return raw, pos
+        elif plan == _PIX_LONG:
+            if pos + 12 > n:
+                raise _GiveUp
+            return raw, pos
+        elif plan == _PHI_SHORT:
+            if buf[pos + 8 : pos + 8 + length].strip(_EMPTY_PHI):
+                raise _GiveUp
+            pos += 8 + length
+        else:  # long PHI values and sequences
+            length = _U32.unpack_from(buf, pos + 8)[0]
+            start = pos + 12
+            if plan == _PHI_LONG:
+                _check_phi("OB", buf, start, length)
+                pos = start + length
+                continue
+            if plan == _PHI_SEQ:
+                _check_phi("SQ", buf, start, length)
+            pos = _Walker(buf, implicit=False).sequence(start, length, 1)
+    raise _GiveUp  # no pixel element in the bytes read: the pydicom path decides
+
+
+def _walk_implicit(buf: bytes, pos: int) -> tuple[dict[bytes, bytes], int]:
+    """:func:`walk_top` of an implicit VR little endian dataset."""
+    n = len(buf)
+    raw: dict[bytes, bytes] = {}
+    unpack = _LE_TAG_LEN.unpack_from
+    plans = _implicit_plans
+    while pos + 8 <= n:
+        tag, length = unpack(buf, pos)
+        plan = plans.get(tag) if length != _UNDEFINED else None
+        if plan is None:
+            plan = _implicit_plan(tag, length)
+        start = pos + 8
+        if plan == _SKIP:
+            pos = start + length
+        elif plan == _KEEP:
+            pos = start + length
+            key = _IMPLICIT_KEYS[tag]
+            if pos > n or key in raw:
+                raise _GiveUp
+            raw[key] = buf[start:pos]
+        elif plan == _PIX:
+            return raw, pos
+        elif plan in {_PHI_SHORT, _PHI_SEQ}:
+            _check_phi("SQ" if plan == _PHI_SEQ else "", buf, start, length)
+            if plan == _PHI_SEQ:
+                pos = _Walker(buf, implicit=True).sequence(start, length, 1)
+            else:
+                pos = start + length
+        else:  # _SEQ (implicit VR elements are never "long")
+            pos = _Walker(buf, implicit=True).sequence(start, length, 1)
+    raise _GiveUp
+
+
+# --- the record, column by column -----------------------------------------------------------
+
+_T = {k: _key(_le(t), vr) for t, (k, vr) in _NEEDED.items()}
+_UID_BYTES_RE = re.compile(rb"[0-9]+(?:\.[0-9]+)*")
+_DS_NUM = rb" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *"
+_DS3_RE = re.compile(_DS_NUM + rb"\\" + _DS_NUM + rb"\\" + _DS_NUM)
+_IS15_RE = re.compile(rb" *[+-]?[0-9]{1,15} *")
+_isfinite = math.isfinite
+#: ``(column, keyword, kind)`` of the columns shared by the files of a series, computed
+#: by :func:`column_reference` (kinds of :func:`ctcurate.io.dicom.column_value`).
+SHARED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("series_instance_uid", "SeriesInstanceUID", "core"),
+    ("study_instance_uid", "StudyInstanceUID", "uid"),
+    ("patient_id", "PatientID", "text"),
+    ("study_date", "StudyDate", "date"),
+    ("modality", "Modality", "core"),
+    ("image_type", "ImageType", "text"),
+    ("series_description", "SeriesDescription", "text"),
+    ("body_part_examined", "BodyPartExamined", "text"),
+    ("convolution_kernel", "ConvolutionKernel", "text"),
+    ("manufacturer", "Manufacturer", "text"),
+    ("slice_thickness", "SliceThickness", "float"),
+    ("rows", "Rows", "int"),
+    ("columns", "Columns", "int"),
+    ("rescale_slope", "RescaleSlope", "float"),
+    ("rescale_intercept", "RescaleIntercept", "float"),
+    ("burned_in_annotation", "BurnedInAnnotation", "text"),
+    ("image_orientation", "ImageOrientationPatient", "orientation"),
+)
+#: Attributes whose values are usually the same for every file of a series.
+_SHARED_KEYWORDS = (
+    *(kw for _, kw, _ in SHARED_COLUMNS),
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "PixelSpacing",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+)
+_SHARED_TAGS = tuple(_T[k] for k in _SHARED_KEYWORDS)
+_PIXEL_KEYWORDS = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "PhotometricInterpretation",
+)
+_SOP_INSTANCE, _POSITION, _NUMBER = (
+    _T[k] for k in ("SOPInstanceUID", "ImagePositionPatient", "InstanceNumber")
+)
+
+
+def _header(values: dict[str, bytes | None], meta_sop: str | None = None) -> LeanHeader:
+    """A header holding the lean conversion of raw values (keywords; None: absent)."""
+    converted = {
+        _BY_KEYWORD[k]: convert(_NEEDED[_BY_KEYWORD[k]][1], v)
+        for k, v in values.items()
+        if v is not None
+    }
+    return LeanHeader(converted, LeanMeta(meta_sop))
+
+
+def column_reference(kind: str, keyword: str, raw: bytes | None) -> tuple[Any, tuple[str, ...]]:
+    """``(value, flags)`` of one column from the raw value of its attribute.
+
+    The pydicom path's record builder applied to the lean conversion of ``raw``; raises
+    _GiveUp where the conversion does and where a core attribute is missing or invalid.
+    """
+    header = _header({keyword: raw})
+    if kind == "core" and isinstance(header.get(keyword), list):
+        raise _GiveUp  # pydicom's MultiValue is no core value
+    value, flags = dicom.column_value(header, kind, keyword)
+    if kind == "core" and value is None:
+        raise _GiveUp  # the pydicom path names the missing attribute
+    return value, tuple(flags)
+
+
+@lru_cache(maxsize=512)  # files come in path order: a series' files follow each other
+def shared_columns(
+    raws: tuple[bytes | None, ...], meta_sop: str | None, native: bool
+) -> tuple[dict[str, Any], tuple[str, ...], int]:
+    """Columns, flags and expected native pixel bytes (-1: encapsulated) of shared values.
+
+    ``raws`` are the raw values of :data:`_SHARED_KEYWORDS` (None: absent). Raises
+    _GiveUp on anything the pydicom path must decide: a conversion that gives up, a
+    character set other than plain ones, a DICOMDIR, missing core or pixel attributes.
+    """
+    values = dict(zip(_SHARED_KEYWORDS, raws, strict=True))
+    header = _header(values, meta_sop)  # converts every value (gives up where convert does)
+    charset = header.get("SpecificCharacterSet")
+    if isinstance(charset, list) or (charset or "") not in PLAIN_CHARSETS:
+        raise _GiveUp
+    sop = dicom.sop_class(header)
+    if sop == dicom.DICOMDIR_SOP_CLASS:
+        raise _GiveUp
+    columns: dict[str, Any] = {"sop_class_uid": sop}
+    flags: list[str] = []
+    for col, keyword, kind in SHARED_COLUMNS:
+        columns[col], bad = column_reference(kind, keyword, values[keyword])
+        flags += bad
+    spacing, bad = column_reference("floats2", "PixelSpacing", values["PixelSpacing"])
+    flags += bad
+    columns["pixel_spacing_row"] = spacing[0] if spacing else None
+    columns["pixel_spacing_col"] = spacing[1] if spacing else None
+    frames, _ = column_reference("int", "NumberOfFrames", values["NumberOfFrames"])
+    if frames is not None and frames > 1:
+        flags.append("multiframe")
+    expected = -1
+    if native:
+        try:
+            expected = dicom.expected_pixel_bytes(_header({k: values[k] for k in _PIXEL_KEYWORDS}))
+        except dicom.Reject:
+            raise _GiveUp from None
+    return columns, tuple(flags), expected
+
+
+def sop_instance_uid(raw: bytes | None) -> str:
+    """SOPInstanceUID as the core check reads it; _GiveUp unless a plain valid UID."""
+    if raw is None:
+        raise _GiveUp
+    text = raw.rstrip(b" \x00").lstrip(b" ")
+    if len(text) > dicom.UID_MAX_CHARS or _UID_BYTES_RE.fullmatch(text) is None:
+        raise _GiveUp
+    return text.decode("ascii")
+
+
+def image_position(raw: bytes | None) -> tuple[list[float] | None, tuple[str, ...]]:
+    """ImagePositionPatient as :func:`column_reference` gives it (three plain numbers fast)."""
+    if raw is not None and _DS3_RE.fullmatch(raw) is not None:
+        a, b, c = raw.split(b"\\")
+        values = [float(a), float(b), float(c)]
+        if _isfinite(values[0]) and _isfinite(values[1]) and _isfinite(values[2]):
+            return values, ()
+    return column_reference("floats3", "ImagePositionPatient", raw)
+
+
+def instance_number(raw: bytes | None) -> int | None:
+    """InstanceNumber as :func:`column_reference` gives it (a plain integer fast)."""
+    if raw is not None and _IS15_RE.fullmatch(raw) is not None:
+        return int(raw)
+    value, _ = column_reference("int", "InstanceNumber", raw)
+    return value  # type: ignore[no-any-return]
+
+
+def site_of(path: str) -> str | None:
+    """The first folder of ``path`` (``None`` for a file at the archive root)."""
+    if path and path[0] not in "/." and path[-1] != "/" and "//" not in path and "/." not in path:
+        i = path.find("/")
+        return path[:i] if i > 0 else None
+    parts = PurePosixPath(path).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def lean_record(
+    raw: dict[bytes, bytes],
+    meta_sop: str | None,
+    path: str,
+    size: int,
+    mtime_ns: int,
+    ts: str,
+    flags: list[str],
+) -> tuple[dict[str, Any], int]:
+    """The ``instances`` row from the raw needed values (what ``instance_record`` gives)
+    and the native pixel bytes expected (-1 for an encapsulated syntax)."""
+    shared, shared_flags, expected = shared_columns(
+        tuple(map(raw.get, _SHARED_TAGS)), meta_sop, ts in dicom.NATIVE_SYNTAXES
+    )
+    position, position_flags = image_position(raw.get(_POSITION))
+    record = shared.copy()
+    record["path"] = path
+    record["size"] = size
+    record["mtime_ns"] = mtime_ns
+    site = record["site"] = site_of(path)
+    record["sop_instance_uid"] = sop_instance_uid(raw.get(_SOP_INSTANCE))
+    record["image_position_x"] = position[0] if position else None
+    record["image_position_y"] = position[1] if position else None
+    record["image_position_z"] = position[2] if position else None
+    record["instance_number"] = instance_number(raw.get(_NUMBER))
+    record["transfer_syntax_uid"] = ts
+    if flags or shared_flags or position_flags or site is None:
+        every = [*flags, *shared_flags, *position_flags]
+        if site is None:
+            every.append("no_site")
+        record["flags"] = sorted(set(every))
+    else:
+        record["flags"] = []
+    return record, expected
+
+
+def _check_pixels(
+    fp: BinaryIO | None, head: bytes, pos: int, file_size: int, implicit: bool, expected: int
+) -> None:
+    """Give up unless the pixel element at ``pos`` holds what ``check_pixel_element`` wants."""
+    whole = len(head) >= file_size
+    if pos + 8 > file_size or (fp is None and not whole):
+        raise _GiveUp
+    if whole or pos + 12 <= len(head):
+        element = dicom.pixel_element(
+            head[pos : pos + 12], pos, file_size, implicit=implicit, little=True
+        )
+    else:
+        assert fp is not None
+        fp.seek(pos)
+        element = dicom.pixel_element(fp.read(12), pos, file_size, implicit=implicit, little=True)
+    if element is None:
+        raise _GiveUp
+    _, length, value_start = element
+    if length == _UNDEFINED:
+        if expected >= 0:  # undefined length in a native syntax
+            raise _GiveUp
+        stream = io.BytesIO(head) if whole or fp is None else fp
+        dicom.check_fragments(stream, value_start, file_size, "")
+    elif min(length, file_size - value_start) < (length if expected < 0 else expected):
+        raise _GiveUp
+
+
 def read_lean(
-    fp: BinaryIO,
+    fp: BinaryIO | None,
     head: bytes,
     path: str,
     size: int,
@@ -355,7 +765,8 @@ def read_lean(
     """The ``instances`` row of a clean file, or ``None`` to let the pydicom path decide.
 
     ``head`` holds the first bytes of the file (the whole file when it is small); ``fp``
-    is the open file (read for encapsulated pixel data); ``size`` and ``mtime_ns`` are
+    is the open file (read for pixel data past ``head``; ``None`` when ``head`` holds the
+    whole file); ``size`` and ``mtime_ns`` are
     its listing row, ``file_size`` its size now; ``flags`` the flags found so far.
     """
     if len(head) < 132 or head[128:132] != b"DICM":
@@ -364,22 +775,12 @@ def read_lean(
         start, ts, meta_sop = _meta(head)
         if not _syntax_ok(ts):
             return None
-        walker = _Walker(head, implicit=ts == ImplicitVRLittleEndian)
-        if walker.implicit and _VR_LIKE.match(head[start + 4 : start + 6]):
+        implicit = ts == ImplicitVRLittleEndian
+        if implicit and _VR_LIKE.match(head[start + 4 : start + 6]):
             return None  # an explicit VR dataset under an implicit syntax: pydicom guesses
-        walker.dataset(start, len(head), 0)
-        if walker.pixel_pos is None:
-            return None
-        header = LeanHeader(walker.needed, LeanMeta(meta_sop))
-        charset = header.get("SpecificCharacterSet")
-        if isinstance(charset, list) or (charset or "") not in PLAIN_CHARSETS:
-            return None
-        if dicom.sop_class(header) == dicom.DICOMDIR_SOP_CLASS:
-            return None
-        dicom.check_core(header, trusted=True)
-        dicom.check_pixel_element(
-            header, ts, fp, walker.pixel_pos, file_size, implicit=walker.implicit, little=True
-        )
-        return dicom.instance_record(header, path, size, mtime_ns, ts, flags)
-    except (_GiveUp, dicom.Reject, struct.error, UnicodeDecodeError, ValueError):
+        raw, pixel_pos = walk_top(head, start, implicit)
+        record, expected = lean_record(raw, meta_sop, path, size, mtime_ns, ts, flags)
+        _check_pixels(fp, head, pixel_pos, file_size, implicit, expected)
+    except Exception:  # _GiveUp, a Reject, or bytes that break a conversion: pydicom decides
         return None
+    return record
