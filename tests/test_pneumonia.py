@@ -19,6 +19,7 @@ from ctcurate.pneumonia import (
     SelectorModel,
     fit_selector,
     model_bytes,
+    model_inputs,
     model_version,
     opacity_features,
     read_model,
@@ -158,6 +159,45 @@ def test_border_consolidation_shows_in_the_features() -> None:
     assert f["border_fill_fraction"] > 0.03
     assert f["consolidation_fraction"] > 0.03
     assert f["peripheral_share"] > 0.5  # against the chest wall
+
+
+def test_features_are_the_same_anatomy_at_a_finer_pixel_spacing() -> None:
+    hu, _ = chest(ggo=[(2, 20, 9), (5, 20, 30)])
+    hu[5:7, 14:16, 9:11] = -450.0  # a nodule of 8 x 8 x 8 mm
+    coarse = features_of(hu)
+    fine_hu = np.repeat(np.repeat(hu, 2, axis=1), 2, axis=2)
+    thr, robust = lung_masks(fine_hu, (4.0, 2.0, 2.0))
+    fine = dict(zip(FEATURES, opacity_features(fine_hu, (4.0, 2.0, 2.0), thr, robust), strict=True))
+    assert coarse["ggo_fraction"] > 0.02
+    assert fine["ggo_fraction"] == pytest.approx(coarse["ggo_fraction"], rel=0.25)
+    assert coarse["small_opacity_density"] > 0.0
+    assert fine["small_opacity_density"] == pytest.approx(coarse["small_opacity_density"], rel=0.05)
+
+
+def test_a_small_nodule_counts_per_litre_of_lung() -> None:
+    hu, lung = chest(nz=10)
+    clear = features_of(hu)
+    nodule = hu.copy()
+    nodule[4:6, 20:22, 9:11] = -450.0  # 8 x 8 x 8 mm, a few pixels: no median may erase it
+    f = features_of(nodule)
+    litres = float(lung.sum()) * 64.0 / 1e6
+    assert clear["nodule_density"] == 0.0
+    assert f["nodule_density"] == pytest.approx(1.0 / litres, rel=0.3)
+    assert f["small_opacity_density"] >= f["nodule_density"]
+
+
+def test_model_inputs_put_fractions_on_a_log_scale() -> None:
+    row = np.zeros(len(FEATURES))
+    row[FEATURES.index("ggo_fraction")] = 0.099
+    row[FEATURES.index("nodule_density")] = np.e - 1.0
+    row[FEATURES.index("bilateral_share")] = 0.5
+    out = model_inputs(row)[0]
+    assert out[FEATURES.index("ggo_fraction")] == pytest.approx(-1.0)
+    assert out[FEATURES.index("consolidation_fraction")] == pytest.approx(-3.0)
+    assert out[FEATURES.index("nodule_density")] == pytest.approx(1.0)
+    assert out[FEATURES.index("bilateral_share")] == 0.5
+    with pytest.raises(ValueError, match="expected 10 features"):
+        model_inputs(np.zeros((2, 4)))
 
 
 def test_an_empty_lung_gives_zero_features() -> None:

@@ -327,7 +327,14 @@ def test_audit_against_truth() -> None:
     assert report["series_selected"] == 3
     assert report["precision"] == pytest.approx(1 / 3)
     assert report["recall"] == pytest.approx(1 / 2)  # studies 9.1 found, 9.3 missed
-    assert report["eligible_recall"] == pytest.approx(2 / 3)  # 9.1, 9.2 of 9.1-9.3
+    # 9.1 and 9.3 hold an eligible pneumonia chest CT; 9.3 was missed
+    assert report["eligible_recall"] == pytest.approx(1 / 2)
+    assert report["pneumonia_studies"] == {
+        "total": 2,
+        "found": 1,
+        "eligible": 2,
+        "eligible_found": 1,
+    }
     assert report["truth_unmatched"] == 1
     assert report["per_site"]["H01"] == {
         "precision": 0.5,
@@ -335,6 +342,12 @@ def test_audit_against_truth() -> None:
         "eligible_recall": 1.0,
     }
     assert report["per_site"]["H02"] == {"precision": 0.0, "recall": 0.0, "eligible_recall": 0.0}
+    # a trap that makes a rule reject 9.3's only series takes it out of the eligible recall
+    blocked = select.summarize(selection, truth, frozenset({"1.3"}))
+    assert blocked["recall"] == pytest.approx(1 / 2)
+    assert blocked["eligible_recall"] == 1.0
+    assert blocked["pneumonia_studies"]["eligible"] == 1
+    assert blocked["per_site"]["H02"]["eligible_recall"] is None
 
 
 def write_index(folder: Path, rows: list[dict[str, Any]]) -> Path:

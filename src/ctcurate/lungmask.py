@@ -1,16 +1,24 @@
 """Lung masks of a CT volume in Hounsfield units: a plain threshold and a consolidation-robust one.
 
-Axis order is (z, y, x) with axial slices along z; pixel size does not matter (both masks
-work in voxels). Two masks:
+Axis order is (z, y, x) with axial slices along z. Every size is in millimetres and turned
+into voxels with the volume's spacing, so sites with other pixel spacings or slice
+thicknesses get the same anatomy. Two masks:
 
 * :func:`threshold_lung_mask` — the baseline: air-like voxels (``< hu_max``) inside the
   body, the large components, each slice's holes (vessels) filled. Dense consolidation at
   the lung's border is not a hole, so it is lost.
-* :func:`robust_lung_mask` — the threshold mask with each lung's concave bays closed per
-  slice: the convex hull of each lung's pixels in a slice is added, except medial of the
-  lung's innermost air pixel of each row (the heart, the great vessels and the spine bulge
-  into the lung from the middle, consolidation fills it from the chest wall). Consolidation
-  against the chest wall or inside the lung becomes lung again.
+* :func:`robust_lung_mask` — the threshold mask plus two recoveries, per slice and lung:
+
+  1. *bays*: the convex hull of the lung's aerated pixels, except medial of the innermost
+     aerated pixel of each row (the heart, the great vessels and the spine bulge into the
+     lung from the middle; consolidation fills it from the chest wall);
+  2. *chest wall*: dense soft tissue between the lung and the chest wall. The chest wall
+     is the bony cage — the convex hull of the bone (ribs, spine) within
+     :data:`CAGE_WINDOW_MM` above and below the slice, pulled in by
+     :data:`CAGE_WALL_MM` (the ribs' own thickness). Inside it, non-bone tissue denser
+     than air that touches the lung, lies lateral of the lung's medial limit and within
+     :data:`WALL_REACH_MM` of the aerated lung's rows becomes lung: consolidation against
+     the pleura that the hull of the aerated lung cannot reach.
 
 :func:`dice` compares a mask with the true lung.
 """
@@ -30,6 +38,28 @@ LUNG_HU_MAX = -400.0
 MIN_COMPONENT_FRACTION = 0.05
 #: A lung needs at least this many pixels in a slice before its hull is taken.
 MIN_HULL_PIXELS = 8
+#: Bone (ribs, spine) is at least this dense (HU); the chest wall's cage is built from it.
+BONE_HU_MIN = 200.0
+#: Tissue below this (HU) can be consolidated lung (bone and contrast are denser).
+DENSE_HU_MAX = 150.0
+#: Bone within this distance (mm) above and below a slice makes its cage (ribs run obliquely,
+#: so one slice cuts only a few of them).
+CAGE_WINDOW_MM = 15.0
+#: The cage's hull is pulled in by this much (mm): the ribs' thickness.
+CAGE_WALL_MM = 6.0
+#: A chest-wall fill is at most this fraction of the lung's aerated pixels in the slice (a
+#: lung apex or base surrounded by soft tissue is not consolidated).
+WALL_MAX_FRACTION = 0.5
+#: Chest-wall fill thinner than this (mm) is a rim of the wall itself, not consolidation.
+WALL_MIN_THICKNESS_MM = 8.0
+#: No chest-wall fill where a lung's aerated slice is below this fraction of the largest
+#: slice's (per lung: half the slice total).
+WALL_MIN_AREA_FRACTION = 0.3
+#: A chest-wall fill touching more than this fraction of the lung's outline wraps around it:
+#: soft tissue between a narrow lung and the cage (the upper chest), not consolidation.
+WALL_MAX_CONTACT = 0.4
+#: Rows without aerated lung get chest-wall fill only this close (mm) to rows with some.
+WALL_REACH_MM = 20.0
 #: Pixel centres this close to a hull edge (pixels) count as inside.
 _EDGE_TOL = 1e-6
 
@@ -119,13 +149,12 @@ def _hull_2d(mask: BoolArray) -> BoolArray:
     return out
 
 
-def _close_lung_slice(lung: BoolArray, midline: float) -> BoolArray:
-    """One slice of one lung: its hull, minus what lies medial of each row's innermost pixel."""
-    if int(lung.sum()) < MIN_HULL_PIXELS:
-        return lung
-    hull = _hull_2d(lung)
-    cols = np.arange(lung.shape[1], dtype=np.float64)
-    distance = np.abs(cols - midline)[None, :]
+def _close_lung_slice(lung: BoolArray, distance: npt.NDArray[np.float64]) -> BoolArray:
+    """One slice of one lung: its hull, minus what lies medial of each row's innermost pixel.
+
+    ``distance`` is each column's distance from the midline (a (1, x) row).
+    """
+    hull = _hull_2d(_boundary(lung))
     big = np.float64(np.inf)
     innermost = np.where(lung, np.broadcast_to(distance, lung.shape), big).min(axis=1)
     # rows without lung pixels (a consolidated band across the whole lung) keep the hull
@@ -134,24 +163,73 @@ def _close_lung_slice(lung: BoolArray, midline: float) -> BoolArray:
     return closed
 
 
+def _mm_to_px(mm: float, spacing: float) -> int:
+    return max(round(mm / spacing), 1)
+
+
+def _medial_limit(lung: BoolArray, distance: npt.NDArray[np.float64], reach_px: int) -> Any:
+    """Per row, the distance from the midline of the lung's innermost pixel.
+
+    Rows without lung pixels take the limit of the nearest row that has some, when it is
+    at most ``reach_px`` rows away; farther rows get +inf (nothing allowed).
+    """
+    big = np.float64(np.inf)
+    innermost = np.where(lung, np.broadcast_to(distance, lung.shape), big).min(axis=1)
+    has = np.isfinite(innermost)
+    if not has.any():
+        return innermost
+    gap, (nearest,) = ndimage.distance_transform_edt(~has, return_indices=True)
+    out = innermost[nearest]
+    out[gap > reach_px] = big
+    return out
+
+
+def _boundary(mask: BoolArray) -> BoolArray:
+    """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others)."""
+    edge: BoolArray = mask & ~ndimage.binary_erosion(mask)
+    return edge
+
+
 def lung_masks(
-    image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_MAX
+    image_hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    hu_max: float = LUNG_HU_MAX,
 ) -> tuple[BoolArray, BoolArray]:
     """(threshold mask, robust mask) of one volume, sharing the body and threshold steps.
 
-    The robust mask: the threshold mask is split per slice at the body's midline column
-    into the two lungs (components reaching the midline, the airways, are dropped first);
-    each lung's convex hull is added except medial of the lung's innermost threshold pixel
-    of each row; each slice's holes are filled.
+    ``spacing_mm`` is the (z, y, x) voxel size. The robust mask: per slice, the threshold
+    mask is split at the body's midline column into the two lungs (components reaching the
+    midline, the airways, are dropped first); each lung gets its bays closed and the dense
+    tissue between it and the bony chest wall (see the module text); each slice's holes
+    are filled.
     """
     img = np.asarray(image_hu, dtype=np.float32)
     if img.ndim != 3:
         msg = f"expected a (z, y, x) volume, got shape {img.shape}"
         raise ValueError(msg)
+    dz, dy, dx = (float(v) for v in spacing_mm)
+    if not min(dz, dy, dx) > 0:
+        msg = f"spacing must be positive, got {spacing_mm}"
+        raise ValueError(msg)
     body = body_mask(img, hu_max)
     base = _threshold_in_body(img, body, hu_max)
     out = base.copy()
+    if not base.any():
+        return base, out
+    bone = (img >= BONE_HU_MIN) & body
+    cage_bone = ndimage.maximum_filter1d(
+        bone, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
+    )
+    dense = (img >= hu_max) & (img < DENSE_HU_MAX) & ~bone & body
+    reach_px = max(round(WALL_REACH_MM / dy), 1)
+    ry, rx = (max(round(WALL_MIN_THICKNESS_MM / 2.0 / v), 1) for v in (dy, dx))
+    yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
+    rim = ((yy / ry) ** 2 + (xx / rx) ** 2) <= 1.0
     cols = np.arange(img.shape[2], dtype=np.float64)
+    # the lung's tips (apex, costophrenic recesses) sit in soft tissue: no chest-wall fill
+    # in a slice where the lung is smaller than WALL_MIN_AREA_FRACTION of its largest slice
+    area = base.sum(axis=(1, 2))
+    min_area = WALL_MIN_AREA_FRACTION * float(area.max()) / 2.0
     for k in range(img.shape[0]):
         if not base[k].any():
             continue
@@ -163,17 +241,50 @@ def lung_masks(
         centre = round(midline)
         on_midline = np.unique(parts[:, max(centre - 1, 0) : centre + 2])
         lungs = base[k] & ~np.isin(parts, on_midline[on_midline > 0]) if n else base[k]
+        distance = np.abs(cols - midline)[None, :]
+        inner = np.zeros_like(lungs)
+        cage_pts = _boundary(cage_bone[k]) | _boundary(lungs)
+        if cage_bone[k].any() and int(cage_pts.sum()) >= 3:
+            cage = _hull_2d(cage_pts)
+            inner = ndimage.distance_transform_edt(cage, sampling=(dy, dx)) > CAGE_WALL_MM
         for side in (cols < midline, cols >= midline):
             lung = lungs & side[None, :]
-            out[k] |= _close_lung_slice(lung, midline) & side[None, :] & body[k]
+            n_lung = int(lung.sum())
+            if n_lung < MIN_HULL_PIXELS:
+                out[k] |= lung
+                continue
+            closed = _close_lung_slice(lung, distance) & side[None, :] & body[k]
+            limit = _medial_limit(lung, distance, reach_px)
+            allowed = (distance >= limit[:, None]) & side[None, :] & inner & dense[k] & ~closed
+            # a thin rim of chest-wall muscle is not consolidation: open it away
+            allowed = ndimage.binary_opening(allowed, structure=rim)
+            wall, n_wall = ndimage.label(allowed)
+            if n_wall and n_lung >= min_area:
+                sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
+                edge = _boundary(closed)
+                n_edge = max(int(edge.sum()), 1)
+                near_edge = ndimage.binary_dilation(edge) & allowed
+                touched = np.unique(wall[near_edge])
+                keep = [
+                    int(c)
+                    for c in touched[touched > 0]
+                    if sizes[c] <= WALL_MAX_FRACTION * n_lung
+                    and int((edge & ndimage.binary_dilation(wall == c)).sum())
+                    <= WALL_MAX_CONTACT * n_edge
+                ]
+                if keep:
+                    closed |= np.isin(wall, keep)
+            out[k] |= closed
     return base, _fill_slices(out)
 
 
 def robust_lung_mask(
-    image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_MAX
+    image_hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    hu_max: float = LUNG_HU_MAX,
 ) -> BoolArray:
     """A lung mask that keeps dense consolidation at the lung border (see :func:`lung_masks`)."""
-    return lung_masks(image_hu, hu_max)[1]
+    return lung_masks(image_hu, spacing_mm, hu_max)[1]
 
 
 def dice(mask: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> float | None:

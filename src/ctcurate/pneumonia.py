@@ -8,28 +8,36 @@ Volume: slices ordered along the plane normal (:func:`ctcurate.volume.sort_slice
 turned to (z feet → head, y anterior → posterior, x) so that "lower zone" and
 "posterior" mean what they say whatever the series' orientation.
 
-Features (:data:`FEATURES`, all dimensionless), measured inside the consolidation-robust
-lung mask (:func:`ctcurate.lungmask.lung_masks`) on an in-plane 3×3 median of the HU:
+Features (:data:`FEATURES`, all dimensionless or per litre of lung), measured inside the
+consolidation-robust lung mask (:func:`ctcurate.lungmask.lung_masks`). Every filter size is
+in millimetres, turned into pixels with the series' spacing, so sites with coarser matrices
+or thicker slices measure the same anatomy:
 
 * ``ggo_fraction`` / ``consolidation_fraction``: lung voxels at ground-glass
   (``GGO_HU_MIN``..``CONSOLIDATION_HU_MIN``) / consolidation (≥ ``CONSOLIDATION_HU_MIN``)
-  density after an in-plane opening (disk radius 2 px) that removes vessels;
+  density, on an in-plane median of ``MEDIAN_MM`` (none when the pixels are coarser), after
+  an in-plane opening with a disk of ``OPENING_MM`` (never under 2 pixels: the
+  reconstruction blurs any vessel over two) that removes vessels;
 * ``blob_fraction``: lung voxels ≥ ``GGO_HU_MIN`` that survive a 3D opening with a ball of
   ``BLOB_RADIUS_MM`` (compact lesions, not vessels);
 * ``border_fill_fraction``: share of the robust mask the threshold mask lost (dense
   opacity at the lung border);
 * ``posterior_basal_symmetry``: aerated lower-posterior lung, smaller side / larger side
   (lobar consolidation and effusions take the dependent lung of one side);
-* ``small_opacity_density`` / ``nodule_density``: isolated small dense components (all /
-  compact ones) per 10⁴ lung voxels (nodules);
+* ``small_opacity_density`` / ``nodule_density``: isolated small components of the
+  unfiltered HU ≥ ``NODULE_HU_MIN`` (at least 2 voxels, at most ``SMALL_MAX_MM3``; all /
+  those within ``NODULE_MAX_MM``) deeper than ``NODULE_MARGIN_MM`` in the lung, per litre of
+  lung (a median would erase a nodule a few pixels wide);
 * ``bilateral_share``, ``peripheral_share``, ``lower_zone_share``: of the opacity voxels,
   the share in the less affected lung ×2, within ``PERIPHERAL_MM`` of the lung surface,
   and in the lower half of the lung's height (0 without opacity).
 
-Model: L2-regularised logistic regression on standardised features fitted by Newton's
-method (no randomness: the same audit list gives the same model bytes). It is kept here
-rather than shared with the typicality classifier of ``train`` so that ``select`` depends
-neither on torch nor on the training code.
+Model: L2-regularised logistic regression fitted by Newton's method on standardised
+:func:`model_inputs` (the fractions on a log scale, the densities as ``log1p``: a lesion
+of 0.1 % of the lung differs from none as much as 10 % differs from 1 %). No randomness:
+the same audit list gives the same model bytes. It is kept here rather than shared with
+the typicality classifier of ``train`` so that ``select`` depends neither on torch nor on
+the training code.
 """
 
 from __future__ import annotations
@@ -68,13 +76,26 @@ CONSOLIDATION_HU_MIN = -250.0
 NODULE_HU_MIN = -600.0
 #: Radius (mm) of the ball a compact lesion must hold (vessels are thinner).
 BLOB_RADIUS_MM = 7.0
-#: Small components: 2..SMALL_MAX_VOXELS voxels; compact ones fit in NODULE_MAX_MM.
-SMALL_MAX_VOXELS = 60
+#: Width (mm) of the in-plane median that quiets noise before the opacity thresholds.
+MEDIAN_MM = 3.0
+#: Radius (mm) of the in-plane disk that opens vessels away from the opacity; at least
+#: OPENING_MIN_PX pixels.
+OPENING_MM = 8.0
+OPENING_MIN_PX = 2
+#: Small components: 2 voxels .. SMALL_MAX_MM3; compact ones fit in NODULE_MAX_MM; both
+#: counted only deeper than NODULE_MARGIN_MM inside the lung (not the pleura's rim).
+SMALL_MAX_MM3 = 1500.0
 NODULE_MAX_MM = 14.0
+NODULE_MARGIN_MM = 6.0
+#: Fractions enter the model as log10(fraction + LOG_FRACTION_FLOOR).
+LOG_FRACTION_FLOOR = 1e-3
+#: Features the model takes on a log scale (fractions) and as log1p (densities per litre).
+LOG_FEATURES = ("ggo_fraction", "consolidation_fraction", "blob_fraction", "border_fill_fraction")
+LOG1P_FEATURES = ("small_opacity_density", "nodule_density")
 #: Opacity within this distance (mm) of the lung surface is peripheral.
 PERIPHERAL_MM = 15.0
-#: Every model file says this.
-MODEL_KIND = "pneumonia_logistic_regression"
+#: Every model file says this (the version after the slash: how features become inputs).
+MODEL_KIND = "pneumonia_logistic_regression/2"
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -173,8 +194,17 @@ def _ball(radius_mm: float, spacing_mm: tuple[float, float, float]) -> npt.NDArr
     return np.asarray(((z * dz) ** 2 + (y * dy) ** 2 + (x * dx) ** 2) <= radius_mm**2 + 1e-6)
 
 
-_DISK = np.zeros((1, 5, 5), dtype=bool)
-_DISK[0] = np.add.outer(np.arange(-2, 3) ** 2, np.arange(-2, 3) ** 2) <= 4
+def _disk(radius_mm: float, spacing_mm: tuple[float, float, float]) -> npt.NDArray[np.bool_]:
+    """In-plane (1, y, x) elliptic disk of ``radius_mm``, at least OPENING_MIN_PX pixels."""
+    ry, rx = (max(round(radius_mm / s), OPENING_MIN_PX) for s in spacing_mm[1:])
+    y, x = np.mgrid[-ry : ry + 1, -rx : rx + 1]
+    return np.asarray(((y / ry) ** 2 + (x / rx) ** 2 <= 1.0 + 1e-9)[None])
+
+
+def _median_size(spacing_mm: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Window (1, y, x) of an in-plane median about MEDIAN_MM wide (odd, ≥ 1)."""
+    dy, dx = spacing_mm[1], spacing_mm[2]
+    return (1, 2 * round(MEDIAN_MM / 2.0 / dy) + 1, 2 * round(MEDIAN_MM / 2.0 / dx) + 1)
 
 
 def _share(part: int, whole: int) -> float:
@@ -198,9 +228,10 @@ def opacity_features(
     n = int(lung.sum())
     if n == 0:
         return np.zeros(len(FEATURES), dtype=np.float64)
-    smooth = ndimage.median_filter(img, size=(1, 3, 3))
+    size = _median_size(spacing_mm)
+    smooth = ndimage.median_filter(img, size=size) if max(size) > 1 else img
     dense = lung & (smooth >= GGO_HU_MIN)
-    opacity = ndimage.binary_opening(dense, structure=_DISK)
+    opacity = ndimage.binary_opening(dense, structure=_disk(OPENING_MM, spacing_mm))
     consolidation = opacity & (smooth >= CONSOLIDATION_HU_MIN)
     ggo = opacity & ~consolidation
     blob = ndimage.binary_opening(dense, structure=_ball(BLOB_RADIUS_MM, spacing_mm))
@@ -223,14 +254,15 @@ def opacity_features(
     else:
         symmetry = 0.0
 
-    # isolated small dense components well inside the lung
-    inner = ndimage.binary_erosion(lung, iterations=2)
-    labels, n_comp = ndimage.label(inner & (smooth >= NODULE_HU_MIN))
+    # isolated small dense components well inside the lung, on the unfiltered HU
+    depth = ndimage.distance_transform_edt(lung, sampling=spacing_mm)
+    labels, n_comp = ndimage.label((depth > NODULE_MARGIN_MM) & (img >= NODULE_HU_MIN))
     small = nodules = 0
+    voxel_mm3 = float(np.prod(spacing_mm))
     if n_comp:
         sizes = np.bincount(labels.ravel())[1:]
         for i, box in enumerate(ndimage.find_objects(labels)):
-            if box is None or not 2 <= sizes[i] <= SMALL_MAX_VOXELS:
+            if box is None or not (sizes[i] >= 2 and sizes[i] * voxel_mm3 <= SMALL_MAX_MM3):
                 continue
             small += 1
             extent = [(sl.stop - sl.start) * s for sl, s in zip(box, spacing_mm, strict=True)]
@@ -241,7 +273,6 @@ def opacity_features(
     if n_opacity:
         a, b = int(opacity[:, :, left].sum()), int(opacity[:, :, right].sum())
         bilateral = 2.0 * _share(min(a, b), n_opacity)
-        depth = ndimage.distance_transform_edt(lung, sampling=spacing_mm)
         peripheral = _share(int((opacity & (depth <= PERIPHERAL_MM)).sum()), n_opacity)
         z_lung = np.flatnonzero(lung.any(axis=(1, 2)))
         z_half = (z_lung[0] + z_lung[-1]) / 2.0
@@ -249,15 +280,15 @@ def opacity_features(
     else:
         bilateral = peripheral = lower = 0.0
 
-    per_10k = n / 1e4
+    litres = n * voxel_mm3 / 1e6
     values = (
         _share(int(ggo.sum()), n),
         _share(int(consolidation.sum()), n),
         _share(int(blob.sum()), n),
         _share(int((lung & ~thr).sum()), n),
         symmetry,
-        small / per_10k,
-        nodules / per_10k,
+        small / litres,
+        nodules / litres,
         bilateral,
         peripheral,
         lower,
@@ -266,6 +297,20 @@ def opacity_features(
 
 
 # --------------------------------------------------------------------------- model
+
+
+def model_inputs(x: npt.ArrayLike) -> FloatArray:
+    """Rows of :data:`FEATURES` as the model sees them: :data:`LOG_FEATURES` as
+    log10(x + LOG_FRACTION_FLOOR), :data:`LOG1P_FEATURES` as log1p(x), the rest as is."""
+    out = np.array(np.atleast_2d(np.asarray(x, dtype=np.float64)), dtype=np.float64)
+    if out.shape[1] != len(FEATURES):
+        msg = f"expected {len(FEATURES)} features, got {out.shape[1]}"
+        raise ValueError(msg)
+    logs = [FEATURES.index(f) for f in LOG_FEATURES]
+    log1ps = [FEATURES.index(f) for f in LOG1P_FEATURES]
+    out[:, logs] = np.log10(np.maximum(out[:, logs], 0.0) + LOG_FRACTION_FLOOR)
+    out[:, log1ps] = np.log1p(np.maximum(out[:, log1ps], 0.0))
+    return out
 
 
 @dataclass(frozen=True)
@@ -284,7 +329,7 @@ class SelectorModel:
 
     def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
         """Pneumonia probability for rows of ``x`` (features in :attr:`features` order)."""
-        return predict_standardised(x, self.mean, self.scale, self.weights, self.bias)
+        return predict_standardised(model_inputs(x), self.mean, self.scale, self.weights, self.bias)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (the model file)."""
@@ -341,9 +386,10 @@ def fit_selector(
 ) -> SelectorModel:
     """Fit the L2-regularised logistic regression by Newton's method (deterministic).
 
-    Features are standardised with the fit set's mean and standard deviation (a constant
-    feature keeps scale 1); the penalty ``l2/2·|w|²`` spares the bias. With one class only
-    the model is the smoothed prior: zero weights and bias ``log((n1 + 1) / (n0 + 1))``.
+    Features become :func:`model_inputs`, standardised with the fit set's mean and standard
+    deviation (a constant one keeps scale 1); the penalty ``l2/2·|w|²`` spares the bias.
+    With one class only the model is the smoothed prior: zero weights and bias
+    ``log((n1 + 1) / (n0 + 1))``.
     """
     ya = np.asarray(y, dtype=np.float64).ravel()
     xa = np.asarray(x, dtype=np.float64).reshape(len(ya), len(FEATURES))
@@ -353,7 +399,7 @@ def fit_selector(
     if not np.isfinite(xa).all():
         msg = "fit_selector: features must be finite"
         raise ValueError(msg)
-    fit = fit_newton(xa, ya, l2, max_iter=max_iter, tol=tol)
+    fit = fit_newton(model_inputs(xa), ya, l2, max_iter=max_iter, tol=tol)
     return SelectorModel(
         features=FEATURES,
         mean=tuple(float(v) for v in fit.mean),
@@ -482,7 +528,7 @@ def score_series(task: ScoreTask) -> ScoreResult:
         NotImplementedError,
     ):
         return failed("pixel_data")
-    thr, robust = lung_masks(volume.hu)
+    thr, robust = lung_masks(volume.hu, volume.spacing_mm)
     if not robust.any():
         return failed("no_lung")
     features = opacity_features(volume.hu, volume.spacing_mm, thr, robust)

@@ -58,6 +58,9 @@ TRUTH_COLUMNS = (
     "pneumonia",
     "duplicate_of",
 )
+#: Traps of ``truth_files.parquet`` that make a series fail a rule however good the selector
+#: (a missing or repeated slice; any file the index is expected to quarantine leaves a gap).
+SERIES_TRAPS = ("duplicate_slice", "missing_slice")
 PRE_PANDEMIC = "pre_pandemic"
 PANDEMIC = "pandemic"
 COHORT_OF_ERA = {PRE_PANDEMIC: "non_covid", PANDEMIC: "covid_candidate"}
@@ -438,7 +441,9 @@ def lung_mask_audit(results: Sequence[ScoreResult]) -> dict[str, Any]:
     }
 
 
-def audit_against_truth(selection: pa.Table, truth: pa.Table) -> dict[str, Any]:
+def audit_against_truth(
+    selection: pa.Table, truth: pa.Table, blocked: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """Precision / recall of ``selection`` against the synthetic ``truth``.
 
     * precision: selected series whose truth row (matched on site + series uid, else on the
@@ -447,8 +452,12 @@ def audit_against_truth(selection: pa.Table, truth: pa.Table) -> dict[str, Any]:
     * recall: studies holding a truth series with ``pneumonia`` (duplicates excluded) that
       have a selected series — the selection keeps one series per study, so recall is
       counted per study;
-    * eligible_recall: the same over studies holding a ``chest_ct`` series.
-    Both are also given per site (the site of the selected series / of the truth row).
+    * eligible_recall: the same over the pneumonia studies that hold an *eligible* series:
+      a ``chest_ct`` original, not expected in quarantine and not in ``blocked`` (series
+      uids with a trap that makes a rule reject them, :data:`SERIES_TRAPS`). Rejecting the
+      only series of a study for a gap is right, so this is the selector's recall;
+    * pneumonia_studies: the counts behind both recalls.
+    All but the counts are also given per site (of the selected series / of the truth row).
     """
     t = truth.to_pylist()
     by_key = {(str(r["site"]), str(r["series_instance_uid"])): r for r in t}
@@ -484,7 +493,15 @@ def audit_against_truth(selection: pa.Table, truth: pa.Table) -> dict[str, Any]:
 
     originals = [r for r in t if r["duplicate_of"] is None]
     positives, pos_site = study_recall([r for r in originals if r["pneumonia"]])
-    eligible, eli_site = study_recall([r for r in originals if r["kind"] == "chest_ct"])
+    eligible_rows = [
+        r
+        for r in originals
+        if r["pneumonia"]
+        and r["kind"] == "chest_ct"
+        and not r.get("expected_quarantine")
+        and str(r["series_instance_uid"]) not in blocked
+    ]
+    eligible, eli_site = study_recall(eligible_rows)
 
     sites = sorted(set(sel_per_site) | set(pos_site) | set(eli_site))
     per_site = {
@@ -503,12 +520,20 @@ def audit_against_truth(selection: pa.Table, truth: pa.Table) -> dict[str, Any]:
         "precision": _ratio(sum(hits.values()), len(picked)),
         "recall": _ratio(positives["found"], positives["total"]),
         "eligible_recall": _ratio(eligible["found"], eligible["total"]),
+        "pneumonia_studies": {
+            "total": positives["total"],
+            "found": positives["found"],
+            "eligible": eligible["total"],
+            "eligible_found": eligible["found"],
+        },
         "per_site": per_site,
         "truth_unmatched": unmatched,
     }
 
 
-def summarize(selection: pa.Table, truth: pa.Table | None = None) -> dict[str, Any]:
+def summarize(
+    selection: pa.Table, truth: pa.Table | None = None, blocked: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """The content of ``report.json`` for one selection (and the truth, when given)."""
     reasons = Counter(r for r in selection.column("rule_reason").to_pylist() if r is not None)
     cohorts = Counter(c for c in selection.column("cohort").to_pylist() if c is not None)
@@ -544,8 +569,23 @@ def summarize(selection: pa.Table, truth: pa.Table | None = None) -> dict[str, A
         "eras": {e: eras.get(e, 0) for e in sorted(COHORT_OF_ERA)},
     }
     if truth is not None:
-        report.update(audit_against_truth(selection, truth))
+        report.update(audit_against_truth(selection, truth, blocked))
     return report
+
+
+def _blocked_series(truth: Path) -> frozenset[str]:
+    """Series uids that ``truth_files.parquet`` (next to ``truth``) gives a rule-failing trap:
+    one of :data:`SERIES_TRAPS` or a file expected in quarantine. Empty without the file."""
+    path = truth.parent / "truth_files.parquet"
+    if not path.is_file():
+        return frozenset()
+    rows = read_parquet(path, columns=["trap", "expected_reason", "series_instance_uid"])
+    return frozenset(
+        str(r["series_instance_uid"])
+        for r in rows.to_pylist()
+        if r["series_instance_uid"] is not None
+        and (r["trap"] in SERIES_TRAPS or r["expected_reason"] is not None)
+    )
 
 
 def _score_survivors(
@@ -608,9 +648,15 @@ def run(
             selector = read_model(Path(model))
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-    truth_table = (
-        read_parquet(Path(truth), columns=list(TRUTH_COLUMNS)) if truth is not None else None
-    )
+    truth_table = None
+    if truth is not None:
+        truth_table = read_parquet(Path(truth), columns=list(TRUTH_COLUMNS))
+        if "expected_quarantine" in pq.read_schema(Path(truth)).names:
+            truth_table = truth_table.append_column(
+                "expected_quarantine",
+                read_parquet(Path(truth), columns=["expected_quarantine"]).column(0),
+            )
+    blocked = _blocked_series(Path(truth)) if truth is not None else frozenset()
     con = open_catalog(index_dir / "series.parquet", index_dir / "instances")
     try:
         selection = apply_rules(con, rules, params)
@@ -634,7 +680,7 @@ def run(
         selection = apply_scores(selection, results, scores, selector_model.threshold, version)
     else:
         selection = apply_scores(selection, [], {}, None, None)
-    report = summarize(selection, truth_table)
+    report = summarize(selection, truth_table, blocked)
     if selector is not None:
         report["lung_mask"] = lung_mask_audit(results)
     if report["series_seen"] != report["series_selected"] + report["series_rejected"]:
@@ -667,10 +713,15 @@ def run(
     )
     if truth_table is not None:
         log.info(
-            "against truth: precision %s, recall %s, eligible recall %s",
+            "against truth: precision %s, recall %s (pneumonia studies with an eligible "
+            "series: %s of %s), all pneumonia studies %s (%s of %s)",
             report["precision"],
-            report["recall"],
             report["eligible_recall"],
+            report["pneumonia_studies"]["eligible_found"],
+            report["pneumonia_studies"]["eligible"],
+            report["recall"],
+            report["pneumonia_studies"]["found"],
+            report["pneumonia_studies"]["total"],
         )
     with atomic_dir(Path(out)) as tmp:
         write_parquet(tmp / "series.parquet", selection)
