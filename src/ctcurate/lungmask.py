@@ -149,14 +149,28 @@ def _hull_2d(mask: BoolArray) -> BoolArray:
     return out
 
 
-def _close_lung_slice(lung: BoolArray, distance: npt.NDArray[np.float64]) -> BoolArray:
+def _innermost(lung: BoolArray, distance: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Per row of a slice, the distance from the midline of the lung's innermost pixel.
+
+    ``distance`` is each column's distance from the midline (a (1, x) row); rows without
+    lung pixels get +inf.
+    """
+    big = np.float64(np.inf)
+    innermost: npt.NDArray[np.float64] = np.where(
+        lung, np.broadcast_to(distance, lung.shape), big
+    ).min(axis=1)
+    return innermost
+
+
+def _close_lung_slice(
+    lung: BoolArray, distance: npt.NDArray[np.float64], innermost: npt.NDArray[np.float64]
+) -> BoolArray:
     """One slice of one lung: its hull, minus what lies medial of each row's innermost pixel.
 
-    ``distance`` is each column's distance from the midline (a (1, x) row).
+    ``distance`` is each column's distance from the midline (a (1, x) row), ``innermost``
+    the lung's :func:`_innermost`.
     """
     hull = _hull_2d(_boundary(lung))
-    big = np.float64(np.inf)
-    innermost = np.where(lung, np.broadcast_to(distance, lung.shape), big).min(axis=1)
     # rows without lung pixels (a consolidated band across the whole lung) keep the hull
     allowed = (distance >= innermost[:, None]) | ~np.isfinite(innermost)[:, None]
     closed: BoolArray = lung | (hull & allowed)
@@ -167,14 +181,13 @@ def _mm_to_px(mm: float, spacing: float) -> int:
     return max(round(mm / spacing), 1)
 
 
-def _medial_limit(lung: BoolArray, distance: npt.NDArray[np.float64], reach_px: int) -> Any:
-    """Per row, the distance from the midline of the lung's innermost pixel.
+def _medial_limit(innermost: npt.NDArray[np.float64], reach_px: int) -> Any:
+    """Per row, the lung's :func:`_innermost` distance from the midline.
 
     Rows without lung pixels take the limit of the nearest row that has some, when it is
     at most ``reach_px`` rows away; farther rows get +inf (nothing allowed).
     """
     big = np.float64(np.inf)
-    innermost = np.where(lung, np.broadcast_to(distance, lung.shape), big).min(axis=1)
     has = np.isfinite(innermost)
     if not has.any():
         return innermost
@@ -221,8 +234,8 @@ def lung_masks(
         bone, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
     )
     dense = (img >= hu_max) & (img < DENSE_HU_MAX) & ~bone & body
-    reach_px = max(round(WALL_REACH_MM / dy), 1)
-    ry, rx = (max(round(WALL_MIN_THICKNESS_MM / 2.0 / v), 1) for v in (dy, dx))
+    reach_px = _mm_to_px(WALL_REACH_MM, dy)
+    ry, rx = (_mm_to_px(WALL_MIN_THICKNESS_MM / 2.0, v) for v in (dy, dx))
     yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
     rim = ((yy / ry) ** 2 + (xx / rx) ** 2) <= 1.0
     cols = np.arange(img.shape[2], dtype=np.float64)
@@ -253,13 +266,17 @@ def lung_masks(
             if n_lung < MIN_HULL_PIXELS:
                 out[k] |= lung
                 continue
-            closed = _close_lung_slice(lung, distance) & side[None, :] & body[k]
-            limit = _medial_limit(lung, distance, reach_px)
+            innermost = _innermost(lung, distance)
+            closed = _close_lung_slice(lung, distance, innermost) & side[None, :] & body[k]
+            if n_lung < min_area:  # a lung tip: no chest-wall fill
+                out[k] |= closed
+                continue
+            limit = _medial_limit(innermost, reach_px)
             allowed = (distance >= limit[:, None]) & side[None, :] & inner & dense[k] & ~closed
             # a thin rim of chest-wall muscle is not consolidation: open it away
             allowed = ndimage.binary_opening(allowed, structure=rim)
             wall, n_wall = ndimage.label(allowed)
-            if n_wall and n_lung >= min_area:
+            if n_wall:
                 sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
                 edge = _boundary(closed)
                 n_edge = max(int(edge.sum()), 1)

@@ -506,7 +506,7 @@ def score_series(task: ScoreTask) -> ScoreResult:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from ctcurate.volume import ExcludedSeries
+    from ctcurate.volume import PIXEL_ERRORS, ExcludedSeries
 
     def failed(reason: str) -> ScoreResult:
         return ScoreResult(task.site, task.series_instance_uid, None, reason)
@@ -519,14 +519,7 @@ def score_series(task: ScoreTask) -> ScoreResult:
         volume, _ = series_volume(datasets)
     except ExcludedSeries as exc:
         return failed("pixel_data" if exc.reason == "pixel_data" else "geometry")
-    except (
-        AttributeError,
-        KeyError,
-        ValueError,
-        TypeError,
-        RuntimeError,
-        NotImplementedError,
-    ):
+    except PIXEL_ERRORS:
         return failed("pixel_data")
     thr, robust = lung_masks(volume.hu, volume.spacing_mm)
     if not robust.any():

@@ -650,12 +650,12 @@ def run(
             raise InputError(str(exc)) from exc
     truth_table = None
     if truth is not None:
-        truth_table = read_parquet(Path(truth), columns=list(TRUTH_COLUMNS))
-        if "expected_quarantine" in pq.read_schema(Path(truth)).names:
-            truth_table = truth_table.append_column(
-                "expected_quarantine",
-                read_parquet(Path(truth), columns=["expected_quarantine"]).column(0),
-            )
+        try:  # an unreadable file is named by read_parquet below
+            names = pq.read_schema(Path(truth)).names
+        except (pa.ArrowInvalid, OSError):
+            names = []
+        optional = ["expected_quarantine"] if "expected_quarantine" in names else []
+        truth_table = read_parquet(Path(truth), columns=[*TRUTH_COLUMNS, *optional])
     blocked = _blocked_series(Path(truth)) if truth is not None else frozenset()
     con = open_catalog(index_dir / "series.parquet", index_dir / "instances")
     try:

@@ -153,16 +153,11 @@ def validate(
     amp: bool,
 ) -> tuple[float | None, float | None]:
     """Mean lung and lesion Dice of the network over a dataset (``None`` when empty)."""
-    lung: list[float | None] = []
-    lesion: list[float | None] = []
-    for i in range(len(dataset)):  # type: ignore[arg-type]
-        sample = dataset[i]
-        pred = predict_labels(net, sample["image"][None], roi, device, amp)[0]
-        truth = sample["label"][0].numpy().astype(np.uint8)
-        lung_d, lesion_d = segmentation_dice(pred, truth)
-        lung.append(lung_d)
-        lesion.append(lesion_d)
-    return mean_defined(lung), mean_defined(lesion)
+    scores = [
+        segmentation_dice(pred, truth)
+        for pred, truth, _ in predict_dataset(net, dataset, roi, device, amp)
+    ]
+    return mean_defined(s[0] for s in scores), mean_defined(s[1] for s in scores)
 
 
 def make_loss(params: TrainParams) -> torch.nn.Module:

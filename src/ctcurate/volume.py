@@ -140,17 +140,22 @@ def _axis_map(row: npt.NDArray[np.float64], col: npt.NDArray[np.float64]) -> tup
     return transposed, int(np.sign(x_dir[0])), int(np.sign(y_dir[1]))
 
 
+#: What pydicom's ``pixel_array`` raises on pixel data it cannot decode (a missing or
+#: broken element, an unsupported or corrupt encoding).
+PIXEL_ERRORS: tuple[type[Exception], ...] = (
+    AttributeError,
+    KeyError,
+    ValueError,
+    TypeError,
+    RuntimeError,
+    NotImplementedError,
+)
+
+
 def _hu_slice(ds: Any) -> npt.NDArray[np.float64]:
     try:
         pixels = np.asarray(ds.pixel_array)
-    except (
-        AttributeError,
-        KeyError,
-        ValueError,
-        TypeError,
-        RuntimeError,
-        NotImplementedError,
-    ) as e:
+    except PIXEL_ERRORS as e:
         raise ExcludedSeries(
             reason="pixel_data", detail=f"pixel data unreadable ({e.__class__.__name__})"
         ) from e
