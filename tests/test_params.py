@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from ctcurate.errors import ParamsError
+from ctcurate.nets import shape_multiple, unet_config
 from ctcurate.params import PackParams, Params, SelectParams, load_params, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,24 @@ def test_repository_params_file_is_valid() -> None:
     assert params.select.pandemic_start.isoformat() == "2020-01-01"
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(raw) == set(Params.model_fields), "one params section per stage"
+
+
+def test_large_profile_merges_into_valid_params(tmp_path: Path) -> None:
+    """stages/profiles/large.yaml holds only known keys and fits the U-Net it asks for."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    profile = yaml.safe_load((ROOT / "stages" / "profiles" / "large.yaml").read_text())
+    for section, values in profile.items():
+        assert section in raw, f"profile section {section!r} is not a stage"
+        raw[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    params = load_params(path)
+    multiple = shape_multiple(unet_config(params.train.channels, params.train.num_res_units))
+    assert params.train.patch is not None
+    for side, limit in zip(params.train.patch, params.pack.shape, strict=True):
+        assert side % multiple == 0
+        assert side <= limit
+    assert all(side % multiple == 0 for side in params.pack.shape)
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
