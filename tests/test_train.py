@@ -447,3 +447,18 @@ def test_choose_lesion_filter_on_val() -> None:
     tie = train.choose_lesion_filter([8, 2], [(pred, truth, one)])
     assert tie.min_lesion_mm3 == 2.0  # equal Dice: the smallest cut
     assert train.choose_lesion_filter([3, 1], []).min_lesion_mm3 == 1.0
+
+
+@pytest.mark.parametrize("loss", ["dice_ce", "dice_focal"])
+def test_dice_over_case_weighs_a_small_lesion_like_a_large_one(loss: str) -> None:
+    """Per-case Dice averages the two patches; batch Dice lets the large lesion dominate."""
+    labels = torch.zeros((2, 1, 4, 8, 8), dtype=torch.long)
+    labels[:, :, :, :, :] = 1
+    labels[0, :, :, :, :6] = 2  # a large GGO lesion in case 0
+    labels[1, :, 0, 0, 0] = 2  # one GGO voxel in case 1
+    logits = torch.zeros((2, 4, 4, 8, 8))
+    logits[:, 1] = 4.0
+    logits[0, 2, :, :, :6] = 8.0  # case 0 right, case 1's single voxel missed
+    by_batch = train.make_loss(TrainParams(loss=loss, dice_over="batch"))(logits, labels)
+    by_case = train.make_loss(TrainParams(loss=loss, dice_over="case"))(logits, labels)
+    assert float(by_case) > float(by_batch) + 0.05

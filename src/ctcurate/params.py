@@ -127,6 +127,8 @@ class TrainParams(Section):
     channels: tuple[PositiveInt, ...] = Field(default=(8, 16, 32, 64), min_length=2)
     num_res_units: Annotated[int, Field(ge=0, le=4)] = 0
     loss: Literal["dice_ce", "dice_focal"] = "dice_ce"
+    # Dice of the loss over the whole batch, or per case then averaged (as evaluate scores)
+    dice_over: Literal["batch", "case"] = "batch"
     # loss weights of background, normal lung, GGO, consolidation (cross-entropy / focal)
     class_weights: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveFloat] = (
         1.0,

@@ -163,20 +163,25 @@ def validate(
 def make_loss(params: TrainParams) -> torch.nn.Module:
     """The segmentation loss of ``params.loss``, with the class weights of the CE / focal term.
 
-    Dice is computed over the whole batch (``batch=True``): a patch without lesion then
-    adds no spurious "empty class" Dice term, the usual cure for tiny foreground classes.
+    ``dice_over: batch`` (the default) computes Dice over the whole batch: a patch without
+    lesion then adds no spurious "empty class" Dice term, the usual cure for tiny foreground
+    classes. ``case`` computes it per patch and averages, as evaluate averages per case, so
+    a small lesion weighs as much as a large one.
     """
     weight = torch.tensor(params.class_weights, dtype=torch.float32)
+    batch = params.dice_over == "batch"
     if params.loss == "dice_focal":
         from monai.losses.dice import DiceFocalLoss
 
         focal: torch.nn.Module = DiceFocalLoss(
-            to_onehot_y=True, softmax=True, batch=True, weight=weight, gamma=2.0
+            to_onehot_y=True, softmax=True, batch=batch, weight=weight, gamma=2.0
         )
         return focal
     from monai.losses.dice import DiceCELoss
 
-    dice_ce: torch.nn.Module = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
+    dice_ce: torch.nn.Module = DiceCELoss(
+        to_onehot_y=True, softmax=True, batch=batch, weight=weight
+    )
     return dice_ce
 
 
