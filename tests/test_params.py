@@ -12,6 +12,7 @@ import yaml
 from ctcurate.errors import ParamsError
 from ctcurate.nets import shape_multiple, unet_config
 from ctcurate.params import PackParams, Params, SelectParams, load_params, load_section
+from ctcurate.train import training_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +35,11 @@ def test_large_profile_merges_into_valid_params(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw))
     params = load_params(path)
     multiple = shape_multiple(unet_config(params.train.channels, params.train.num_res_units))
-    assert params.train.patch is not None
-    for side, limit in zip(params.train.patch, params.pack.shape, strict=True):
-        assert side % multiple == 0
-        assert side <= limit
     assert all(side % multiple == 0 for side in params.pack.shape)
+    assert params.train.patch is not None
+    # train's own check: a multiple of the stride on every side, and not clipped by the volume
+    patch = training_patch(params.train, params.pack.shape, multiple, path)
+    assert patch == tuple(params.train.patch)
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:

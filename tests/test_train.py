@@ -452,8 +452,7 @@ def test_choose_lesion_filter_on_val() -> None:
 @pytest.mark.parametrize("loss", ["dice_ce", "dice_focal"])
 def test_dice_over_case_weighs_a_small_lesion_like_a_large_one(loss: str) -> None:
     """Per-case Dice averages the two patches; batch Dice lets the large lesion dominate."""
-    labels = torch.zeros((2, 1, 4, 8, 8), dtype=torch.long)
-    labels[:, :, :, :, :] = 1
+    labels = torch.ones((2, 1, 4, 8, 8), dtype=torch.long)  # normal lung
     labels[0, :, :, :, :6] = 2  # a large GGO lesion in case 0
     labels[1, :, 0, 0, 0] = 2  # one GGO voxel in case 1
     logits = torch.zeros((2, 4, 4, 8, 8))
