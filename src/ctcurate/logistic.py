@@ -1,13 +1,16 @@
 """L2-regularised logistic regression on standardised features, fitted by Newton's method.
 
 Pure numpy and deterministic (no random start, no threads beyond BLAS): the pneumonia
-selector and the typicality classifier both fit through :func:`fit_newton` and predict
-through :func:`predict_standardised`, each keeping its own model file format.
+selector and the typicality classifier both fit through :func:`fit_newton`, predict
+through :func:`predict_standardised` and keep their coefficients as a
+:class:`StandardisedLogistic`; each adds its own ``kind`` (and fields) to the model file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +31,66 @@ class NewtonFit:
     bias: float
     n_fit: int
     n_positive: int
+
+
+@dataclass(frozen=True)
+class StandardisedLogistic:
+    """A fitted model's coefficients: p = σ(w·(x − mean)/scale + b) on its ``features``."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    l2: float
+    n_fit: int
+    n_positive: int
+
+    @staticmethod
+    def fields_of_fit(fit: NewtonFit, features: Sequence[str], l2: float) -> dict[str, Any]:
+        """Constructor arguments from a :func:`fit_newton` result."""
+        return {
+            "features": tuple(features),
+            "mean": tuple(float(v) for v in fit.mean),
+            "scale": tuple(float(v) for v in fit.scale),
+            "weights": tuple(float(v) for v in fit.weights),
+            "bias": fit.bias,
+            "l2": float(l2),
+            "n_fit": fit.n_fit,
+            "n_positive": fit.n_positive,
+        }
+
+    @staticmethod
+    def fields_of_json(data: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from :meth:`coefficients_json`'s keys; ``KeyError``,
+        ``TypeError`` or ``ValueError`` on a missing or malformed one."""
+        return {
+            "features": tuple(str(f) for f in data["features"]),
+            "mean": tuple(float(v) for v in data["mean"]),
+            "scale": tuple(float(v) for v in data["scale"]),
+            "weights": tuple(float(v) for v in data["weights"]),
+            "bias": float(data["bias"]),
+            "l2": float(data["l2"]),
+            "n_fit": int(data["n_fit"]),
+            "n_positive": int(data["n_positive"]),
+        }
+
+    def coefficients_json(self) -> dict[str, Any]:
+        """The coefficients in JSON-able form (a model file adds its ``kind``)."""
+        return {
+            "features": list(self.features),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "weights": list(self.weights),
+            "bias": self.bias,
+            "l2": self.l2,
+            "n_fit": self.n_fit,
+            "n_positive": self.n_positive,
+        }
+
+    def lengths_match(self, n: int) -> bool:
+        """Whether mean, scale and weights each hold ``n`` values."""
+        return len(self.mean) == len(self.scale) == len(self.weights) == n
 
 
 def sigmoid(logit: FloatArray) -> FloatArray:

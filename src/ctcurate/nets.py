@@ -26,7 +26,7 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 
-from ctcurate.logistic import fit_newton, predict_standardised
+from ctcurate.logistic import StandardisedLogistic, fit_newton, predict_standardised
 
 #: Hounsfield window of the network input: clipped, then scaled to [0, 1].
 HU_WINDOW: tuple[float, float] = (-1024.0, 600.0)
@@ -200,17 +200,8 @@ def typicality_features(
 
 
 @dataclass(frozen=True)
-class LogisticModel:
+class LogisticModel(StandardisedLogistic):
     """Logistic regression on standardised features: p = σ(w·(x − mean)/scale + b)."""
-
-    features: tuple[str, ...]
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
-    weights: tuple[float, ...]
-    bias: float
-    l2: float
-    n_fit: int
-    n_positive: int
 
     def predict_proba(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Probability of the positive class (typical) for rows of ``x``."""
@@ -218,38 +209,18 @@ class LogisticModel:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (``classifier.json``)."""
-        return {
-            "kind": "logistic_regression",
-            "features": list(self.features),
-            "mean": list(self.mean),
-            "scale": list(self.scale),
-            "weights": list(self.weights),
-            "bias": self.bias,
-            "l2": self.l2,
-            "n_fit": self.n_fit,
-            "n_positive": self.n_positive,
-        }
+        return {"kind": "logistic_regression", **self.coefficients_json()}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LogisticModel:
         """Inverse of :meth:`to_json`; ``ValueError`` on a malformed mapping."""
         try:
-            model = cls(
-                features=tuple(str(f) for f in data["features"]),
-                mean=tuple(float(v) for v in data["mean"]),
-                scale=tuple(float(v) for v in data["scale"]),
-                weights=tuple(float(v) for v in data["weights"]),
-                bias=float(data["bias"]),
-                l2=float(data["l2"]),
-                n_fit=int(data["n_fit"]),
-                n_positive=int(data["n_positive"]),
-            )
+            model = cls(**cls.fields_of_json(data))
         except (KeyError, TypeError, ValueError) as exc:
             msg = f"not a logistic regression model: {exc}"
             raise ValueError(msg) from exc
-        n = len(model.features)
-        if data.get("kind") != "logistic_regression" or not (
-            len(model.mean) == len(model.scale) == len(model.weights) == n
+        if data.get("kind") != "logistic_regression" or not model.lengths_match(
+            len(model.features)
         ):
             msg = "not a logistic regression model: kind or lengths do not match"
             raise ValueError(msg)
@@ -296,13 +267,4 @@ def fit_logistic(
         msg = f"fit_logistic: sample_weight must be {n} positive finite values"
         raise ValueError(msg)
     fit = fit_newton(xa, ya, l2, sample_weight=sw, max_iter=max_iter, tol=tol)
-    return LogisticModel(
-        features=tuple(features),
-        mean=tuple(float(v) for v in fit.mean),
-        scale=tuple(float(v) for v in fit.scale),
-        weights=tuple(float(v) for v in fit.weights),
-        bias=fit.bias,
-        l2=float(l2),
-        n_fit=fit.n_fit,
-        n_positive=fit.n_positive,
-    )
+    return LogisticModel(**LogisticModel.fields_of_fit(fit, features, l2))

@@ -35,9 +35,9 @@ or thicker slices measure the same anatomy:
 Model: L2-regularised logistic regression fitted by Newton's method on standardised
 :func:`model_inputs` (the fractions on a log scale, the densities as ``log1p``: a lesion
 of 0.1 % of the lung differs from none as much as 10 % differs from 1 %). No randomness:
-the same audit list gives the same model bytes. It is kept here rather than shared with
-the typicality classifier of ``train`` so that ``select`` depends neither on torch nor on
-the training code.
+the same audit list gives the same model bytes. It shares its coefficients class with the
+typicality classifier of ``train`` through :mod:`ctcurate.logistic` (pure numpy), so that
+``select`` depends neither on torch nor on the training code.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from ctcurate.logistic import fit_newton, predict_standardised
+from ctcurate.logistic import StandardisedLogistic, fit_newton, predict_standardised
 from ctcurate.lungmask import dice, lung_masks
 
 #: Names of the features, in the order of :func:`opacity_features`.
@@ -314,18 +314,10 @@ def model_inputs(x: npt.ArrayLike) -> FloatArray:
 
 
 @dataclass(frozen=True)
-class SelectorModel:
+class SelectorModel(StandardisedLogistic):
     """p(pneumonia) = σ(w·(x − mean)/scale + b); selected when p ≥ ``threshold``."""
 
-    features: tuple[str, ...]
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
-    weights: tuple[float, ...]
-    bias: float
-    l2: float
     threshold: float
-    n_fit: int
-    n_positive: int
 
     def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
         """Pneumonia probability for rows of ``x`` (features in :attr:`features` order)."""
@@ -333,18 +325,7 @@ class SelectorModel:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (the model file)."""
-        return {
-            "kind": MODEL_KIND,
-            "features": list(self.features),
-            "mean": list(self.mean),
-            "scale": list(self.scale),
-            "weights": list(self.weights),
-            "bias": self.bias,
-            "l2": self.l2,
-            "threshold": self.threshold,
-            "n_fit": self.n_fit,
-            "n_positive": self.n_positive,
-        }
+        return {"kind": MODEL_KIND, **self.coefficients_json(), "threshold": self.threshold}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SelectorModel:
@@ -353,24 +334,14 @@ class SelectorModel:
             msg = f"not a pneumonia selector model (kind is not {MODEL_KIND!r})"
             raise ValueError(msg)
         try:
-            model = cls(
-                features=tuple(str(f) for f in data["features"]),
-                mean=tuple(float(v) for v in data["mean"]),
-                scale=tuple(float(v) for v in data["scale"]),
-                weights=tuple(float(v) for v in data["weights"]),
-                bias=float(data["bias"]),
-                l2=float(data["l2"]),
-                threshold=float(data["threshold"]),
-                n_fit=int(data["n_fit"]),
-                n_positive=int(data["n_positive"]),
-            )
+            model = cls(**cls.fields_of_json(data), threshold=float(data["threshold"]))
         except (KeyError, TypeError, ValueError) as exc:
             msg = f"not a pneumonia selector model: bad or missing {exc}"
             raise ValueError(msg) from exc
         if model.features != FEATURES:
             msg = "selector model features differ from this version's features"
             raise ValueError(msg)
-        if not len(model.mean) == len(model.scale) == len(model.weights) == len(FEATURES):
+        if not model.lengths_match(len(FEATURES)):
             msg = "not a pneumonia selector model: feature vectors of different lengths"
             raise ValueError(msg)
         return model
@@ -401,15 +372,7 @@ def fit_selector(
         raise ValueError(msg)
     fit = fit_newton(model_inputs(xa), ya, l2, max_iter=max_iter, tol=tol)
     return SelectorModel(
-        features=FEATURES,
-        mean=tuple(float(v) for v in fit.mean),
-        scale=tuple(float(v) for v in fit.scale),
-        weights=tuple(float(v) for v in fit.weights),
-        bias=fit.bias,
-        l2=float(l2),
-        threshold=float(threshold),
-        n_fit=fit.n_fit,
-        n_positive=fit.n_positive,
+        **SelectorModel.fields_of_fit(fit, FEATURES, l2), threshold=float(threshold)
     )
 
 
