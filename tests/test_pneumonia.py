@@ -161,6 +161,30 @@ def test_border_consolidation_shows_in_the_features() -> None:
     assert f["peripheral_share"] > 0.5  # against the chest wall
 
 
+def test_deep_opacity_counts_a_lesion_inside_aerated_lung_not_its_rim() -> None:
+    spacing = (4.0, 2.0, 2.0)
+    hu, lung = chest(n=80)
+    z, y, x = np.mgrid[0 : hu.shape[0], 0:80, 0:80]
+    centre = 39.5 - 16.0  # the left lung's middle column
+
+    def ggo_disk(col: float) -> dict[str, float]:
+        sick = hu.copy()
+        disk = ((y - 40) ** 2 + (x - col) ** 2 <= 36) & (z >= 2) & (z <= 5) & lung
+        sick[disk] = -600.0  # 12 mm wide, 16 mm tall
+        thr, robust = lung_masks(sick, spacing)
+        values = opacity_features(sick, spacing, thr, robust)
+        return dict(zip(FEATURES, values, strict=True))
+
+    clear = features_of(hu)
+    inside = ggo_disk(centre)  # ≥ 10 mm from the lung surface all round
+    rim = ggo_disk(centre - 6.0)  # touches the lateral surface
+    assert clear["deep_opacity_fraction"] == 0.0
+    assert inside["ggo_fraction"] > 0.02
+    assert inside["deep_opacity_fraction"] == pytest.approx(inside["ggo_fraction"])
+    assert rim["ggo_fraction"] > 0.02
+    assert rim["deep_opacity_fraction"] < 0.8 * rim["ggo_fraction"]
+
+
 def test_features_are_the_same_anatomy_at_a_finer_pixel_spacing() -> None:
     hu, _ = chest(ggo=[(2, 20, 9), (5, 20, 30)])
     hu[5:7, 14:16, 9:11] = -450.0  # a nodule of 8 x 8 x 8 mm
@@ -194,9 +218,10 @@ def test_model_inputs_put_fractions_on_a_log_scale() -> None:
     out = model_inputs(row)[0]
     assert out[FEATURES.index("ggo_fraction")] == pytest.approx(-1.0)
     assert out[FEATURES.index("consolidation_fraction")] == pytest.approx(-3.0)
+    assert out[FEATURES.index("deep_opacity_fraction")] == pytest.approx(-3.0)
     assert out[FEATURES.index("nodule_density")] == pytest.approx(1.0)
     assert out[FEATURES.index("bilateral_share")] == 0.5
-    with pytest.raises(ValueError, match="expected 10 features"):
+    with pytest.raises(ValueError, match="expected 11 features"):
         model_inputs(np.zeros((2, 4)))
 
 
@@ -246,7 +271,7 @@ def test_model_file_round_trip_and_errors(tmp_path: Path) -> None:
     back, version = read_model(path)
     assert back == model
     assert version == model_version(path.read_bytes())
-    with pytest.raises(ValueError, match="expected 10 features"):
+    with pytest.raises(ValueError, match="expected 11 features"):
         model.predict_proba(np.zeros((1, 3)))
     bad = model.to_json() | {"kind": "other"}
     path.write_text(json.dumps(bad))

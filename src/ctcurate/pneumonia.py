@@ -22,6 +22,9 @@ or thicker slices measure the same anatomy:
   ``BLOB_RADIUS_MM`` (compact lesions, not vessels);
 * ``border_fill_fraction``: share of the robust mask the threshold mask lost (dense
   opacity at the lung border);
+* ``deep_opacity_fraction``: lung voxels of the opacity (ground glass or consolidation)
+  deeper than ``DEEP_MM`` inside the robust mask — a lesion within aerated lung, not the
+  dense rim every lung has at its border;
 * ``posterior_basal_symmetry``: aerated lower-posterior lung, smaller side / larger side
   (lobar consolidation and effusions take the dependent lung of one side);
 * ``small_opacity_density`` / ``nodule_density``: isolated small components of the
@@ -62,6 +65,7 @@ FEATURES: tuple[str, ...] = (
     "consolidation_fraction",
     "blob_fraction",
     "border_fill_fraction",
+    "deep_opacity_fraction",
     "posterior_basal_symmetry",
     "small_opacity_density",
     "nodule_density",
@@ -87,15 +91,23 @@ OPENING_MIN_PX = 2
 SMALL_MAX_MM3 = 1500.0
 NODULE_MAX_MM = 14.0
 NODULE_MARGIN_MM = 6.0
+#: Opacity deeper than this (mm) inside the robust lung mask is deep opacity.
+DEEP_MM = 6.0
 #: Fractions enter the model as log10(fraction + LOG_FRACTION_FLOOR).
 LOG_FRACTION_FLOOR = 1e-3
 #: Features the model takes on a log scale (fractions) and as log1p (densities per litre).
-LOG_FEATURES = ("ggo_fraction", "consolidation_fraction", "blob_fraction", "border_fill_fraction")
+LOG_FEATURES = (
+    "ggo_fraction",
+    "consolidation_fraction",
+    "blob_fraction",
+    "border_fill_fraction",
+    "deep_opacity_fraction",
+)
 LOG1P_FEATURES = ("small_opacity_density", "nodule_density")
 #: Opacity within this distance (mm) of the lung surface is peripheral.
 PERIPHERAL_MM = 15.0
 #: Every model file says this (the version after the slash: how features become inputs).
-MODEL_KIND = "pneumonia_logistic_regression/2"
+MODEL_KIND = "pneumonia_logistic_regression/3"
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -286,6 +298,7 @@ def opacity_features(
         _share(int(consolidation.sum()), n),
         _share(int(blob.sum()), n),
         _share(int((lung & ~thr).sum()), n),
+        _share(int((opacity & (depth > DEEP_MM)).sum()), n),
         symmetry,
         small / litres,
         nodules / litres,
