@@ -58,5 +58,7 @@ def test_map_ordered_on_a_dask_cluster_matches_this_process() -> None:
 
 def test_an_unreachable_scheduler_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(executor, "CONNECT_TIMEOUT_S", 0.5)
-    with pytest.raises(InputError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"):
+    with pytest.raises(
+        InputError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"
+    ):
         executor.map_ordered(abs, [1, -2], workers=1, scheduler="tcp://127.0.0.1:9")
