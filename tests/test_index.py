@@ -555,9 +555,9 @@ def test_dask_cluster_gives_the_local_bytes(tmp_path: Path) -> None:
 def test_unreachable_scheduler_fails_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ctcurate.index import scan
+    from ctcurate import executor
 
-    monkeypatch.setattr(scan, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(executor, "CONNECT_TIMEOUT_S", 0.5)
     archive = tmp_path / "archive"
     write_series(archive, n=1)
     with pytest.raises(

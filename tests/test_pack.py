@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ctcurate import card
-from ctcurate.pack import assign_splits, case_meta, plan_shards
+from ctcurate.pack import OTHER_VENDOR, assign_splits, case_meta, plan_shards, vendor
 from ctcurate.params import PackParams
 from ctcurate.volume import ExcludedSeries, series_to_volume
 
@@ -425,7 +425,7 @@ def test_case_meta_has_the_documented_keys_and_no_patient_id() -> None:
         "consensus_grade": 4,
         "typical": 0,
     }
-    meta = case_meta(case, "val", geometry, "ACME", 1.25)
+    meta = case_meta(case, "val", geometry, "Siemens", 1.25)
     assert "patient_id" not in meta
     assert "SECRET" not in repr(meta)
     assert meta["study_year"] == 2019
@@ -498,3 +498,20 @@ def test_montage_is_a_deterministic_png() -> None:
     assert first.startswith(b"\x89PNG")
     assert card.render_montage(cases) == first
     assert b"Software" not in first
+
+
+@pytest.mark.parametrize(
+    ("manufacturer", "expected"),
+    [
+        ("SIEMENS", "Siemens"),
+        ("Siemens Healthineers QX7K2ZV9", "Siemens"),
+        ("GE MEDICAL SYSTEMS", "GE"),
+        ("Philips", "Philips"),
+        ("TOSHIBA", "Toshiba"),
+        ("Canon Medical Systems", "Canon"),
+        ("ACME Hospital Scanner 3", OTHER_VENDOR),  # free text never reaches a release
+        ("Gemini", OTHER_VENDOR),  # "ge" only as a word of its own
+    ],
+)
+def test_a_release_names_the_vendor_from_a_fixed_list(manufacturer: str, expected: str) -> None:
+    assert vendor(manufacturer) == expected

@@ -76,7 +76,7 @@ def _write_series(
                 series_uid=series_uid,
                 index=i,
                 patient_id=patient,
-                manufacturer="ACME" if site == "H01" else "Globex",
+                manufacturer="SIEMENS" if site == "H01" else "GE MEDICAL SYSTEMS",
             )
         )
     rows = []
@@ -244,7 +244,7 @@ def test_card_describes_the_cohort(release: Path) -> None:
     text = (release / "card.md").read_text()
     assert "## Shortcut audit" in text
     assert "| site |" in text
-    assert "| Globex |" in text
+    assert "| GE |" in text  # the vendor, never the header text
     assert "| no_seg | 1 |" in text
     assert (release / "card" / "montage.png").read_bytes().startswith(b"\x89PNG")
 

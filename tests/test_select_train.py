@@ -158,6 +158,23 @@ def test_select_train_is_deterministic_and_separates_the_audit_list(tmp_path: Pa
     assert [bool(p >= model.threshold) for p in probs] == [sick for _, _, sick in series]
 
 
+def test_select_train_gives_the_same_model_on_a_pool_and_on_dask(tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    tiny_archive(tmp_path)
+    args = (tmp_path / "index", tmp_path / "archive", tmp_path / "audit.csv")
+    select_train.run(*args, tmp_path / "one.json", PARAMS)
+    select_train.run(*args, tmp_path / "pool.json", SelectParams(workers=2))
+    with LocalCluster(
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
+        select_train.run(*args, tmp_path / "dask.json", PARAMS, cluster.scheduler_address)
+    one = (tmp_path / "one.json").read_bytes()
+    assert json.loads(one)["n_fit"] == 4
+    assert (tmp_path / "pool.json").read_bytes() == one
+    assert (tmp_path / "dask.json").read_bytes() == one
+
+
 def test_select_train_fails_when_nothing_can_be_measured(tmp_path: Path) -> None:
     tiny_archive(tmp_path)
     (tmp_path / "other.csv").write_text("series_instance_uid,site,pneumonia\n1.2.999,H01,no\n")

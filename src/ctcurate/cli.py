@@ -45,6 +45,12 @@ ParamsOpt = Annotated[
     typer.Option("--params", help="params.yaml holding this stage's section.", dir_okay=False),
 ]
 DEFAULT_PARAMS = Path("params.yaml")
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Dask scheduler address (tcp://HOST:PORT); the local pool of `workers` if omitted."
+    ),
+]
 
 
 def _section_or_default(params: Path, name: str, model: type[S]) -> S:
@@ -138,10 +144,7 @@ def index(
     workers: Annotated[
         int | None, typer.Option(help="Local worker processes (overrides params).", min=1)
     ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(help="Dask scheduler address (tcp://HOST:PORT); local pool if omitted."),
-    ] = None,
+    scheduler: SchedulerOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Read DICOM headers into instances / series / quarantine tables and a DuckDB catalog."""
@@ -212,6 +215,7 @@ def select_(
             file_okay=False,
         ),
     ] = None,
+    scheduler: SchedulerOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Apply the selection rules, the pneumonia scorer and the era split to the series."""
@@ -226,6 +230,7 @@ def select_(
         archive=archive,
         model=model,
         seg_dir=seg,
+        scheduler=scheduler,
     )
 
 
@@ -262,6 +267,7 @@ def select_train(
     out: Annotated[
         Path, typer.Option("--out", help="Selector model JSON to write.", dir_okay=False)
     ],
+    scheduler: SchedulerOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Fit the pneumonia selector on a labelled audit list."""
@@ -273,6 +279,7 @@ def select_train(
         audit_list=audit_list,
         out=out,
         params=_section_or_default(params, "select", SelectParams),
+        scheduler=scheduler,
     )
 
 

@@ -62,6 +62,20 @@ EXCLUSION_REASONS = (
     *REASONS,
 )
 SEG_DIR = "seg"
+#: A release names the scanner's vendor from this list (the first whose pattern is in the
+#: lower-cased Manufacturer), never the header text itself: free text stays in the archive.
+VENDORS = (
+    ("Siemens", ("siemens",)),
+    ("GE", ("ge medical", "ge healthcare", "general electric")),
+    ("Philips", ("philips",)),
+    ("Toshiba", ("toshiba",)),
+    ("Canon", ("canon",)),
+    ("Hitachi", ("hitachi",)),
+    ("Fujifilm", ("fujifilm",)),
+    ("United Imaging", ("united imaging", "uih")),
+    ("Neusoft", ("neusoft",)),
+)
+OTHER_VENDOR = "other"
 SCRATCH_DIR = ".scratch"
 
 CASE_COLUMNS = [
@@ -201,9 +215,18 @@ def case_meta(
     }
 
 
+def vendor(manufacturer: str) -> str:
+    """The :data:`VENDORS` name of a Manufacturer value, ``"other"`` when none matches."""
+    text = manufacturer.lower()
+    for name, patterns in VENDORS:
+        if any(p in text for p in patterns):
+            return name
+    return OTHER_VENDOR
+
+
 def _series_header_summary(rows: Sequence[Mapping[str, Any]]) -> tuple[str | None, float | None]:
-    """(most common manufacturer, median slice thickness) of a series' index rows."""
-    vendors = Counter(str(r["manufacturer"]) for r in rows if r.get("manufacturer"))
+    """(most common vendor, median slice thickness) of a series' index rows."""
+    vendors = Counter(vendor(str(r["manufacturer"])) for r in rows if r.get("manufacturer"))
     manufacturer = min(vendors, key=lambda v: (-vendors[v], v)) if vendors else None
     thickness = [float(r["slice_thickness"]) for r in rows if r.get("slice_thickness") is not None]
     finite = [t for t in thickness if math.isfinite(t)]

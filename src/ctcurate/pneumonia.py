@@ -514,14 +514,12 @@ def score_series(task: ScoreTask) -> ScoreResult:
     )
 
 
-def score_all(tasks: Sequence[ScoreTask], workers: int) -> list[ScoreResult]:
-    """:func:`score_series` over ``tasks`` on a local process pool, results in task order.
+def score_all(
+    tasks: Sequence[ScoreTask], workers: int, scheduler: str | None = None
+) -> list[ScoreResult]:
+    """:func:`score_series` over ``tasks``, results in task order, on the executor ``index``
+    uses (:mod:`ctcurate.executor`): this process when ``workers`` is 1, a local process pool,
+    or the Dask cluster at ``scheduler``."""
+    from ctcurate.executor import map_ordered
 
-    ``workers == 1`` runs in this process.
-    """
-    from concurrent.futures import ProcessPoolExecutor
-
-    if workers <= 1 or len(tasks) <= 1:
-        return [score_series(t) for t in tasks]
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        return list(pool.map(score_series, tasks, chunksize=1))
+    return map_ordered(score_series, tasks, workers=workers, scheduler=scheduler)

@@ -594,6 +594,7 @@ def _score_survivors(
     archive: Path,
     seg_dir: Path | None,
     workers: int,
+    scheduler: str | None,
 ) -> list[ScoreResult]:
     """Features of every rule survivor (pixels read from ``archive``, paths from the index)."""
     from ctcurate.select_train import series_paths
@@ -616,8 +617,9 @@ def _score_survivors(
                 str(seg) if seg is not None and seg.is_file() else None,
             )
         )
-    log.info("scoring %d rule survivors on %d worker(s)", len(tasks), workers)
-    return score_all(tasks, workers)
+    where = "a Dask cluster" if scheduler else f"{workers} worker(s)"
+    log.info("scoring %d rule survivors on %s", len(tasks), where)
+    return score_all(tasks, workers, scheduler)
 
 
 def run(
@@ -629,11 +631,13 @@ def run(
     archive: Path | None = None,
     model: Path | None = None,
     seg_dir: Path | None = None,
+    scheduler: str | None = None,
 ) -> None:
     """Select series from ``index_dir`` with the rules in ``rules_dir`` into ``out``.
 
     With ``model`` (from ``select-train``) and ``archive``, the rule survivors are scored
-    for pneumonia; ``seg_dir`` (DICOM SEGs named ``<series uid>.dcm``) adds the lung-mask
+    for pneumonia (on the local pool of ``params.workers`` or, with ``scheduler``, on that
+    Dask cluster); ``seg_dir`` (DICOM SEGs named ``<series uid>.dcm``) adds the lung-mask
     Dice audit. Writes ``out/series.parquet``, ``out/report.json`` and, when scored,
     ``out/audit_sample.csv`` atomically (the whole folder).
     """
@@ -666,7 +670,12 @@ def run(
     if selector is not None and archive is not None:
         selector_model, version = selector
         results = _score_survivors(
-            selection, index_dir, Path(archive), Path(seg_dir) if seg_dir else None, params.workers
+            selection,
+            index_dir,
+            Path(archive),
+            Path(seg_dir) if seg_dir else None,
+            params.workers,
+            scheduler,
         )
         measured = [r for r in results if r.features is not None]
         probs = (

@@ -193,8 +193,18 @@ def run_audit_list(truth: Path, out: Path, params: SelectParams) -> None:
     log.info("audit list: %d series", rows)
 
 
-def run(index_dir: Path, archive: Path, audit_list: Path, out: Path, params: SelectParams) -> None:
-    """Fit the selector on ``audit_list`` and write the model file ``out`` atomically."""
+def run(
+    index_dir: Path,
+    archive: Path,
+    audit_list: Path,
+    out: Path,
+    params: SelectParams,
+    scheduler: str | None = None,
+) -> None:
+    """Fit the selector on ``audit_list`` and write the model file ``out`` atomically.
+
+    The audited series are scored on the local pool of ``params.workers`` or, with
+    ``scheduler``, on that Dask cluster."""
     audit = read_audit_list(Path(audit_list))
     paths = series_paths(Path(index_dir) / "instances")
     archive = Path(archive)
@@ -212,7 +222,7 @@ def run(index_dir: Path, archive: Path, audit_list: Path, out: Path, params: Sel
         if (r.site, r.series_instance_uid) in paths
     ]
     skipped: Counter[str] = Counter({"not_indexed": len(audit) - len(tasks)})
-    results = score_all(tasks, params.workers)
+    results = score_all(tasks, params.workers, scheduler)
     features = {}
     for res in results:
         if res.features is None:
