@@ -10,13 +10,16 @@ the pneumonia scorer over rule survivors through the same two functions:
 
 ``scheduler`` (``tcp://HOST:PORT``) sends the work to a Dask distributed cluster (every
 worker needs ctcurate installed and the archive at the same path); otherwise ``workers``
-processes of a local pool (``spawn``: no fork of a threaded parent) do it, or this process
-when ``workers`` is 1. ``fn`` must be picklable (a module-level function or a
-:func:`functools.partial` of one).
+processes of a local pool do it, or this process when ``workers`` is 1. The pool's processes
+are forked from a fresh server process that has imported ``fn``'s module (``forkserver``):
+the stage's own process is never forked (it runs DuckDB and Arrow threads), and workers do
+not each import scipy and pydicom again. ``fn`` must be picklable (a module-level function
+or a :func:`functools.partial` of one).
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -55,7 +58,8 @@ def map_unordered(
         for item in items:
             yield fn(item)
         return
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_modules_of(fn))  # no effect once the server runs
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=initializer, initargs=initargs
     ) as pool:
@@ -92,6 +96,19 @@ class _Indexed(Generic[T, R]):
 
     def __call__(self, pair: tuple[int, T]) -> tuple[int, R]:
         return pair[0], self.fn(pair[1])
+
+
+def _modules_of(fn: Callable[..., object]) -> list[str]:
+    """The ctcurate modules a worker needs for ``fn`` (through partials and :class:`_Indexed`)."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif isinstance(fn, _Indexed):
+            fn = fn.fn
+        else:
+            break
+    module = getattr(fn, "__module__", "") or ""
+    return sorted({__name__, module} if module.startswith("ctcurate.") else {__name__})
 
 
 def _bounded(items: Iterable[T], submit: Callable[[T], Future[R]], workers: int) -> Iterator[R]:
