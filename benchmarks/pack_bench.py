@@ -4,9 +4,11 @@ One run, on the demo pipeline's inputs (``data/cases``, ``data/index``, ``data/s
 ``dvc repro annotate_join`` builds them):
 
 1. ``pack.run`` on the cases into a temporary release: cases/s, MB/s of DICOM read, and
-   the release's size against the raw DICOM size of its series. The cases are those whose
-   series folder holds nothing but the series (MONAI reads a folder as one series; the
-   demo archive plants stray and broken files in some), all of them or 8 with ``--small``.
+   the release's size against the raw DICOM size of its series; once on one process (the
+   baseline) and once on ``pack.workers`` (``ctcurate.executor``'s local pool). The cases
+   are those whose series folder holds nothing but the series (MONAI reads a folder as one
+   series; the demo archive plants stray and broken files in some), all of them or 8 with
+   ``--small``.
 2. Samples/s of one pass over the same cases, each a volume on the pack grid
    (``pack.spacing_mm``, ``pack.shape``):
    - the release through ``ctcurate.release.open`` (image and label);
@@ -237,7 +239,12 @@ def bench_read(
 def table(result: dict[str, Any]) -> str:
     p, r = result["pack"], result["read"]
     mb = 1e6
+    one = result["pack_one_worker"]
     lines = [
+        f"pack on 1 process: {one['seconds']:.1f} s = {one['cases_per_s']:.2f} cases/s; "
+        f"on {result['workers']} workers: {p['seconds']:.1f} s = {p['cases_per_s']:.2f} "
+        f"cases/s ({p['cases_per_s'] / one['cases_per_s']:.2f}x)",
+        "",
         f"pack: {p['cases_packed']} of {p['cases_seen']} cases in {p['seconds']:.1f} s = "
         f"{p['cases_per_s']:.2f} cases/s, {p['dicom_mb_per_s']:.1f} MB/s of DICOM; release "
         f"{p['release_bytes'] / mb:.1f} MB (shards {p['shard_bytes'] / mb:.1f} MB) vs DICOM "
@@ -278,9 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     params = load_section(args.params, "pack", PackParams)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        release, pack_result = bench_pack(args.data, params, 8 if args.small else None, work)
+        n_cases = 8 if args.small else None
+        serial = params.model_copy(update={"workers": 1})
+        (work / "one").mkdir()
+        _, one_result = bench_pack(args.data, serial, n_cases, work / "one")
+        release, pack_result = bench_pack(args.data, params, n_cases, work)
         read_result = bench_read(release, args.data, params, work, 3 if args.small else 5)
-    result = {"small": args.small, "pack": pack_result, "read": read_result}
+    result = {
+        "small": args.small,
+        "workers": params.workers,
+        "pack_one_worker": one_result,
+        "pack": pack_result,
+        "read": read_result,
+    }
     text = table(result)
     OUT.mkdir(exist_ok=True)
     (OUT / "pack_bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -276,6 +276,28 @@ def test_pack_is_byte_reproducible_across_processes_and_row_order(
     assert _hashes(out) == _hashes(release)
 
 
+def test_pack_gives_the_same_bytes_in_one_process_on_a_pool_and_on_dask(
+    inputs: Inputs, release: Path, tmp_path: Path
+) -> None:
+    from distributed import LocalCluster
+
+    args = {
+        "cases": inputs.cases,
+        "index_dir": inputs.index_dir,
+        "archive": inputs.archive,
+        "annotations_dir": inputs.annotations,
+    }
+    assert PARAMS.workers == 2  # the fixture's release was built on a pool of two
+    pack.run(**args, out=tmp_path / "one", params=PARAMS.model_copy(update={"workers": 1}))
+    with LocalCluster(
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
+        pack.run(**args, out=tmp_path / "dask", params=PARAMS, scheduler=cluster.scheduler_address)
+    assert _hashes(tmp_path / "one") == _hashes(release)
+    assert _hashes(tmp_path / "dask") == _hashes(release)
+    assert "workers" not in _manifest(release)["params"]  # how it ran is not what it holds
+
+
 def test_one_changed_label_changes_the_release_id(
     inputs: Inputs, release: Path, tmp_path: Path
 ) -> None:

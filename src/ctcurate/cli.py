@@ -324,6 +324,7 @@ def pack(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Release folder to write.", file_okay=False)],
+    scheduler: SchedulerOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Build a content-addressed HDF5 release (volumes, masks, labels, splits, manifest)."""
@@ -336,6 +337,7 @@ def pack(
         annotations_dir=annotations,
         out=out,
         params=_section_or_default(params, "pack", PackParams),
+        scheduler=scheduler,
     )
 
 

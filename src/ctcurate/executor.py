@@ -20,6 +20,7 @@ or a :func:`functools.partial` of one).
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from ctcurate.errors import InputError
+from ctcurate.log import progress
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -72,18 +74,24 @@ def map_ordered(
     *,
     workers: int,
     scheduler: str | None = None,
+    progress_to: tuple[logging.Logger, str, str] | None = None,
 ) -> list[R]:
     """``[fn(item) for item in items]`` on the executor :func:`map_unordered` picks.
 
-    A local pool never gets more processes than there are items.
+    A local pool never gets more processes than there are items. ``progress_to`` =
+    (logger, label, unit) shows progress as results come in (:func:`ctcurate.log.progress`).
     """
     out: list[R | None] = [None] * len(items)
-    for i, result in map_unordered(
+    results = map_unordered(
         _Indexed(fn),
         enumerate(items),
         workers=min(workers, max(1, len(items))),
         scheduler=scheduler,
-    ):
+    )
+    if progress_to is not None:
+        logger, label, unit = progress_to
+        results = progress(results, len(items), label, logger, unit=unit)
+    for i, result in results:
         out[i] = result
     return out  # type: ignore[return-value]  # every slot is filled above
 

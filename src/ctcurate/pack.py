@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ctcurate import __version__
+from ctcurate import __version__, executor
 from ctcurate.errors import AccountingError, InputError
 from ctcurate.io.atomic import atomic_dir, write_json
 from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
-from ctcurate.log import get_logger, progress
+from ctcurate.log import get_logger
 from ctcurate.params import PackParams
 from ctcurate.release import (
     MANIFEST,
@@ -297,6 +297,39 @@ def _load_series(
     return datasets, labels
 
 
+@dataclass(frozen=True)
+class _CaseTask:
+    """One case for :func:`_pack_one` (picklable: it may run in another process)."""
+
+    case: Mapping[str, Any]
+    rows: Sequence[Mapping[str, Any]]
+    archive: Path
+    seg_path: Path
+    scratch: Path
+    params: PackParams
+
+
+def _pack_one(task: _CaseTask) -> _Packed | dict[str, str]:
+    """Build one case's volume into the scratch folder; the case or its exclusion."""
+    case = task.case
+    case_id = str(case["case_id"])
+    try:
+        if case.get("typical") is None:
+            raise ExcludedSeries(reason="unlabeled", detail="no resolved typicality label")
+        if not task.seg_path.is_file():
+            raise ExcludedSeries(reason="no_seg", detail="no SEG mask for the series")
+        if not task.rows:
+            raise ExcludedSeries(reason="no_instances", detail="series has no indexed instances")
+        datasets, labels = _load_series(task.archive, task.seg_path, task.rows)
+        image, label, geometry = series_to_volume(datasets, labels, task.params)
+    except ExcludedSeries as exc:
+        return {"case_id": case_id, "reason": exc.reason}
+    np.save(task.scratch / f"{case_id}.image.npy", image)
+    np.save(task.scratch / f"{case_id}.label.npy", label)
+    manufacturer, thickness = _series_header_summary(task.rows)
+    return _Packed(case, geometry, manufacturer, thickness)
+
+
 def _pack_cases(
     cases: Sequence[Mapping[str, Any]],
     instances: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
@@ -304,32 +337,30 @@ def _pack_cases(
     seg_dir: Path,
     scratch: Path,
     params: PackParams,
+    scheduler: str | None = None,
 ) -> tuple[list[_Packed], list[dict[str, str]]]:
-    """Build every case's volume into ``scratch``; (packed cases, excluded cases)."""
-    packed: list[_Packed] = []
-    excluded: list[dict[str, str]] = []
-    for case in progress(cases, len(cases), "pack", log, unit="cases"):
-        case_id = str(case["case_id"])
-        rows = instances.get((str(case["site"]), str(case["series_instance_uid"])), [])
-        seg_path = seg_dir / f"{case['series_instance_uid']}.dcm"
-        try:
-            if case.get("typical") is None:
-                raise ExcludedSeries(reason="unlabeled", detail="no resolved typicality label")
-            if not seg_path.is_file():
-                raise ExcludedSeries(reason="no_seg", detail="no SEG mask for the series")
-            if not rows:
-                raise ExcludedSeries(
-                    reason="no_instances", detail="series has no indexed instances"
-                )
-            datasets, labels = _load_series(archive, seg_path, rows)
-            image, label, geometry = series_to_volume(datasets, labels, params)
-        except ExcludedSeries as exc:
-            excluded.append({"case_id": case_id, "reason": exc.reason})
-            continue
-        np.save(scratch / f"{case_id}.image.npy", image)
-        np.save(scratch / f"{case_id}.label.npy", label)
-        manufacturer, thickness = _series_header_summary(rows)
-        packed.append(_Packed(case, geometry, manufacturer, thickness))
+    """Build every case's volume into ``scratch`` on the executor ``index`` and ``select``
+    use (:mod:`ctcurate.executor`); (packed cases, excluded cases), in case order."""
+    tasks = [
+        _CaseTask(
+            case,
+            instances.get((str(case["site"]), str(case["series_instance_uid"])), []),
+            archive,
+            seg_dir / f"{case['series_instance_uid']}.dcm",
+            scratch,
+            params,
+        )
+        for case in cases
+    ]
+    results = executor.map_ordered(
+        _pack_one,
+        tasks,
+        workers=params.workers,
+        scheduler=scheduler,
+        progress_to=(log, "pack", "cases"),
+    )
+    packed = [r for r in results if isinstance(r, _Packed)]
+    excluded = [r for r in results if not isinstance(r, _Packed)]
     return packed, excluded
 
 
@@ -370,8 +401,13 @@ def run(
     annotations_dir: Path,
     out: Path,
     params: PackParams,
+    scheduler: str | None = None,
 ) -> None:
     """Build the release folder ``out`` from the cases, the archive and the SEG masks.
+
+    The volumes are built on the local pool of ``params.workers`` or, with ``scheduler``,
+    on that Dask cluster (its workers must reach the archive and ``out``'s parent folder at
+    the same paths); the release is the same bytes either way.
 
     Writes ``out/shards/shard-*.h5``, ``out/manifest.json``, ``out/report.json``,
     ``out/card.md`` and ``out/card/montage.png``; the folder is published atomically (a
@@ -388,7 +424,7 @@ def run(
         When another build of ``out`` is running (see :func:`ctcurate.release.build_lock`).
     """
     with build_lock(Path(out)):
-        _build(cases, index_dir, archive, annotations_dir, out, params)
+        _build(cases, index_dir, archive, annotations_dir, out, params, scheduler)
 
 
 def _build(
@@ -398,6 +434,7 @@ def _build(
     annotations_dir: Path,
     out: Path,
     params: PackParams,
+    scheduler: str | None,
 ) -> None:
     from ctcurate import card
 
@@ -410,7 +447,7 @@ def _build(
         scratch = release / SCRATCH_DIR
         scratch.mkdir()
         packed, excluded = _pack_cases(
-            case_rows, instances, Path(archive), seg_dir, scratch, params
+            case_rows, instances, Path(archive), seg_dir, scratch, params, scheduler
         )
         if not packed:
             reasons = Counter(e["reason"] for e in excluded)
@@ -442,7 +479,7 @@ def _build(
         manifest = build_manifest(
             release,
             entries,
-            params.model_dump(mode="json"),
+            params.model_dump(mode="json", exclude={"workers"}),  # not part of the content
             __version__,
             extra={"counts": counts, "excluded": sorted(excluded, key=lambda e: e["case_id"])},
         )

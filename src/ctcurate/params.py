@@ -98,6 +98,8 @@ class PackParams(Section):
     split_seed: Annotated[int, Field(ge=0)] = 1
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.6, 0.2, 0.2)
     shard_max_cases: PositiveInt = 64
+    # local processes building the volumes (not part of the release: left out of its manifest)
+    workers: PositiveInt = 2
 
     @model_validator(mode="after")
     def _check(self) -> PackParams:

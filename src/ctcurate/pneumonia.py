@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -515,11 +516,20 @@ def score_series(task: ScoreTask) -> ScoreResult:
 
 
 def score_all(
-    tasks: Sequence[ScoreTask], workers: int, scheduler: str | None = None
+    tasks: Sequence[ScoreTask],
+    workers: int,
+    scheduler: str | None = None,
+    logger: logging.Logger | None = None,
 ) -> list[ScoreResult]:
     """:func:`score_series` over ``tasks``, results in task order, on the executor ``index``
     uses (:mod:`ctcurate.executor`): this process when ``workers`` is 1, a local process pool,
-    or the Dask cluster at ``scheduler``."""
+    or the Dask cluster at ``scheduler``. With ``logger``, progress is shown on it."""
     from ctcurate.executor import map_ordered
 
-    return map_ordered(score_series, tasks, workers=workers, scheduler=scheduler)
+    return map_ordered(
+        score_series,
+        tasks,
+        workers=workers,
+        scheduler=scheduler,
+        progress_to=None if logger is None else (logger, "score", "series"),
+    )

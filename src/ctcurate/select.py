@@ -619,7 +619,7 @@ def _score_survivors(
         )
     where = "a Dask cluster" if scheduler else f"{workers} worker(s)"
     log.info("scoring %d rule survivors on %s", len(tasks), where)
-    return score_all(tasks, workers, scheduler)
+    return score_all(tasks, workers, scheduler, log)
 
 
 def run(

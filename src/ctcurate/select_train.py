@@ -222,7 +222,7 @@ def run(
         if (r.site, r.series_instance_uid) in paths
     ]
     skipped: Counter[str] = Counter({"not_indexed": len(audit) - len(tasks)})
-    results = score_all(tasks, params.workers, scheduler)
+    results = score_all(tasks, params.workers, scheduler, log)
     features = {}
     for res in results:
         if res.features is None:
