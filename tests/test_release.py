@@ -530,3 +530,83 @@ def test_duplicate_case_ids_are_rejected(inputs: Inputs, tmp_path: Path) -> None
 def test_missing_cases_table_is_an_input_error(inputs: Inputs, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"nope\.parquet: no such Parquet file"):
         _pack(inputs, tmp_path / "release", cases=tmp_path / "nope.parquet")
+
+
+# --- keyed patient pseudonyms ----------------------------------------------------------------
+
+KEY = "k" * 16 + "0123456789abcdef"  # 32 characters
+
+
+def test_pseudonyms_fail_closed_without_a_key(
+    inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = PARAMS.model_copy(update={"patient_pseudonyms": True})
+    args = {
+        "cases": inputs.cases,
+        "index_dir": inputs.index_dir,
+        "archive": inputs.archive,
+        "annotations_dir": inputs.annotations,
+        "params": params,
+    }
+    monkeypatch.delenv(pack.PSEUDONYM_KEY_ENV, raising=False)
+    with pytest.raises(InputError, match=r"CTCURATE_PSEUDONYM_KEY is not set"):
+        pack.run(**args, out=tmp_path / "none")
+    monkeypatch.setenv(pack.PSEUDONYM_KEY_ENV, "short")
+    with pytest.raises(InputError, match=r"shorter than 32 characters"):
+        pack.run(**args, out=tmp_path / "short")
+    assert not (tmp_path / "none").exists()
+    assert not (tmp_path / "short").exists()
+
+
+def test_pseudonyms_are_keyed_per_site_and_patient(
+    inputs: Inputs, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = PARAMS.model_copy(update={"patient_pseudonyms": True})
+    args = {
+        "cases": inputs.cases,
+        "index_dir": inputs.index_dir,
+        "archive": inputs.archive,
+        "annotations_dir": inputs.annotations,
+        "params": params,
+    }
+    monkeypatch.setenv(pack.PSEUDONYM_KEY_ENV, KEY)
+    pack.run(**args, out=tmp_path / "a")
+    pack.run(**args, out=tmp_path / "b")
+    monkeypatch.setenv(pack.PSEUDONYM_KEY_ENV, KEY[::-1])
+    pack.run(**args, out=tmp_path / "other")
+
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")  # same key: same bytes
+    a, other = _manifest(tmp_path / "a"), _manifest(tmp_path / "other")
+    assert a["release_id"] not in {other["release_id"], _manifest(release)["release_id"]}
+    assert a["pseudonym_key_id"] != other["pseudonym_key_id"]
+    assert "pseudonym_key_id" not in _manifest(release)  # off: no pseudonyms, no key id
+
+    rows = {str(r["case_id"]): r for r in pq.read_table(inputs.cases).to_pylist()}
+    by_patient: dict[tuple[str, str], set[str]] = {}
+    for case in a["cases"]:
+        row = rows[case["case_id"]]
+        pseudonym = case["patient_pseudonym"]
+        assert len(pseudonym) == 32
+        assert pseudonym == pack.patient_pseudonym(KEY.encode(), row["site"], row["patient_id"])
+        by_patient.setdefault((row["site"], row["patient_id"]), set()).add(pseudonym)
+    assert all(len(p) == 1 for p in by_patient.values())  # one pseudonym per patient
+    assert len({p for ps in by_patient.values() for p in ps}) == len(by_patient)
+    others = {c["case_id"]: c["patient_pseudonym"] for c in other["cases"]}
+    assert all(others[c["case_id"]] != c["patient_pseudonym"] for c in a["cases"])
+    for path in sorted((tmp_path / "a").rglob("*")):  # neither the key nor a raw id
+        if path.is_file():
+            data = path.read_bytes()
+            assert KEY.encode() not in data, path.name
+            assert CANARY.encode() not in data, path.name
+
+
+def test_a_pseudonym_depends_on_site_patient_and_key() -> None:
+    key = KEY.encode()
+    one = pack.patient_pseudonym(key, "H01", "P1")
+    assert one == pack.patient_pseudonym(key, "H01", "P1")
+    assert one != pack.patient_pseudonym(key, "H02", "P1")  # ids are per hospital
+    assert one != pack.patient_pseudonym(key, "H01", "P2")
+    assert one != pack.patient_pseudonym(key[::-1], "H01", "P1")
+    assert pack.patient_pseudonym(key, "H0", "1P1") != pack.patient_pseudonym(key, "H01", "P1")
+    assert int(one, 16) >= 0
+    assert len(one) == 32

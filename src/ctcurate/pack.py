@@ -19,7 +19,10 @@ folder atomically.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import math
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -76,6 +79,10 @@ VENDORS = (
     ("Neusoft", ("neusoft",)),
 )
 OTHER_VENDOR = "other"
+#: Environment variable holding the key of the patient pseudonyms (``pack.patient_pseudonyms``).
+PSEUDONYM_KEY_ENV = "CTCURATE_PSEUDONYM_KEY"
+#: Shortest key accepted (characters): a guessable key would make the pseudonyms reversible.
+PSEUDONYM_KEY_MIN = 32
 SCRATCH_DIR = ".scratch"
 
 CASE_COLUMNS = [
@@ -213,6 +220,32 @@ def case_meta(
         "study_year": study_date.year if isinstance(study_date, dt.date) else None,
         "series_instance_uid": str(case["series_instance_uid"]),
     }
+
+
+def pseudonym_key() -> bytes:
+    """The pseudonym key from :data:`PSEUDONYM_KEY_ENV`; fails closed when it is missing or
+    short (never a release with raw or unkeyed patient ids)."""
+    key = os.environ.get(PSEUDONYM_KEY_ENV, "")
+    if len(key) < PSEUDONYM_KEY_MIN:
+        state = "not set" if not key else f"shorter than {PSEUDONYM_KEY_MIN} characters"
+        msg = (
+            f"pack.patient_pseudonyms is on but {PSEUDONYM_KEY_ENV} is {state}: set it to a "
+            "secret kept outside git, DVC and the release (e.g. `openssl rand -hex 32`)"
+        )
+        raise InputError(msg)
+    return key.encode()
+
+
+def patient_pseudonym(key: bytes, site: str, patient_id: str) -> str:
+    """HMAC-SHA256 of (site, patient id) under ``key``, 32 hex digits: the same patient of
+    the same site gets the same pseudonym in every release built with the key."""
+    message = f"{site}\x1f{patient_id}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+
+
+def pseudonym_key_id(key: bytes) -> str:
+    """A fingerprint of the key (not the key): releases with equal ids share pseudonyms."""
+    return hmac.new(key, b"ctcurate pseudonym key id", hashlib.sha256).hexdigest()[:16]
 
 
 def vendor(manufacturer: str) -> str:
@@ -438,6 +471,7 @@ def _build(
 ) -> None:
     from ctcurate import card
 
+    key = pseudonym_key() if params.patient_pseudonyms else None  # before any work
     case_rows = _read_cases(Path(cases))
     instances = _read_instances(Path(index_dir) / "instances")
     seg_dir = Path(annotations_dir) / SEG_DIR
@@ -463,6 +497,15 @@ def _build(
                 p.manufacturer,
                 p.slice_thickness_mm,
             )
+            | (
+                {}
+                if key is None
+                else {
+                    "patient_pseudonym": patient_pseudonym(
+                        key, str(p.case["site"]), str(p.case["patient_id"])
+                    )
+                }
+            )
             for p in packed
         }
         counts = _counts(metas, excluded, len(case_rows))
@@ -481,7 +524,11 @@ def _build(
             entries,
             params.model_dump(mode="json", exclude={"workers"}),  # not part of the content
             __version__,
-            extra={"counts": counts, "excluded": sorted(excluded, key=lambda e: e["case_id"])},
+            extra={
+                "counts": counts,
+                "excluded": sorted(excluded, key=lambda e: e["case_id"]),
+                **({} if key is None else {"pseudonym_key_id": pseudonym_key_id(key)}),
+            },
         )
         write_json(release / MANIFEST, manifest)
         write_json(release / REPORT, {**counts, "release_id": manifest["release_id"]})

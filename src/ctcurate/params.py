@@ -98,6 +98,9 @@ class PackParams(Section):
     split_seed: Annotated[int, Field(ge=0)] = 1
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.6, 0.2, 0.2)
     shard_max_cases: PositiveInt = 64
+    # each case carries a keyed pseudonym of (site, patient id); the key comes from the
+    # environment (ctcurate.pack.PSEUDONYM_KEY_ENV) and pack fails without it
+    patient_pseudonyms: bool = False
     # local processes building the volumes (not part of the release: left out of its manifest)
     workers: PositiveInt = 2
 
