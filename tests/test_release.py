@@ -172,14 +172,21 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     return Inputs(root, root / "cases.parquet", root / "index", archive, annotations)
 
 
-def _pack(inputs: Inputs, out: Path, cases: Path | None = None) -> None:
+def _pack(
+    inputs: Inputs,
+    out: Path,
+    cases: Path | None = None,
+    params: PackParams = PARAMS,
+    scheduler: str | None = None,
+) -> None:
     pack.run(
         cases=cases or inputs.cases,
         index_dir=inputs.index_dir,
         archive=inputs.archive,
         annotations_dir=inputs.annotations,
         out=out,
-        params=PARAMS,
+        params=params,
+        scheduler=scheduler,
     )
 
 
@@ -281,18 +288,12 @@ def test_pack_gives_the_same_bytes_in_one_process_on_a_pool_and_on_dask(
 ) -> None:
     from distributed import LocalCluster
 
-    args = {
-        "cases": inputs.cases,
-        "index_dir": inputs.index_dir,
-        "archive": inputs.archive,
-        "annotations_dir": inputs.annotations,
-    }
     assert PARAMS.workers == 2  # the fixture's release was built on a pool of two
-    pack.run(**args, out=tmp_path / "one", params=PARAMS.model_copy(update={"workers": 1}))
+    _pack(inputs, tmp_path / "one", params=PARAMS.model_copy(update={"workers": 1}))
     with LocalCluster(
         processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
     ) as cluster:
-        pack.run(**args, out=tmp_path / "dask", params=PARAMS, scheduler=cluster.scheduler_address)
+        _pack(inputs, tmp_path / "dask", scheduler=cluster.scheduler_address)
     assert _hashes(tmp_path / "one") == _hashes(release)
     assert _hashes(tmp_path / "dask") == _hashes(release)
     assert "workers" not in _manifest(release)["params"]  # how it ran is not what it holds
@@ -541,19 +542,12 @@ def test_pseudonyms_fail_closed_without_a_key(
     inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     params = PARAMS.model_copy(update={"patient_pseudonyms": True})
-    args = {
-        "cases": inputs.cases,
-        "index_dir": inputs.index_dir,
-        "archive": inputs.archive,
-        "annotations_dir": inputs.annotations,
-        "params": params,
-    }
     monkeypatch.delenv(pack.PSEUDONYM_KEY_ENV, raising=False)
     with pytest.raises(InputError, match=r"CTCURATE_PSEUDONYM_KEY is not set"):
-        pack.run(**args, out=tmp_path / "none")
+        _pack(inputs, tmp_path / "none", params=params)
     monkeypatch.setenv(pack.PSEUDONYM_KEY_ENV, "short")
     with pytest.raises(InputError, match=r"shorter than 32 characters"):
-        pack.run(**args, out=tmp_path / "short")
+        _pack(inputs, tmp_path / "short", params=params)
     assert not (tmp_path / "none").exists()
     assert not (tmp_path / "short").exists()
 
@@ -562,18 +556,11 @@ def test_pseudonyms_are_keyed_per_site_and_patient(
     inputs: Inputs, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     params = PARAMS.model_copy(update={"patient_pseudonyms": True})
-    args = {
-        "cases": inputs.cases,
-        "index_dir": inputs.index_dir,
-        "archive": inputs.archive,
-        "annotations_dir": inputs.annotations,
-        "params": params,
-    }
     monkeypatch.setenv(pack.PSEUDONYM_KEY_ENV, KEY)
-    pack.run(**args, out=tmp_path / "a")
-    pack.run(**args, out=tmp_path / "b")
+    _pack(inputs, tmp_path / "a", params=params)
+    _pack(inputs, tmp_path / "b", params=params)
     monkeypatch.setenv(pack.PSEUDONYM_KEY_ENV, KEY[::-1])
-    pack.run(**args, out=tmp_path / "other")
+    _pack(inputs, tmp_path / "other", params=params)
 
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")  # same key: same bytes
     a, other = _manifest(tmp_path / "a"), _manifest(tmp_path / "other")
