@@ -1,7 +1,8 @@
 """The executor the stages share for per-item work: this process, a local pool or Dask.
 
-``index`` maps its header scan over chunks of files and ``select`` / ``select-train`` map
-the pneumonia scorer over rule survivors through the same two functions:
+``index`` maps its header scan over chunks of files, ``select`` / ``select-train`` the
+pneumonia scorer over rule survivors and ``pack`` the volume build over cases, all through
+the same two functions:
 
 * :func:`map_unordered` yields ``fn(item)`` in completion order with at most
   ``IN_FLIGHT_PER_WORKER`` items per worker in flight, so memory stays bounded however long
@@ -13,8 +14,8 @@ worker needs ctcurate installed and the archive at the same path); otherwise ``w
 processes of a local pool do it, or this process when ``workers`` is 1. The pool's processes
 are forked from a fresh server process that has imported ``fn``'s module (``forkserver``):
 the stage's own process is never forked (it runs DuckDB and Arrow threads), and workers do
-not each import scipy and pydicom again. ``fn`` must be picklable (a module-level function
-or a :func:`functools.partial` of one).
+not each import scipy and pydicom again (``spawn`` where the platform has no fork). ``fn``
+must be picklable (a module-level function or a :func:`functools.partial` of one).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
 from typing import Any, Generic, TypeVar
 
 from ctcurate.errors import InputError
@@ -60,8 +62,13 @@ def map_unordered(
         for item in items:
             yield fn(item)
         return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_modules_of(fn))  # no effect once the server runs
+    context: BaseContext
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        server = multiprocessing.get_context("forkserver")
+        server.set_forkserver_preload(_modules_of(fn))  # no effect once the server runs
+        context = server
+    else:  # platforms without fork (Windows): a fresh interpreter per worker
+        context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=initializer, initargs=initargs
     ) as pool:
