@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -149,3 +150,13 @@ def test_instances_table_keeps_schema_for_no_rows() -> None:
     assert empty.schema == index.INSTANCE_SCHEMA
     assert index.series_table(empty).schema == index.SERIES_SCHEMA
     assert isinstance(empty, pa.Table)
+
+
+def test_a_pulled_index_without_its_catalog_gets_it_rebuilt(catalog: Path, tmp_path: Path) -> None:
+    pulled = tmp_path / "index"
+    shutil.copytree(catalog.parent, pulled, ignore=shutil.ignore_patterns("catalog.duckdb"))
+    assert not (pulled / "catalog.duckdb").exists()
+    assert query.run(pulled / "catalog.duckdb", SQL, "csv") == query.run(catalog, SQL, "csv")
+    assert (pulled / "catalog.duckdb").is_file()
+    with pytest.raises(InputError, match="catalog not found"):  # no index there either
+        query.run(tmp_path / "catalog.duckdb", "SELECT 1", "table")

@@ -27,10 +27,27 @@ NULL_TEXT = "NULL"
 
 
 def connect(catalog: Path) -> duckdb.DuckDBPyConnection:
-    """Open ``catalog.duckdb`` read-only with its folder as the file search path."""
+    """Open ``catalog.duckdb`` read-only with its folder as the file search path.
+
+    A catalog missing beside an index's ``series.parquet`` (after a ``dvc pull``: DVC does not
+    track it, its bytes are not reproducible) is rebuilt first."""
     import duckdb
 
     catalog = Path(catalog)
+    index_dir = catalog.parent
+    if (
+        not catalog.is_file()
+        and catalog.name == "catalog.duckdb"
+        and (index_dir / "series.parquet").is_file()
+    ):
+        # an index without its catalog (DVC does not track it): views are cheap to rebuild
+        from ctcurate.index import write_catalog
+
+        try:
+            write_catalog(index_dir)
+        except (OSError, duckdb.Error) as exc:
+            msg = f"{catalog}: cannot rebuild the catalog ({_first_line(exc)})"
+            raise InputError(msg) from exc
     if not catalog.is_file():
         msg = f"{catalog}: catalog not found (run `ctcurate index` first)"
         raise InputError(msg)
