@@ -196,12 +196,14 @@ def case_meta(
     geometry: VolumeGeometry,
     manufacturer: str | None,
     slice_thickness_mm: float | None,
+    pseudonym_key: bytes | None = None,
 ) -> dict[str, MetaValue]:
-    """The attributes a release stores for one case (docs/release.md); no patient id."""
+    """The attributes a release stores for one case (docs/release.md); no patient id, and
+    with ``pseudonym_key`` its keyed :func:`patient_pseudonym`."""
     study_date = case.get("study_date")
     grade = case.get("consensus_grade")
     typical = case.get("typical")
-    return {
+    meta: dict[str, MetaValue] = {
         "case_id": str(case["case_id"]),
         "split": split,
         "site": str(case["site"]),
@@ -220,6 +222,11 @@ def case_meta(
         "study_year": study_date.year if isinstance(study_date, dt.date) else None,
         "series_instance_uid": str(case["series_instance_uid"]),
     }
+    if pseudonym_key is not None:
+        meta["patient_pseudonym"] = patient_pseudonym(
+            pseudonym_key, str(case["site"]), str(case["patient_id"])
+        )
+    return meta
 
 
 def pseudonym_key() -> bytes:
@@ -496,15 +503,7 @@ def _build(
                 p.geometry,
                 p.manufacturer,
                 p.slice_thickness_mm,
-            )
-            | (
-                {}
-                if key is None
-                else {
-                    "patient_pseudonym": patient_pseudonym(
-                        key, str(p.case["site"]), str(p.case["patient_id"])
-                    )
-                }
+                key,
             )
             for p in packed
         }

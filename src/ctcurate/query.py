@@ -33,16 +33,16 @@ def connect(catalog: Path) -> duckdb.DuckDBPyConnection:
     track it, its bytes are not reproducible) is rebuilt first."""
     import duckdb
 
+    from ctcurate.index.build import CATALOG_FILE, write_catalog
+
     catalog = Path(catalog)
     index_dir = catalog.parent
     if (
         not catalog.is_file()
-        and catalog.name == "catalog.duckdb"
+        and catalog.name == CATALOG_FILE
         and (index_dir / "series.parquet").is_file()
     ):
         # an index without its catalog (DVC does not track it): views are cheap to rebuild
-        from ctcurate.index import write_catalog
-
         try:
             write_catalog(index_dir)
         except (OSError, duckdb.Error) as exc:

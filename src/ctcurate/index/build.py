@@ -136,11 +136,15 @@ def _sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+#: The DuckDB catalog's file name inside an index folder.
+CATALOG_FILE = "catalog.duckdb"
+
+
 def write_catalog(folder: Path) -> None:
     """``catalog.duckdb`` in ``folder``: views over the Parquet files, by relative path."""
     import duckdb
 
-    con = duckdb.connect(str(folder / "catalog.duckdb"))
+    con = duckdb.connect(str(folder / CATALOG_FILE))
     try:
         con.execute(f"SET file_search_path = {_sql_text(str(Path(folder).resolve()))}")
         for view in VIEWS:
