@@ -15,6 +15,7 @@ from ctcurate import annotate_join as aj
 from ctcurate.annotations.agreement import cohen_kappa, fleiss_kappa, pairwise_cohen
 from ctcurate.annotations.csvfile import GradeRow, PcrRow, decode_text, parse_csv
 from ctcurate.errors import CtcurateError, InputError
+from ctcurate.io.outputs import MARKER
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.params import AnnotateJoinParams
 
@@ -452,7 +453,12 @@ def test_run_writes_cases_deterministically(tmp_path: Path) -> None:
     aj.run(selected, ann, tmp_path / "a", PARAMS)
     aj.run(selected, ann, tmp_path / "b", PARAMS)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    assert sorted(digest(tmp_path / "a")) == ["cases.parquet", "rejects.parquet", "report.json"]
+    assert sorted(digest(tmp_path / "a")) == [
+        MARKER,
+        "cases.parquet",
+        "rejects.parquet",
+        "report.json",
+    ]
     cases = read_parquet(tmp_path / "a" / "cases.parquet")
     assert cases.schema.equals(aj.CASES_SCHEMA)
     assert cases.num_rows == 6

@@ -13,6 +13,7 @@ from test_train import make_case, make_release, sha256_tree, tiny_params
 
 from ctcurate import evaluate, train
 from ctcurate.errors import InputError, ParamsError
+from ctcurate.io.outputs import MARKER
 from ctcurate.metrics import dice
 from ctcurate.params import EvaluateParams
 
@@ -88,6 +89,7 @@ def test_evaluate_is_deterministic(trained: tuple[Path, Path], tmp_path: Path) -
     assert first == sha256_tree(tmp_path / "b")
     assert sorted(first) == [
         "metrics/eval.json",
+        f"plots/{MARKER}",
         "plots/confusion.json",
         "plots/overlays/case003.png",
         "plots/roc.json",

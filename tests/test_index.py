@@ -571,8 +571,9 @@ def test_unreachable_scheduler_fails_clearly(
 def test_missing_listing_and_archive_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="archive folder not found"):
         index.run(tmp_path / "nope", tmp_path / "l.parquet", tmp_path / "o", IndexParams(), None)
+    (tmp_path / "archive").mkdir()
     with pytest.raises(InputError, match=r"l\.parquet: no such Parquet file"):
-        index.run(tmp_path, tmp_path / "l.parquet", tmp_path / "o", IndexParams(), None)
+        index.run(tmp_path / "archive", tmp_path / "l.parquet", tmp_path / "o", IndexParams(), None)
 
 
 @pytest.mark.parametrize(

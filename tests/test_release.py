@@ -26,6 +26,7 @@ from test_pack import make_ct
 import ctcurate.release
 from ctcurate import pack
 from ctcurate.errors import InputError, LockedError, VerifyError
+from ctcurate.io.outputs import lock_path
 from ctcurate.io.seg import write_seg
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import PackParams
@@ -474,37 +475,25 @@ def test_a_second_build_of_one_release_fails_fast(
     out = tmp_path / "release"
     shutil.copytree(release, out)
     before = _hashes(out)
-    lock = ctcurate.release.lock_path(out)
+    lock = lock_path(out)
     assert lock == tmp_path / ".release.lock"  # beside the DVC out, not inside it
     with _stalled_pack(inputs, out, tmp_path / "marker"):
         pid = int(lock.read_text())
         started = time.monotonic()
         with pytest.raises(
             LockedError,
-            match=rf"release: another build is writing this release \(pid {pid} holds the lock",
+            match=rf"release: another process is writing this output \(pid {pid} holds the lock",
         ):
             _pack(inputs, out)
         assert time.monotonic() - started < 5  # fails fast, does not wait
     assert _hashes(out) == before
     # The killed holder left its lock file behind; the kernel released the lock itself.
     assert lock.exists()
+    assert list(tmp_path.glob(".release.*.tmp"))  # the killed build's temporary folder
     _pack(inputs, out)
     assert not lock.exists()
+    assert not list(tmp_path.glob(".release.*.tmp"))  # cleaned up by the next build
     assert _hashes(out) == _hashes(release)
-
-
-def test_build_lock_is_exclusive_and_removed_after_use(tmp_path: Path) -> None:
-    out = tmp_path / "data" / "release"
-    with ctcurate.release.build_lock(out) as lock:
-        assert lock.read_text().strip() == str(os.getpid())
-        with (
-            pytest.raises(LockedError, match=r"data/release: another build is writing"),
-            ctcurate.release.build_lock(out),
-        ):
-            pass
-    assert not lock.exists()
-    with ctcurate.release.build_lock(out):
-        pass
 
 
 def test_nothing_packable_fails_naming_the_cases_file(inputs: Inputs, tmp_path: Path) -> None:

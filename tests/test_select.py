@@ -13,6 +13,7 @@ import pytest
 
 from ctcurate import select
 from ctcurate.errors import InputError
+from ctcurate.io.outputs import MARKER
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.params import SelectParams
 
@@ -392,7 +393,7 @@ def test_run_writes_selection_and_report_deterministically(tmp_path: Path) -> No
     select.run(index, RULES_DIR, tmp_path / "a", truth, PARAMS)
     select.run(index, RULES_DIR, tmp_path / "b", truth, PARAMS)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    assert sorted(digest(tmp_path / "a")) == ["report.json", "series.parquet"]
+    assert sorted(digest(tmp_path / "a")) == [MARKER, "report.json", "series.parquet"]
 
     table = read_parquet(tmp_path / "a" / "series.parquet")
     assert table.schema.equals(select.SCORED_SCHEMA)  # scorer columns null: no model

@@ -289,12 +289,12 @@ def test_lung_mask_audit_means() -> None:
 def test_select_run_needs_model_and_archive_together(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--model and --archive go together"):
         select.run(
-            tmp_path,
+            tmp_path / "index",
             select_train_rules(),
             tmp_path / "out",
             None,
             PARAMS,
-            archive=tmp_path,
+            archive=tmp_path / "archive",
         )
 
 

@@ -17,6 +17,7 @@ from ctcurate import train
 from ctcurate.augment import RandLesionCropd, patch_start, train_transform
 from ctcurate.errors import InputError, ParamsError
 from ctcurate.io.atomic import write_json
+from ctcurate.io.outputs import MARKER
 from ctcurate.nets import (
     FEATURES,
     balanced_weights,
@@ -164,6 +165,7 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     out, live = tmp_path / "models", tmp_path / "live"
     train.run(release, out, live, tiny_params())
     assert sorted(p.name for p in out.iterdir()) == [
+        MARKER,
         "classifier.json",
         "model.json",
         "seg.pt",

@@ -53,7 +53,8 @@ from ctcurate.annotations.csvfile import (
     parse_csv,
 )
 from ctcurate.errors import AccountingError, CtcurateError, InputError
-from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.atomic import write_json
+from ctcurate.io.outputs import check_output_dir, publish_dir
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import AnnotateJoinParams
@@ -454,12 +455,19 @@ def read_annotation(path: Path, model: type[R]) -> CsvFile[R]:
     return parse_csv(decode_text(data, str(path)), model, path.name, str(path))
 
 
+#: The stage name (its output folder's marker) and what it writes into that folder.
+STAGE = "annotate_join"
+OWN_FILES = ("cases.parquet", "rejects.parquet", "report.json")
+
+
 def run(selected: Path, annotations_dir: Path, out: Path, params: AnnotateJoinParams) -> None:
     """Join ``annotations_dir``/{pcr,grades}.csv to ``selected`` into the folder ``out``.
 
     Writes ``cases.parquet``, ``rejects.parquet`` and ``report.json`` atomically; on any
     error nothing is written.
     """
+    inputs = [Path(selected), Path(annotations_dir)]
+    check_output_dir(Path(out), STAGE, inputs, OWN_FILES)
     selection = read_selection(Path(selected))
     annotations_dir = Path(annotations_dir)
     pcr = read_annotation(annotations_dir / PCR_FILE, PcrRow)
@@ -482,7 +490,7 @@ def run(selected: Path, annotations_dir: Path, out: Path, params: AnnotateJoinPa
         report["coverage"]["graded"],
         report["coverage"]["ct_with_pcr"],
     )
-    with atomic_dir(Path(out)) as tmp:
+    with publish_dir(Path(out), STAGE, inputs=inputs, own=OWN_FILES) as tmp:
         write_parquet(tmp / "cases.parquet", joined.cases)
         write_parquet(tmp / "rejects.parquet", joined.rejects)
         write_json(tmp / "report.json", report)

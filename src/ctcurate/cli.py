@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from ctcurate import __version__
-from ctcurate.errors import CtcurateError
+from ctcurate.errors import CtcurateError, OutputError
 from ctcurate.params import (
     AnnotateJoinParams,
     EvaluateParams,
@@ -410,3 +410,10 @@ def main() -> None:
     except CtcurateError as exc:
         sys.stderr.write(f"ctcurate: error: {exc}\n")
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        from ctcurate.io.outputs import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        sys.stderr.write("ctcurate: error: no space left on the device; nothing was replaced\n")
+        sys.exit(OutputError.exit_code)

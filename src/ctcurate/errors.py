@@ -42,3 +42,9 @@ class LockedError(CtcurateError):
     """Another process holds the lock on an output."""
 
     exit_code = 6
+
+
+class OutputError(CtcurateError):
+    """An output path that a stage may not replace, or a full disk while writing it."""
+
+    exit_code = 7

@@ -40,7 +40,8 @@ import torch
 from scipy import ndimage
 
 import ctcurate.release
-from ctcurate.io.atomic import atomic_dir, dumps_json, write_json
+from ctcurate.io.atomic import dumps_json
+from ctcurate.io.outputs import check_output_dir, check_output_file, publish_dir, publish_file
 from ctcurate.log import get_logger, progress
 from ctcurate.metrics import (
     accuracy,
@@ -64,6 +65,10 @@ from ctcurate.params import EvaluateParams
 from ctcurate.train import load_models, resolve_device, spacing_of
 
 log = get_logger("evaluate")
+
+#: The stage name (the plots folder's marker) and what it writes into that folder.
+STAGE = "evaluate"
+PLOT_FILES = ("roc.json", "confusion.json", "overlays")
 
 TYPICAL = "typical"
 OTHER = "atypical_or_negative"
@@ -269,6 +274,9 @@ def overlay_png(
 def run(release: Path, models: Path, metrics: Path, plots: Path, params: EvaluateParams) -> None:
     """Evaluate ``models`` on the test split of ``release``; write metrics and plots."""
     release, models, metrics, plots = Path(release), Path(models), Path(metrics), Path(plots)
+    inputs = [release, models]
+    check_output_file(metrics, inputs)
+    check_output_dir(plots, STAGE, inputs, PLOT_FILES)
     device = resolve_device(params.device, section="evaluate")
     torch.set_num_threads(params.threads)
     net, classifier, card = load_models(models)
@@ -306,7 +314,7 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
             overlays[result.case_id] = overlay_png(hu, truth, pred, result.case_id)
     test_set.close()
     report = eval_metrics(results, params.threshold, release_id)
-    with atomic_dir(plots) as tmp:
+    with publish_dir(plots, STAGE, inputs=inputs, own=PLOT_FILES) as tmp:
         (tmp / "roc.json").write_text(dumps_json(roc_plot(results)), encoding="utf-8")
         (tmp / "confusion.json").write_text(
             dumps_json(confusion_plot(results, params.threshold)), encoding="utf-8"
@@ -314,7 +322,8 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
         (tmp / "overlays").mkdir()
         for case_id in sorted(overlays):
             (tmp / "overlays" / f"{case_id}.png").write_bytes(overlays[case_id])
-    write_json(metrics, report)
+    with publish_file(metrics, inputs=inputs) as tmp:
+        tmp.write_text(dumps_json(report), encoding="utf-8")
     log.info(
         "evaluated %d test cases (%d with typicality, %d consolidated, %d overlays): "
         "lung dice %s, lesion dice %s, typicality accuracy %s",

@@ -35,7 +35,8 @@ import numpy.typing as npt
 
 from ctcurate import __version__, executor
 from ctcurate.errors import AccountingError, InputError
-from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.atomic import write_json
+from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
 from ctcurate.log import get_logger
@@ -45,7 +46,6 @@ from ctcurate.release import (
     SHARD_DIR,
     CaseRecord,
     MetaValue,
-    build_lock,
     build_manifest,
     write_shard,
 )
@@ -53,6 +53,9 @@ from ctcurate.volume import REASONS, ExcludedSeries, VolumeGeometry, series_to_v
 
 SPLITS = ("train", "val", "test")
 REPORT = "report.json"
+#: The stage name (its output folder's marker) and what it writes into that folder.
+STAGE = "pack"
+OWN_FILES = (SHARD_DIR, MANIFEST, REPORT, "card.md", "card")
 #: Why a case is not packed: its own reasons, then those of the series assembly.
 EXCLUSION_REASONS = (
     "unlabeled",
@@ -461,9 +464,10 @@ def run(
     AccountingError
         When seen cases do not balance packed + excluded.
     LockedError
-        When another build of ``out`` is running (see :func:`ctcurate.release.build_lock`).
+        When another build of ``out`` is running (see :func:`ctcurate.io.outputs.output_lock`).
     """
-    with build_lock(Path(out)):
+    inputs = [Path(cases), Path(index_dir), Path(archive), Path(annotations_dir)]
+    with guarded_output(Path(out), STAGE, inputs=inputs, own=OWN_FILES):
         _build(cases, index_dir, archive, annotations_dir, out, params, scheduler)
 
 
@@ -482,7 +486,7 @@ def _build(
     case_rows = _read_cases(Path(cases))
     instances = _read_instances(Path(index_dir) / "instances")
     seg_dir = Path(annotations_dir) / SEG_DIR
-    with atomic_dir(Path(out)) as release:
+    with marked_dir(Path(out), STAGE) as release:
         # Volumes wait in a scratch folder inside the unpublished release until splits
         # are known; it is removed before the folder is published.
         scratch = release / SCRATCH_DIR

@@ -4,19 +4,14 @@ The on-disk layout is documented in ``docs/release.md``. This module is the only
 knows it: ``pack`` writes through :func:`write_shard` and :func:`build_manifest`, consumers
 read through :func:`open` (a torch / MONAI dataset) and :func:`read_case`, and
 ``ctcurate verify`` calls :func:`verify`. Shards are Blosc-compressed: importing this
-module registers the filter (``hdf5plugin``). :func:`build_lock` keeps two builds of one
-release folder from running at once.
+module registers the filter (``hdf5plugin``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -26,7 +21,7 @@ import hdf5plugin  # registers the Blosc filter the shards are compressed with
 import numpy as np
 import numpy.typing as npt
 
-from ctcurate.errors import InputError, LockedError, VerifyError
+from ctcurate.errors import InputError, VerifyError
 from ctcurate.io.atomic import atomic_path, dumps_json, sha256_file
 
 if TYPE_CHECKING:
@@ -53,9 +48,6 @@ CHUNK_Z = 16
 #: (``import hdf5plugin``) does it.
 BLOSC_CNAME: Final = "lz4hc"
 BLOSC_LEVEL = 5
-#: Name of the lock file beside a release folder (``data/.release.lock``): a pack holds it
-#: while it builds, so that two builds of one output never run at once.
-LOCK_SUFFIX = ".lock"
 
 MetaValue = str | int | float | bool | None | list[float] | list[int] | list[str]
 #: Keys of a manifest case entry that are not case attributes.
@@ -144,70 +136,6 @@ def _compression() -> dict[str, Any]:
     return dict(
         hdf5plugin.Blosc(cname=BLOSC_CNAME, clevel=BLOSC_LEVEL, shuffle=hdf5plugin.Blosc.SHUFFLE)
     )
-
-
-def lock_path(out: Path) -> Path:
-    """The lock file of a release folder: a hidden sibling, outside the DVC-tracked out."""
-    out = Path(out)
-    return out.parent / f".{out.name}{LOCK_SUFFIX}"
-
-
-@contextlib.contextmanager
-def build_lock(out: Path) -> Iterator[Path]:
-    """Hold the exclusive build lock of the release folder ``out`` (fail fast, never wait).
-
-    The lock is an ``fcntl.flock`` on :func:`lock_path`; the holder writes its pid there and
-    removes the file when done. The kernel drops the lock when the holder dies (even on
-    ``kill -9``), so a stale file never blocks a later build.
-
-    Raises
-    ------
-    LockedError
-        When another process holds the lock of ``out``.
-    """
-    path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(10):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = _lock_holder(path)
-            msg = (
-                f"{out}: another build is writing this release ({holder}lock {path}); "
-                "wait for it to finish"
-            )
-            raise LockedError(msg) from None
-        try:
-            same = os.fstat(fd).st_ino == path.stat().st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        # The previous holder removed the file between our open and lock: lock the new one.
-        os.close(fd)
-    else:  # pragma: no cover - ten lost races in a row
-        msg = f"{out}: could not take the build lock {path}"
-        raise LockedError(msg)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        os.close(fd)
-
-
-def _lock_holder(path: Path) -> str:
-    try:
-        pid = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return f"pid {pid} holds the " if pid.isdigit() else ""
 
 
 def write_shard(path: Path, records: Iterable[CaseRecord]) -> list[dict[str, Any]]:

@@ -33,13 +33,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctcurate.errors import AccountingError, InputError
-from ctcurate.io.atomic import atomic_dir, write_bytes, write_json
+from ctcurate.io.atomic import write_bytes, write_json
+from ctcurate.io.outputs import check_output_dir, publish_dir
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import SelectParams
 from ctcurate.pneumonia import ScoreResult, ScoreTask, read_model, score_all
 
 log = get_logger("select")
+
+#: The stage name (its output folder's marker) and what it writes into that folder.
+STAGE = "select"
+OWN_FILES = ("series.parquet", "report.json", "audit_sample.csv")
 
 #: Columns of the index ``series`` table the runner itself needs (rules may use any).
 SERIES_KEY_COLUMNS = (
@@ -642,6 +647,8 @@ def run(
     ``out/audit_sample.csv`` atomically (the whole folder).
     """
     index_dir = Path(index_dir)
+    inputs = [index_dir, rules_dir, truth, archive, model, seg_dir]
+    check_output_dir(Path(out), STAGE, [Path(p) for p in inputs if p is not None], OWN_FILES)
     rules = read_rules(rules_dir)
     if (model is None) != (archive is None):
         msg = "select: --model and --archive go together"
@@ -732,7 +739,7 @@ def run(
             report["pneumonia_studies"]["found"],
             report["pneumonia_studies"]["total"],
         )
-    with atomic_dir(Path(out)) as tmp:
+    with publish_dir(Path(out), STAGE, inputs=inputs, own=OWN_FILES) as tmp:
         write_parquet(tmp / "series.parquet", selection)
         write_json(tmp / "report.json", report)
         if selector is not None:

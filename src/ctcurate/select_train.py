@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from ctcurate.errors import InputError
-from ctcurate.io.atomic import write_bytes
+from ctcurate.io.outputs import check_output_file, publish_file
 from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
 from ctcurate.log import get_logger
@@ -188,8 +188,8 @@ def run_audit_list(truth: Path, out: Path, params: SelectParams) -> None:
     if rows == 0:
         msg = f"{truth}: no chest CT series to audit"
         raise InputError(msg)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(Path(out), data)
+    with publish_file(Path(out), inputs=[truth]) as tmp:
+        tmp.write_bytes(data)
     log.info("audit list: %d series", rows)
 
 
@@ -205,6 +205,8 @@ def run(
 
     The audited series are scored on the local pool of ``params.workers`` or, with
     ``scheduler``, on that Dask cluster."""
+    inputs = [Path(index_dir), Path(archive), Path(audit_list)]
+    check_output_file(Path(out), inputs)
     audit = read_audit_list(Path(audit_list))
     paths = series_paths(Path(index_dir) / "instances")
     archive = Path(archive)
@@ -243,8 +245,8 @@ def run(
             model.n_fit,
         )
     data = model_bytes(model)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(Path(out), data)
+    with publish_file(Path(out), inputs=inputs) as tmp:
+        tmp.write_bytes(data)
     log.info(
         "selector %s fitted on %d series (%d pneumonia)",
         model_version(data),

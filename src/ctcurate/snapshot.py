@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ctcurate.errors import InputError
+from ctcurate.io.outputs import guarded_output
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import SnapshotParams
@@ -78,7 +79,8 @@ def list_archive(archive: Path, ignore: Sequence[str] = ()) -> pa.Table:
 
 def run(archive: Path, out: Path, params: SnapshotParams) -> None:
     """List ``archive`` into the Parquet file ``out`` (atomically)."""
-    table = list_archive(archive, params.ignore)
-    write_parquet(out, table)
+    with guarded_output(Path(out), "snapshot", inputs=[archive], folder=False):
+        table = list_archive(archive, params.ignore)
+        write_parquet(out, table)
     total = sum(v for v in table.column("size").to_pylist() if v > 0)
     log.info("listed %d files, %d bytes", table.num_rows, total)

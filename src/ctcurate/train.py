@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 import ctcurate.release
 from ctcurate.augment import train_transform
 from ctcurate.errors import InputError, ParamsError
-from ctcurate.io.atomic import atomic_dir, dumps_json
+from ctcurate.io.atomic import dumps_json
+from ctcurate.io.outputs import check_output_dir, publish_dir
 from ctcurate.log import get_logger
 from ctcurate.metrics import dice, mean_defined
 from ctcurate.nets import (
@@ -69,6 +70,9 @@ SEG_FILE = "seg.pt"
 LAST_FILE = "seg_last.pt"
 CLASSIFIER_FILE = "classifier.json"
 MODEL_FILE = "model.json"
+#: The stage name (its output folder's marker) and what it writes into that folder.
+STAGE = "train"
+OWN_FILES = (SEG_FILE, LAST_FILE, CLASSIFIER_FILE, MODEL_FILE)
 MODEL_FORMAT = "ctcurate-model"
 MODEL_FORMAT_VERSION = 1
 
@@ -532,6 +536,7 @@ def fit_classifier(
 def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
     """Train on ``release`` and publish the models folder ``out``; curves go to ``live``."""
     release, out, live = Path(release), Path(out), Path(live)
+    check_output_dir(out, STAGE, [release], OWN_FILES)
     device = resolve_device(params.device)
     train_set = ctcurate.release.open(release, split="train", transform=None)
     manifest = train_set.manifest
@@ -622,7 +627,7 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
     card = model_card(params, roi, patch, manifest, trained, len(train_set), n_val)
     card["postprocess"] = lesion_filter.to_json()
     weights = state_dict_bytes(net)
-    with atomic_dir(out) as tmp:
+    with publish_dir(out, STAGE, inputs=[release], own=OWN_FILES) as tmp:
         (tmp / SEG_FILE).write_bytes(weights)
         (tmp / LAST_FILE).write_bytes(last_weights)
         (tmp / CLASSIFIER_FILE).write_text(dumps_json(classifier.to_json()), encoding="utf-8")

@@ -53,7 +53,8 @@ from ctcurate.index.tables import (
     series_table,
 )
 from ctcurate.io import dicom
-from ctcurate.io.atomic import atomic_dir, fsync_dir, write_json
+from ctcurate.io.atomic import fsync_dir, write_json
+from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.shards import SHARD_GLOB, rebatch, shard_name, write_parquet_stream
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger, progress
@@ -138,6 +139,16 @@ def _sql_text(text: str) -> str:
 
 #: The DuckDB catalog's file name inside an index folder.
 CATALOG_FILE = "catalog.duckdb"
+#: The stage name (its output folder's marker) and what it writes into that folder.
+STAGE = "index"
+OWN_FILES = (
+    INSTANCES_DIR,
+    "series.parquet",
+    "quarantine.parquet",
+    "skipped.parquet",
+    CATALOG_FILE,
+    "report.json",
+)
 
 
 def write_catalog(folder: Path) -> None:
@@ -508,7 +519,7 @@ def _publish(
             ") ORDER BY path"
         )
 
-    with atomic_dir(out) as tmp:
+    with marked_dir(out, STAGE) as tmp:
         n_indexed = write_instance_shards(
             tmp / INSTANCES_DIR, _stream(con, instances_sql), params.shard_size
         )
@@ -563,14 +574,23 @@ def index_archive(
     """Index every file of the ``snapshot`` listing of ``archive`` into the folder ``out``.
 
     Reuses the rows of unchanged files from a previous index in ``out`` and from the work
-    folder of an interrupted run (see the module docstring); returns what it did.
+    folder of an interrupted run (see the module docstring); returns what it did. ``out``
+    must be absent, empty or a previous index (see :func:`ctcurate.io.outputs.guarded_output`);
+    a second run into the same ``out`` fails fast.
     """
-    import duckdb
-
     archive, out = Path(archive), Path(out)
     if not archive.is_dir():
         msg = f"{archive}: archive folder not found"
         raise InputError(msg)
+    with guarded_output(out, STAGE, inputs=[archive, snapshot], own=OWN_FILES):
+        return _index_archive(archive, snapshot, out, params, scheduler)
+
+
+def _index_archive(
+    archive: Path, snapshot: Path, out: Path, params: IndexParams, scheduler: str | None
+) -> IndexStats:
+    import duckdb
+
     reader = reader_fingerprint(int(params.max_file_mb * 2**20))
     config = DUCKDB_CONFIG | {"memory_limit": f"{params.duckdb_memory_mb}MB"}
     con = duckdb.connect(":memory:", config=config)

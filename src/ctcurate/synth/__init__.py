@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctcurate.io.atomic import atomic_dir
+from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger, progress
 from ctcurate.params import SynthParams
@@ -22,7 +22,13 @@ from ctcurate.synth.archive import ArchiveWriter
 from ctcurate.synth.cohort import plan_cohort
 from ctcurate.synth.headerheavy import write_header_heavy
 from ctcurate.synth.preview import render_montage
-from ctcurate.synth.truth import OUTPUT_MTIME, pin_mtimes, truth_files_table, truth_table
+from ctcurate.synth.truth import (
+    OUTPUT_MTIME,
+    OWN_FILES,
+    pin_mtimes,
+    truth_files_table,
+    truth_table,
+)
 
 __all__ = ["run", "truth_files_table", "truth_table", "write_header_heavy"]
 
@@ -42,7 +48,10 @@ def run(out: Path, params: SynthParams) -> None:
     rng = np.random.default_rng(params.seed)
     studies = plan_cohort(params, rng)
     ann_rng = np.random.default_rng([params.seed, 1])
-    with atomic_dir(Path(out), fsync_each_file=False) as tmp:  # thousands of small files
+    with (
+        guarded_output(Path(out), "synth", own=OWN_FILES),
+        marked_dir(Path(out), "synth", fsync_each_file=False) as tmp,  # many small files
+    ):
         writer = ArchiveWriter(root=tmp, seed=params.seed, matrix=params.matrix)
         for study in progress(studies, len(studies), "synth", log, unit="studies"):
             writer.write_study(study)

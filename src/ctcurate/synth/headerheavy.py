@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 
-from ctcurate.io.atomic import atomic_dir
+from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger, progress
 from ctcurate.synth.anatomy import Body, sample_body, scan_range
@@ -49,7 +49,13 @@ from ctcurate.synth.dicomwrite import (
     localizer,
     mr_series,
 )
-from ctcurate.synth.truth import OUTPUT_MTIME, pin_mtimes, truth_files_table, truth_table
+from ctcurate.synth.truth import (
+    OUTPUT_MTIME,
+    OWN_FILES,
+    pin_mtimes,
+    truth_files_table,
+    truth_table,
+)
 from ctcurate.synth.vendors import SITE_BY_CODE, SITES, Site
 
 __all__ = ["HH_MATRIX", "SeriesTemplate", "plan_header_heavy", "write_header_heavy"]
@@ -457,7 +463,10 @@ def write_header_heavy(out: Path, n_instances: int, seed: int) -> None:
     """
     log = get_logger("synth")
     studies = plan_header_heavy(n_instances, seed)
-    with atomic_dir(Path(out), fsync_each_file=False) as tmp:
+    with (
+        guarded_output(Path(out), "synth", own=OWN_FILES),
+        marked_dir(Path(out), "synth", fsync_each_file=False) as tmp,
+    ):
         writer = _HeaderHeavyWriter(root=tmp, seed=seed, matrix=HH_MATRIX)
         for study in progress(studies, len(studies), "synth header-heavy", log, unit="studies"):
             writer.write_hh_study(study)

@@ -10,10 +10,12 @@ import pyarrow as pa
 
 from ctcurate.synth.archive import TruthRow
 
-__all__ = ["OUTPUT_MTIME", "pin_mtimes", "truth_files_table", "truth_table"]
+__all__ = ["OUTPUT_MTIME", "OWN_FILES", "pin_mtimes", "truth_files_table", "truth_table"]
 
 # Files outside the archive (annotations, truth, preview) get this fixed mtime.
 OUTPUT_MTIME = calendar.timegm((2022, 1, 1, 0, 0, 0))
+#: What ``synth`` writes into its folder: a folder holding only these is a ``synth`` output.
+OWN_FILES = ("annotations", "archive", "preview.png", "truth.parquet", "truth_files.parquet")
 
 
 def truth_table(rows: list[TruthRow]) -> pa.Table:
