@@ -211,6 +211,22 @@ def test_open_with_expect_verifies_first(release: Path) -> None:
     ctcurate.release.open(release)  # without expect nothing is checked
 
 
+def test_open_with_expect_refuses_a_manifest_replaced_after_verify(
+    release: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = _manifest(release)["release_id"]
+    verify = ctcurate.release.verify
+
+    def verify_then_swap(path: Path | str, expect: str | None = None) -> str:
+        summary = verify(path, expect=expect)
+        _rewrite(release, lambda m: _case(m, "case0").update(typical=1))
+        return summary
+
+    monkeypatch.setattr(ctcurate.release, "verify", verify_then_swap)
+    with pytest.raises(VerifyError, match="changed while it was being verified"):
+        ctcurate.release.open(release, expect=original)
+
+
 def test_cli_expect_mismatch_and_a_malformed_id(release: Path) -> None:
     release_id = _manifest(release)["release_id"]
     ok = _cli(str(release), "--expect", release_id)

@@ -390,7 +390,11 @@ def open(
     """
     from ctcurate.dataset import ReleaseDataset
 
-    if expect is not None:
-        verify(release_dir, expect=expect)
-
-    return ReleaseDataset(Path(release_dir), split=split, transform=transform)
+    if expect is None:
+        return ReleaseDataset(Path(release_dir), split=split, transform=transform)
+    verify(release_dir, expect=expect)
+    dataset = ReleaseDataset(Path(release_dir), split=split, transform=transform)
+    if manifest_release_id(dataset.manifest) != expect.strip().lower():  # replaced since
+        msg = f"{Path(release_dir) / MANIFEST}: changed while it was being verified"
+        raise VerifyError(msg)
+    return dataset
