@@ -468,7 +468,7 @@ def test_shortcut_audit_flags_a_site_that_predicts_the_label() -> None:
     assert site["baseline"] == pytest.approx(7 / 13, abs=1e-4)
     vendor = card.shortcut_audit(rows, "manufacturer")  # type: ignore[arg-type]
     assert vendor["lift"] < 0.1
-    text = card.render_card(rows, [{"case_id": "x", "reason": "gap"}], "f" * 64)  # type: ignore[arg-type]
+    text = card.render_card(rows, [{"case_id": "x", "reason": "gap"}])  # type: ignore[arg-type]
     assert "| site | 2 | 0.923 | 0.538 | +0.385 | **shortcut risk** |" in text
     assert "| vendor |" in text
     assert "**shortcut risk**" not in text.split("| vendor |")[1].split("\n")[0]

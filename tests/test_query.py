@@ -8,6 +8,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -124,8 +126,154 @@ def test_bad_sql_is_one_line_error(catalog: Path) -> None:
 
 
 def test_catalog_is_read_only(catalog: Path) -> None:
-    with pytest.raises(CtcurateError, match="query failed"):
+    with pytest.raises(CtcurateError, match="query refused: CREATE statement"):
         query.run(catalog, "CREATE TABLE t AS SELECT 1", "table")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+WRITES = [
+    ("COPY (SELECT 1 AS a) TO '{index}/series.parquet' (FORMAT parquet)", "COPY"),
+    ("COPY series TO '{out}/series.csv'", "COPY"),
+    ("CREATE VIEW v AS SELECT 1", "CREATE"),
+    ("CREATE TEMP TABLE t AS SELECT * FROM series", "CREATE"),
+    ("INSERT INTO series SELECT * FROM series", "INSERT"),
+    ("ATTACH '{out}/new.duckdb' AS new", "ATTACH"),
+    ("EXPORT DATABASE '{out}/export'", "EXPORT"),
+    ("INSTALL httpfs", "LOAD"),
+    ("LOAD httpfs", "LOAD"),
+    ("SET enable_external_access = true", "SET"),
+    ("PRAGMA enable_profiling", "PRAGMA"),
+    ("CALL pragma_version()", "CALL"),
+    ("DROP VIEW series", "DROP"),
+    ("SELECT 1; COPY (SELECT 1) TO '{out}/x.csv'", "one statement expected, got 2"),
+]
+
+
+@pytest.mark.parametrize(("sql", "kind"), WRITES, ids=[w[1] + str(i) for i, w in enumerate(WRITES)])
+def test_statements_that_write_or_configure_are_refused(
+    catalog: Path, tmp_path: Path, sql: str, kind: str
+) -> None:
+    before = _tree(catalog.parent)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CtcurateError, match=rf"^query refused: {kind}") as info:
+        query.run(catalog, sql.format(index=catalog.parent, out=out), "table")
+    assert "\n" not in str(info.value)
+    assert _tree(catalog.parent) == before
+    assert list(out.iterdir()) == []
+    assert query.run(catalog, "SELECT count(*) AS n FROM series", "csv") == "n\n1\n"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_text('{secret}')",
+        "SELECT * FROM read_blob('{secret}')",
+        "SELECT * FROM read_csv('{secret}')",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_parquet('{outside}')",
+        "SELECT * FROM '{outside}'",
+        "SELECT * FROM read_text('{index}/../secret.csv')",
+        "SELECT * FROM read_text('secret.csv')",
+        "SELECT * FROM glob('{tmp}/*')",
+        "SELECT * FROM read_parquet('https://example.org/x.parquet')",
+    ],
+)
+def test_files_outside_the_index_are_refused(
+    catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sql: str
+) -> None:
+    secret = tmp_path / "secret.csv"
+    secret.write_text("token\nSECRETVALUE\n", encoding="utf-8")
+    outside = tmp_path / "outside.parquet"
+    shutil.copy(catalog.parent / "series.parquet", outside)
+    monkeypatch.chdir(tmp_path)
+    text = sql.format(secret=secret, outside=outside, index=catalog.parent, tmp=tmp_path)
+    with pytest.raises(CtcurateError, match=r"^query (refused|failed): ") as info:
+        query.run(catalog, text, "csv")
+    assert "\n" not in str(info.value)
+    assert "SECRETVALUE" not in str(info.value)
+    if "/etc/passwd" in text or str(tmp_path) in text or "https" in text:
+        assert str(info.value).startswith("query refused: Permission Error")
+
+
+def test_the_connection_itself_cannot_write_or_reach_other_files(
+    catalog: Path, tmp_path: Path
+) -> None:
+    """Below the statement check: DuckDB's own file access is confined and locked."""
+    import duckdb
+
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    con = query.connect(catalog, spill)
+    try:
+        with pytest.raises(duckdb.PermissionException, match="disabled by configuration"):
+            con.execute(f"COPY (SELECT 1) TO '{tmp_path}/x.csv'")
+        with pytest.raises(duckdb.PermissionException):
+            con.execute(f"ATTACH '{tmp_path}/x.duckdb'")
+        with pytest.raises(duckdb.Error, match="configuration has been locked"):
+            con.execute("SET enable_external_access = true")
+        with pytest.raises(duckdb.Error, match="configuration has been locked"):
+            con.execute(f"SET allowed_directories = ['{tmp_path}/']")
+        with pytest.raises(duckdb.Error, match="read-only"):
+            con.execute("CREATE TABLE main.t AS SELECT 1")
+        setting = "SELECT current_setting('temp_directory')"
+        assert con.execute(setting).fetchall() == [(str(spill.resolve()),)]
+    finally:
+        con.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spill"]
+
+
+def test_views_read_the_index_not_the_working_directory(
+    catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "series.parquet").write_bytes(b"not the index")
+    (tmp_path / "instances").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert query.run(catalog, "SELECT count(*) AS n FROM instances", "csv") == "n\n3\n"
+    assert query.run(catalog, "SELECT slice_count FROM series", "csv") == "slice_count\n3\n"
+
+
+def test_read_statements_and_index_files_still_work(catalog: Path) -> None:
+    described = query.run(catalog, "DESCRIBE series", "csv")
+    assert "slice_count" in described
+    assert "EXPLAIN" not in query.run(catalog, "EXPLAIN SELECT * FROM series", "csv")
+    inside = catalog.parent / "quarantine.parquet"
+    text = query.run(catalog, f"SELECT reason FROM read_parquet('{inside}')", "csv")
+    assert text == "reason\nnot_dicom\n"
+    summary = query.run(
+        catalog,
+        "WITH s AS (SELECT site FROM instances) SELECT site, count(*) AS n FROM s "
+        "GROUP BY site ORDER BY site",
+        "csv",
+    )
+    assert summary == "site,n\nH01,3\n"
+
+
+def test_cli_refusal_is_one_line_and_a_non_zero_exit(catalog: Path, tmp_path: Path) -> None:
+    target = tmp_path / "dump.csv"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctcurate",
+            "query",
+            "--catalog",
+            str(catalog),
+            f"COPY series TO '{target}'",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "ctcurate: error: query refused: COPY statement (query runs SELECT only; the catalog "
+        "is read-only)"
+    ]
+    assert not target.exists()
 
 
 def test_missing_catalog_and_unknown_format(tmp_path: Path, catalog: Path) -> None:

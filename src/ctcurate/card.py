@@ -99,14 +99,15 @@ def shortcut_audit(rows: Rows, key: str) -> dict[str, Any]:
     }
 
 
-def render_card(rows: Rows, excluded: Sequence[Mapping[str, str]], release_id: str) -> str:
+def render_card(rows: Rows, excluded: Sequence[Mapping[str, str]]) -> str:
     """The markdown text of the dataset card."""
     typical = sum(1 for r in rows if r.get("typical") == 1)
     lines = [
         "# Dataset card",
         "",
-        f"Release `{release_id}`: {len(rows)} cases packed "
+        f"{len(rows)} cases packed "
         f"({typical} typical, {len(rows) - typical} non-typical), {len(excluded)} excluded.",
+        "The release id and this card's sha256 are in `manifest.json`.",
         "",
         "Label: `typical` = 1 for consensus RSNA grades 1-2 (typical / indeterminate),",
         "0 for grades 3-4 (atypical / negative).",
@@ -197,12 +198,11 @@ def write_card(
     release_dir: Path,
     rows: Rows,
     excluded: Sequence[Mapping[str, str]],
-    release_id: str,
     load_case: LoadCase,
 ) -> None:
     """Write ``card.md`` and ``card/montage.png`` into ``release_dir``."""
     release_dir = Path(release_dir)
-    write_bytes(release_dir / CARD, render_card(rows, excluded, release_id).encode("utf-8"))
+    write_bytes(release_dir / CARD, render_card(rows, excluded).encode("utf-8"))
     typical = {str(r["case_id"]): 1 if r.get("typical") == 1 else 0 for r in rows}
     shown = [(cid, typical[cid], *load_case(cid)) for cid in montage_cases(rows)]
     write_bytes(release_dir / CARD_DIR / MONTAGE, render_montage(shown))

@@ -346,11 +346,18 @@ def verify(
     release: Annotated[
         Path, typer.Argument(help="Release folder holding manifest.json.", file_okay=False)
     ],
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            "--expect",
+            help="Release id the release must have (from dvc.lock in git; see docs/release.md).",
+        ),
+    ] = None,
 ) -> None:
-    """Re-hash a release against its manifest; non-zero exit on any mismatch."""
+    """Check a release against its manifest (and an expected id); non-zero exit on a mismatch."""
     from ctcurate import release as stage
 
-    typer.echo(stage.verify(release))
+    typer.echo(stage.verify(release, expect=expect))
 
 
 @app.command()

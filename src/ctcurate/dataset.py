@@ -74,7 +74,8 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
         image = _read(image_ds, np.int16)
         label = _read(label_ds, np.uint8)
         # The manifest entry holds the same attributes as the HDF5 group (both are written
-        # from one mapping and covered by the case hash); reading them there is faster.
+        # from one mapping; `verify` / `open(expect=...)` check they still are, the case
+        # hash covers the group's); reading them there is faster.
         meta = {k: v for k, v in case.items() if k not in MANIFEST_ONLY}
         typical = meta.get("typical")
         sample: dict[str, Any] = {

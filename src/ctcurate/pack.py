@@ -522,6 +522,19 @@ def _build(
         entries: list[dict[str, Any]] = []
         for name, ids in plan_shards(sorted(metas), params.shard_max_cases):
             entries.extend(write_shard(release / SHARD_DIR / name, _records(scratch, metas, ids)))
+        # Report and card first: the manifest hashes them (they do not name the release
+        # id, which covers them).
+        write_json(release / REPORT, counts)
+        card.write_card(
+            release,
+            [metas[cid] for cid in sorted(metas)],
+            excluded,
+            lambda cid: (
+                np.load(scratch / f"{cid}.image.npy"),
+                np.load(scratch / f"{cid}.label.npy"),
+            ),
+        )
+        shutil.rmtree(scratch)
         manifest = build_manifest(
             release,
             entries,
@@ -534,18 +547,6 @@ def _build(
             },
         )
         write_json(release / MANIFEST, manifest)
-        write_json(release / REPORT, {**counts, "release_id": manifest["release_id"]})
-        card.write_card(
-            release,
-            [metas[cid] for cid in sorted(metas)],
-            excluded,
-            manifest["release_id"],
-            lambda cid: (
-                np.load(scratch / f"{cid}.image.npy"),
-                np.load(scratch / f"{cid}.label.npy"),
-            ),
-        )
-        shutil.rmtree(scratch)
     log.info(
         "packed %d of %d cases (%d excluded) into %d shards, release %s",
         counts["cases_packed"],

@@ -1,7 +1,12 @@
 """query: ad-hoc SQL over the index catalog (views instances, series, quarantine, skipped).
 
-The catalog's views name their Parquet files relative to the catalog's folder; a
-connection from :func:`connect` resolves them from there, whatever the working directory.
+Read-only by construction: :func:`connect` opens the catalog read-only, defines the views
+over the Parquet files of the catalog's folder by absolute path (the catalog's own views
+name them relative to it, which DuckDB would resolve against the working directory first),
+then confines the connection to that folder (``allowed_directories``, external access off,
+configuration locked, no extension loading). :func:`fetch` runs one SELECT (or EXPLAIN)
+statement and refuses anything else before it runs: COPY, CREATE, INSERT, ATTACH, EXPORT,
+INSTALL / LOAD, SET, PRAGMA, CALL ...
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import decimal
 import io
 import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,11 +33,26 @@ FORMATS = ("table", "csv", "json")
 NULL_TEXT = "NULL"
 
 
-def connect(catalog: Path) -> duckdb.DuckDBPyConnection:
-    """Open ``catalog.duckdb`` read-only with its folder as the file search path.
+#: Statement types ``query`` runs; every other statement is refused before it runs.
+READ_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})
+#: Settings of every query connection: no extension is installed or loaded behind a query.
+CONNECT_CONFIG: dict[str, str | bool | int | float | list[str]] = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+}
 
-    A catalog missing beside an index's ``series.parquet`` (after a ``dvc pull``: DVC does not
-    track it, its bytes are not reproducible) is rebuilt first."""
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def connect(catalog: Path, temp_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """Open ``catalog.duckdb`` read-only, its views over its folder, confined to that folder.
+
+    A query larger than memory spills into ``temp_dir`` (an empty folder of the caller's,
+    never the index folder); without it, nothing spills. A catalog missing beside an
+    index's ``series.parquet`` (after a ``dvc pull``: DVC does not track it, its bytes are
+    not reproducible) is rebuilt first."""
     import duckdb
 
     from ctcurate.index.build import CATALOG_FILE, write_catalog
@@ -52,26 +74,84 @@ def connect(catalog: Path) -> duckdb.DuckDBPyConnection:
         msg = f"{catalog}: catalog not found (run `ctcurate index` first)"
         raise InputError(msg)
     try:
-        con = duckdb.connect(str(catalog), read_only=True)
+        con = duckdb.connect(str(catalog), read_only=True, config=CONNECT_CONFIG)
     except duckdb.Error as exc:
         msg = f"{catalog}: not a readable DuckDB catalog ({_first_line(exc)})"
         raise InputError(msg) from exc
-    folder = str(catalog.resolve().parent).replace("'", "''")
-    con.execute(f"SET file_search_path = '{folder}'")
+    try:
+        _confine(con, catalog.resolve().parent, temp_dir)
+    except (InputError, duckdb.Error):
+        con.close()
+        raise
     return con
 
 
-def fetch(catalog: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Column names and rows of ``sql`` run on the catalog."""
+def _confine(con: duckdb.DuckDBPyConnection, folder: Path, temp_dir: Path | None) -> None:
+    """Views over ``folder``'s Parquet files by absolute path, then no file access beyond it.
+
+    The temporary views shadow the catalog's (same names); after them the connection reads
+    only under ``folder``, spills only into ``temp_dir`` (DuckDB's default would be a
+    ``catalog.duckdb.tmp`` folder inside the index) and cannot change its settings back.
+    """
     import duckdb
 
-    con = connect(catalog)
+    from ctcurate.index.build import view_source
+    from ctcurate.index.tables import VIEWS
+
+    for view in VIEWS:
+        source = folder / view_source(view)
+        try:
+            con.execute(
+                f"CREATE TEMP VIEW {view} AS SELECT * FROM read_parquet({_sql_text(str(source))})"
+            )
+        except duckdb.Error as exc:
+            msg = f"{source}: cannot be read as the view {view} ({_first_line(exc)})"
+            raise InputError(msg) from exc
+    spill = "" if temp_dir is None else str(Path(temp_dir).resolve())
+    con.execute(f"SET temp_directory = {_sql_text(spill)}")
+    con.execute(f"SET allowed_directories = [{_sql_text(str(folder) + os.sep)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse ``sql`` unless it is one statement of a :data:`READ_STATEMENTS` type."""
+    import duckdb
+
     try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        msg = f"query failed: {_first_line(exc)}"
+        raise CtcurateError(msg) from exc
+    if len(statements) != 1:
+        msg = f"query refused: one statement expected, got {len(statements)}"
+        raise CtcurateError(msg)
+    kind = statements[0].type.name
+    if kind not in READ_STATEMENTS:
+        msg = f"query refused: {kind} statement (query runs SELECT only; the catalog is read-only)"
+        raise CtcurateError(msg)
+
+
+def fetch(catalog: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows of ``sql`` (one SELECT statement) run on the catalog."""
+    with tempfile.TemporaryDirectory(prefix="ctcurate-query-") as spill:
+        return _fetch(connect(catalog, Path(spill)), sql)
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run ``sql`` on ``con`` if it is a read statement; close ``con``."""
+    import duckdb
+
+    try:
+        check_read_only(con, sql)
         cursor = con.execute(sql)
         if cursor.description is None:
             return [], []
         names = [d[0] for d in cursor.description]
         rows = cursor.fetchall()
+    except duckdb.PermissionException as exc:  # a file outside the index folder
+        msg = f"query refused: {_first_line(exc)}"
+        raise CtcurateError(msg) from exc
     except duckdb.Error as exc:
         msg = f"query failed: {_first_line(exc)}"
         raise CtcurateError(msg) from exc

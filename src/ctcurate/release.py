@@ -3,8 +3,9 @@
 The on-disk layout is documented in ``docs/release.md``. This module is the only code that
 knows it: ``pack`` writes through :func:`write_shard` and :func:`build_manifest`, consumers
 read through :func:`open` (a torch / MONAI dataset) and :func:`read_case`, and
-``ctcurate verify`` calls :func:`verify`. Shards are Blosc-compressed: importing this
-module registers the filter (``hdf5plugin``).
+``ctcurate verify`` calls :func:`verify` (checks in ``ctcurate.verify``; the manifest's
+structure in ``ctcurate.manifest``). Shards are Blosc-compressed: importing this module
+registers the filter (``hdf5plugin``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy.typing as npt
 
 from ctcurate.errors import InputError, VerifyError
 from ctcurate.io.atomic import atomic_path, dumps_json, sha256_file
+from ctcurate.manifest import check_manifest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -175,6 +177,25 @@ def write_shard(path: Path, records: Iterable[CaseRecord]) -> list[dict[str, Any
     return entries
 
 
+def manifest_release_id(manifest: Mapping[str, Any]) -> str:
+    """The release id of a manifest: sha256 of its canonical JSON without ``release_id``."""
+    body = {k: v for k, v in manifest.items() if k != "release_id"}
+    return hashlib.sha256(dumps_json(body).encode()).hexdigest()
+
+
+def release_files(release_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {sha256, bytes}}`` of every file of a release folder other than
+    ``manifest.json`` and the shards (the card, ``report.json`` ...), sorted."""
+    release_dir = Path(release_dir)
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(release_dir.rglob("*")):
+        rel = path.relative_to(release_dir).as_posix()
+        if not path.is_file() or rel == MANIFEST or rel.startswith(f"{SHARD_DIR}/"):
+            continue
+        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return files
+
+
 def build_manifest(
     release_dir: Path,
     cases: Sequence[Mapping[str, Any]],
@@ -182,10 +203,12 @@ def build_manifest(
     code_version: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the manifest of the shards under ``release_dir`` and its ``release_id``.
+    """Assemble the manifest of the release folder ``release_dir`` and its ``release_id``.
 
     ``release_id`` is the sha256 of the canonical JSON of the manifest without it; the
-    manifest names every shard with its sha256, every case with its digest and split.
+    manifest names every shard with its sha256, every case with its digest and split, and
+    every other file already in the folder (card, report) with its sha256 (``files``):
+    write those before the manifest.
     """
     shard_dir = Path(release_dir) / SHARD_DIR
     shards = {
@@ -205,30 +228,43 @@ def build_manifest(
         "cases": [dict(c) for c in ordered],
         "shards": shards,
         "splits": splits,
+        "files": release_files(release_dir),
         **(dict(extra) if extra else {}),
     }
-    body["release_id"] = hashlib.sha256(dumps_json(body).encode()).hexdigest()
+    body["release_id"] = manifest_release_id(body)
     return body
 
 
 def read_manifest(release_dir: Path) -> dict[str, Any]:
-    """Read and check ``manifest.json`` of a release folder."""
+    """Read ``manifest.json`` of a release folder and check its structure.
+
+    Raises
+    ------
+    InputError
+        When the folder holds no manifest.
+    VerifyError
+        Naming the file (and key) when it is not JSON, not a manifest of this format, or
+        not of the manifest's structure (:func:`ctcurate.manifest.check_manifest`).
+    """
     path = Path(release_dir) / MANIFEST
     if not path.is_file():
         msg = f"{path}: no manifest (is this a release folder?)"
         raise InputError(msg)
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         msg = f"{path}: not valid JSON"
         raise VerifyError(msg) from exc
-    if manifest.get("format") != FORMAT:
+    except OSError as exc:
+        msg = f"{path}: cannot be read ({exc.strerror or type(exc).__name__})"
+        raise VerifyError(msg) from exc
+    if isinstance(data, dict) and data.get("format") != FORMAT:
         msg = f"{path}: not a {FORMAT} manifest"
         raise VerifyError(msg)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        msg = f"{path}: format_version {manifest.get('format_version')} is not supported"
+    if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+        msg = f"{path}: format_version {data.get('format_version')} is not supported"
         raise VerifyError(msg)
-    return manifest
+    return check_manifest(data, path)
 
 
 def read_arrays(h5: h5py.File, case_id: str) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]:
@@ -249,71 +285,44 @@ def read_case(
     return image, label, meta
 
 
-def verify(release_dir: Path) -> str:
-    """Re-hash every shard and case of a release against its manifest.
+def verify(release_dir: Path | str, expect: str | None = None) -> str:
+    """Check a release against its manifest, and the manifest against ``expect``.
 
-    Returns a one-line summary; raises :class:`VerifyError` naming the first mismatch
-    (a missing, extra or corrupted shard, a case whose bytes or metadata changed, or a
-    manifest whose ``release_id`` does not match its content).
+    Re-hashes every shard, case and file; compares every manifest case entry (labels,
+    split, every attribute) with the attributes stored in its shard, and each shard's cases
+    with the manifest's list for it. ``expect`` is the release id to hold the release to,
+    taken from somewhere the release cannot edit (``dvc.lock`` in git, see
+    ``docs/release.md``): the manifest's own ``release_id`` only proves it is consistent.
+
+    Returns a one-line summary; raises :class:`VerifyError` naming the first mismatch.
     """
-    release_dir = Path(release_dir)
-    manifest = read_manifest(release_dir)
-    body = {k: v for k, v in manifest.items() if k != "release_id"}
-    expected_id = hashlib.sha256(dumps_json(body).encode()).hexdigest()
-    if manifest.get("release_id") != expected_id:
-        msg = f"{release_dir / MANIFEST}: release_id does not match the manifest's content"
-        raise VerifyError(msg)
-    shard_dir = release_dir / SHARD_DIR
-    on_disk = {p.name for p in shard_dir.glob("*.h5")} if shard_dir.is_dir() else set()
-    listed = set(manifest["shards"])
-    if missing := sorted(listed - on_disk):
-        msg = f"{shard_dir / missing[0]}: shard listed in the manifest is missing"
-        raise VerifyError(msg)
-    if extra := sorted(on_disk - listed):
-        msg = f"{shard_dir / extra[0]}: shard not listed in the manifest"
-        raise VerifyError(msg)
-    for name in sorted(listed):
-        if sha256_file(shard_dir / name) != manifest["shards"][name]["sha256"]:
-            msg = f"{shard_dir / name}: sha256 does not match the manifest"
-            raise VerifyError(msg)
-    by_shard: dict[str, list[Mapping[str, Any]]] = {}
-    for case in manifest["cases"]:
-        by_shard.setdefault(str(case["shard"]), []).append(case)
-    for name, cases in sorted(by_shard.items()):
-        try:
-            h5 = h5py.File(shard_dir / name, "r")
-        except OSError as exc:
-            msg = f"{shard_dir / name}: not a readable HDF5 file"
-            raise VerifyError(msg) from exc
-        with h5:
-            for case in cases:
-                cid = str(case["case_id"])
-                try:
-                    image, label, meta = read_case(h5, cid)
-                except KeyError as exc:
-                    msg = f"{shard_dir / name}: case {cid} is missing"
-                    raise VerifyError(msg) from exc
-                if case_digest(image, label, meta) != case["sha256"]:
-                    msg = f"{shard_dir / name}: case {cid} does not match its sha256"
-                    raise VerifyError(msg)
-    return (
-        f"release {manifest['release_id'][:16]} verified: "
-        f"{len(manifest['cases'])} cases in {len(listed)} shards"
-    )
+    from ctcurate.verify import verify_release
+
+    return verify_release(Path(release_dir), expect)
 
 
 def open(
     release_dir: Path | str,
     split: str | None = None,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    expect: str | None = None,
 ) -> ReleaseDataset:
     """Open a release as a torch / MONAI map-style dataset of dict samples.
 
     Each sample is ``{"image": float32 (1, z, y, x) HU, "label": int64 (1, z, y, x),
     "typical": int (-1 unknown), "case_id": str, "meta": dict}``; ``split`` picks
     ``train`` / ``val`` / ``test`` (all cases when None). Shards are opened once per
-    DataLoader worker process.
+    DataLoader worker process. With ``expect`` (a release id from ``dvc.lock``), the
+    release is first verified against it (:func:`verify`: one read of every shard);
+    without it, nothing is checked.
     """
     from ctcurate.dataset import ReleaseDataset
 
-    return ReleaseDataset(Path(release_dir), split=split, transform=transform)
+    if expect is None:
+        return ReleaseDataset(Path(release_dir), split=split, transform=transform)
+    verify(release_dir, expect=expect)
+    dataset = ReleaseDataset(Path(release_dir), split=split, transform=transform)
+    if manifest_release_id(dataset.manifest) != expect.strip().lower():  # replaced since
+        msg = f"{Path(release_dir) / MANIFEST}: changed while it was being verified"
+        raise VerifyError(msg)
+    return dataset

@@ -151,6 +151,11 @@ OWN_FILES = (
 )
 
 
+def view_source(view: str) -> str:
+    """The Parquet file (or glob) the catalog view ``view`` reads, relative to its folder."""
+    return f"{INSTANCES_DIR}/{SHARD_GLOB}" if view == INSTANCES_DIR else f"{view}.parquet"
+
+
 def write_catalog(folder: Path) -> None:
     """``catalog.duckdb`` in ``folder``: views over the Parquet files, by relative path."""
     import duckdb
@@ -159,8 +164,8 @@ def write_catalog(folder: Path) -> None:
     try:
         con.execute(f"SET file_search_path = {_sql_text(str(Path(folder).resolve()))}")
         for view in VIEWS:
-            source = f"{INSTANCES_DIR}/{SHARD_GLOB}" if view == INSTANCES_DIR else f"{view}.parquet"
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_sql_text(source)})")
+            source = _sql_text(view_source(view))
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({source})")
         con.execute("CHECKPOINT")
     finally:
         con.close()
