@@ -135,6 +135,56 @@ def test_grade_row_rejects(line: str, reason: str) -> None:
     assert [(r.line, r.reason) for r in parsed.rejects] == [(3, reason)]
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("9.1,R2,\uff12,2020-04-01", "bad_grade"),  # full-width 2: int() would take it
+        ("9.1,R2,\u0663,2020-04-01", "bad_grade"),  # Arabic-Indic 3
+        ("9.1,R2,+\u0967,2020-04-01", "bad_grade"),  # Devanagari 1
+        ("9.1,R2,2,\uff12\uff10\uff12\uff10-04-01", "bad_date"),
+    ],
+)
+def test_grades_and_dates_take_ascii_digits_only(line: str, reason: str) -> None:
+    parsed = grades_file(["9.1,R1,2,2020-04-01", line])
+    assert [(r.line, r.reason) for r in parsed.rejects] == [(3, reason)]
+    assert len(parsed.rows) == 1
+
+
+def test_reader_ids_are_upper_cased() -> None:
+    parsed = grades_file(["9.1,r1,1,2020-04-01", "9.1,R1,3,2020-04-02", "9.1,r2,2,2020-04-01"])
+    assert [row.reader_id for _, row in parsed.rows] == ["R1", "R1", "R2"]
+    aj.screen_grades(parsed, {"9.1"}, {"9.1"}, ("r1", "R2"))
+    assert [(r.line, r.reason) for r in parsed.rejects] == [(3, "repeat_read")]
+    assert [line for line, _ in parsed.rows] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("patient_id,site,test_date,result\nP1,H01,2020-03-01,positive\nP2\0,H01\n", r":3: NUL"),
+        ("patient_id,site,test_date,result\0\n", r":1: NUL"),
+    ],
+)
+def test_nul_byte_rejects_the_file_naming_its_line(text: str, match: str) -> None:
+    with pytest.raises(InputError, match=r"^ann/pcr\.csv" + match + " byte"):
+        parse_csv(text, PcrRow, "pcr.csv", "ann/pcr.csv")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        # no header line: the first row is data and must not be echoed
+        ("PSECRET1,HSECRET,2020-03-01,positive\n", r":1: missing column\(s\) patient_id"),
+        ("PSECRET1,PSECRET1,2020-03-01,positive\n", r":1: column\(s\) named twice \(fields 1, 2\)"),
+        ('patient_id,site,test_date,result\nPSECRET1,"H0"1,2020-03-01,x\n', r":2: unreadable CSV"),
+    ],
+)
+def test_file_errors_never_echo_cell_content(text: str, match: str) -> None:
+    with pytest.raises(InputError, match=r"^ann/pcr\.csv" + match) as info:
+        parse_csv(text, PcrRow, "pcr.csv", "ann/pcr.csv")
+    assert "secret" not in str(info.value).lower()
+
+
 def test_exact_duplicate_rows_are_dropped_and_counted() -> None:
     parsed = pcr_file(
         [
@@ -402,6 +452,43 @@ def test_low_grade_coverage_fails() -> None:
     strict = AnnotateJoinParams(min_coverage=0.9)
     with pytest.raises(CtcurateError, match=r"grade coverage 1/6 .* below min_coverage 0\.9"):
         aj.join_annotations(sel, pcr_file(pcr), grades_file(["9.1,R1,1,2020-04-01"]), strict)
+
+
+def test_low_pcr_coverage_fails() -> None:
+    sel, pcr, grades = demo()
+    # a site code the archive does not know: every PCR link is lost
+    moved = [line.replace(",H01,", ",H1,") for line in pcr]
+    with pytest.raises(
+        CtcurateError,
+        match=r"PCR coverage 0/4 pandemic-era selected series below min_pcr_coverage 0\.5: "
+        r"check patient_id and site of ann/pcr\.csv",
+    ):
+        aj.join_annotations(sel, pcr_file(moved), grades_file(grades), PARAMS)
+    # 3 of the 4 pandemic-era CTs have a linked test (1.3's is outside the window)
+    joined = aj.join_annotations(sel, pcr_file(pcr), grades_file(grades), PARAMS)
+    assert joined.report["coverage"]["pandemic_ct_with_pcr"] == 0.75
+    strict = AnnotateJoinParams(min_pcr_coverage=0.8)
+    with pytest.raises(CtcurateError, match=r"PCR coverage 3/4 .* min_pcr_coverage 0\.8"):
+        aj.join_annotations(sel, pcr_file(pcr), grades_file(grades), strict)
+
+
+def test_pcr_site_in_another_case_is_matched() -> None:
+    sel, pcr, grades = demo()
+    lower = [line.replace(",H01,", ",h01,") for line in pcr]
+    joined = aj.join_annotations(sel, pcr_file(lower), grades_file(grades), PARAMS)
+    expected = aj.join_annotations(sel, pcr_file(pcr), grades_file(grades), PARAMS)
+    assert joined.cases.equals(expected.cases)
+    assert joined.report["pcr_sites_recased"] == 6  # the 7th line is a duplicate row
+    assert expected.report["pcr_sites_recased"] == 0
+
+
+def test_pcr_site_matching_two_sites_in_another_case_stays_unlinked() -> None:
+    sel = selection([series("1.1", "9.1", "P1", site="Ab"), series("1.2", "9.2", "P2", site="AB")])
+    pcr = pcr_file(["P1,ab,2020-03-10,positive", "P2,AB,2020-03-10,positive"])
+    joined = aj.join_annotations(sel, pcr, grades_file(two_reads("9.1", "9.2")), PARAMS)
+    cases = {c["series_instance_uid"]: c["pcr"] for c in joined.cases.to_pylist()}
+    assert cases == {"1.1": "unlabeled", "1.2": "positive"}
+    assert joined.report["pcr_sites_recased"] == 0
 
 
 def test_too_many_rejects_fail_naming_the_first_lines() -> None:

@@ -2,6 +2,10 @@
 
 Rules (params section ``annotate_join``):
 
+* Sites: a PCR row's ``site`` is the archive's top-level folder. A code that matches no site
+  of the selection table exactly but exactly one in another case (``h01`` for ``H01``) is
+  read as that site and counted (``pcr_sites_recased`` in the report); anything else is
+  kept as written and links to nothing.
 * PCR window: a test of the same (patient_id, site) dated within
   [CT − pcr_days_before, CT + pcr_days_after] (bounds included) is linked to the CT.
   ``positive`` when a linked test is positive; ``conflict`` when a positive and a negative
@@ -20,13 +24,16 @@ Rules (params section ``annotate_join``):
   ``pneumonia_unscored``, ``pandemic_pcr_negative``, ``pandemic_pcr_unlabeled``,
   ``pandemic_pcr_conflict``, ``no_era``).
 * Grade rows are also rejected for an ``unknown_study`` (not in the selection table at all),
-  ``unknown_reader`` (when ``readers`` lists the known readers) and ``repeat_read`` (the
+  ``unknown_reader`` (when ``readers`` lists the known readers; reader ids are compared
+  upper-cased, as the CSV reader normalises them) and ``repeat_read`` (the
   reader already graded the study on an earlier line, which is kept); rows of a study that
   was indexed but not selected go to the rejects as ``study_not_selected``.
 * The stage fails (nothing written) when a file's rejected fraction exceeds
   ``max_reject_fraction`` (``duplicate_row`` and ``study_not_selected`` lose no information
-  and are not counted), or when fewer than ``min_coverage`` of the selected series have a
-  consensus grade.
+  and are not counted), when fewer than ``min_coverage`` of the selected series have a
+  consensus grade, or when fewer than ``min_pcr_coverage`` of the pandemic-era selected
+  series have a linked PCR test (a site or patient id written differently from the archive
+  links nothing).
 """
 
 from __future__ import annotations
@@ -42,16 +49,8 @@ from typing import Any
 import pyarrow as pa
 
 from ctcurate.annotations.agreement import fleiss_kappa, pairwise_cohen
-from ctcurate.annotations.csvfile import (
-    CsvFile,
-    GradeRow,
-    PcrRow,
-    R,
-    Reject,
-    decode_text,
-    first_lines,
-    parse_csv,
-)
+from ctcurate.annotations.csvfile import CsvFile, GradeRow, PcrRow, R, decode_text, parse_csv
+from ctcurate.annotations.screen import check_reject_fraction, match_sites, screen_grades
 from ctcurate.errors import AccountingError, CtcurateError, InputError
 from ctcurate.io.atomic import write_json
 from ctcurate.io.outputs import check_output_dir, publish_dir
@@ -72,8 +71,6 @@ SELECTED_COLUMNS = [
     "era",
     "selected",
 ]
-#: Rejects that lose no information: not counted against ``max_reject_fraction``.
-HARMLESS_REJECTS = frozenset({"duplicate_row", "study_not_selected"})
 PCR_LABELS = ("conflict", "negative", "positive", "unlabeled")
 
 CASES_SCHEMA = pa.schema(
@@ -199,54 +196,6 @@ def cohort_of(
     return None, "no_era"
 
 
-def screen_grades(
-    grades: CsvFile[GradeRow],
-    selected_studies: set[str],
-    known_studies: set[str],
-    readers: Sequence[str],
-) -> None:
-    """Move grade rows of unknown / unselected studies, unknown readers and repeat reads
-    from ``grades.rows`` to ``grades.rejects`` (in place)."""
-    known_readers = set(readers)
-    kept: list[tuple[int, GradeRow]] = []
-    first_read: dict[tuple[str, str], int] = {}
-    for line, row in grades.rows:
-        reason, detail = None, ""
-        key = (row.study_instance_uid, row.reader_id)
-        if row.study_instance_uid not in known_studies:
-            reason, detail = "unknown_study", "study_instance_uid not in the selection table"
-        elif row.study_instance_uid not in selected_studies:
-            reason, detail = "study_not_selected", "the study has no selected series"
-        elif known_readers and row.reader_id not in known_readers:
-            reason, detail = "unknown_reader", "reader_id not in params readers"
-        elif key in first_read:
-            reason, detail = (
-                "repeat_read",
-                f"reader already graded the study on line {first_read[key]}",
-            )
-        if reason is None:
-            first_read[key] = line
-            kept.append((line, row))
-        else:
-            grades.rejects.append(Reject(grades.name, line, reason, detail))
-    grades.rows = kept
-
-
-def check_reject_fraction(parsed: CsvFile[R], max_fraction: float) -> None:
-    """InputError naming the first bad lines when too many rows of a file were rejected."""
-    counted = [r for r in parsed.rejects if r.reason not in HARMLESS_REJECTS]
-    if not parsed.n_rows or not counted:
-        return
-    fraction = len(counted) / parsed.n_rows
-    if fraction > max_fraction:
-        msg = (
-            f"{parsed.where}: {len(counted)} of {parsed.n_rows} rows rejected "
-            f"({fraction:.1%} > max_reject_fraction {max_fraction:.1%}): "
-            f"{first_lines(counted, parsed.where)}"
-        )
-        raise InputError(msg)
-
-
 def _ratio(num: int, den: int) -> float | None:
     return round(num / den, _DIGITS) if den else None
 
@@ -275,7 +224,7 @@ def join_annotations(
     ``selection`` is the ``select`` stage's table (every indexed series, ``selected``
     flagging the chosen ones). Raises :class:`InputError` when a file has too many
     rejected rows and :class:`CtcurateError` when grade coverage is below
-    ``min_coverage``; nothing is returned then.
+    ``min_coverage`` or PCR coverage below ``min_pcr_coverage``; nothing is returned then.
     """
     all_rows = selection.to_pylist()
     chosen = sorted(
@@ -285,6 +234,7 @@ def join_annotations(
     known_studies = {str(r["study_instance_uid"]) for r in all_rows}
     selected_studies = {str(r["study_instance_uid"]) for r in chosen}
     screen_grades(grades, selected_studies, known_studies, params.readers)
+    recased = match_sites(pcr, {str(r["site"]) for r in all_rows})
     check_reject_fraction(pcr, params.max_reject_fraction)
     check_reject_fraction(grades, params.max_reject_fraction)
 
@@ -345,6 +295,8 @@ def join_annotations(
 
     n = len(cases)
     graded = sum(c["consensus_grade"] is not None for c in cases)
+    pandemic = [c for c in cases if c["era"] == "pandemic"]
+    pandemic_with_pcr = sum(c["pcr_tests"] > 0 for c in pandemic)
     coverage = {
         "ct_with_pcr": _ratio(sum(c["pcr_tests"] > 0 for c in cases), n),
         "pcr_tests_with_ct": _ratio(len(linked_lines), len(pcr.rows)),
@@ -352,11 +304,19 @@ def join_annotations(
             sum(len(reads.get(s, {})) >= 2 for s in selected_studies), len(selected_studies)
         ),
         "graded": _ratio(graded, n),
+        "pandemic_ct_with_pcr": _ratio(pandemic_with_pcr, len(pandemic)),
     }
     if n == 0 or graded / n < params.min_coverage:
         msg = (
             f"grade coverage {graded}/{n} selected series below min_coverage "
             f"{params.min_coverage:g}: check {grades.where} against the selection"
+        )
+        raise CtcurateError(msg)
+    if pandemic and pandemic_with_pcr / len(pandemic) < params.min_pcr_coverage:
+        msg = (
+            f"PCR coverage {pandemic_with_pcr}/{len(pandemic)} pandemic-era selected series "
+            f"below min_pcr_coverage {params.min_pcr_coverage:g}: check patient_id and site "
+            f"of {pcr.where} against the selection"
         )
         raise CtcurateError(msg)
 
@@ -396,6 +356,8 @@ def join_annotations(
         "cohen_kappa_pairs": pairwise,
         "coverage": coverage,
         "min_coverage": params.min_coverage,
+        "min_pcr_coverage": params.min_pcr_coverage,
+        "pcr_sites_recased": recased,
         "rows": {
             parsed.name: {
                 "seen": parsed.n_rows,
@@ -474,6 +436,10 @@ def run(selected: Path, annotations_dir: Path, out: Path, params: AnnotateJoinPa
     grades = read_annotation(annotations_dir / GRADES_FILE, GradeRow)
     joined = join_annotations(selection, pcr, grades, params)
     report = joined.report
+    if report["pcr_sites_recased"]:
+        log.info(
+            "%s: %d rows matched a site in another case", PCR_FILE, report["pcr_sites_recased"]
+        )
     for name, reasons in report["rejects"].items():
         for reason, count in reasons.items():
             log.info("%s: %d rows rejected (%s)", name, count, reason)

@@ -1,7 +1,10 @@
 """Typed params: one pydantic model per ``params.yaml`` section.
 
 Every model forbids unknown keys, so a typo'd key fails the stage with a one-line message
-naming it instead of being silently ignored. Ranges are checked here, once.
+naming it instead of being silently ignored; so does an unknown top-level section (``indx:``
+for ``index:``), whichever section is loaded. Ranges are checked here, once: no float may be
+infinite or NaN, HU values fit the int16 volumes they are written into, shapes and spacings
+stay within stated bounds (below), and DuckDB gets at least the memory the index build needs.
 """
 
 from __future__ import annotations
@@ -11,19 +14,42 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ctcurate.errors import ParamsError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+#: HU values written into (or compared with) the int16 volumes of a release: outside this
+#: range a value would wrap around (-40000 HU written as int16 reads +25536).
+INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
+Hu = Annotated[int, Field(ge=INT16_MIN, le=INT16_MAX)]
+#: Bounds of a release grid. A side of more than MAX_SIDE voxels, or a volume of more than
+#: MAX_VOXELS (512^3), cannot be packed on an ordinary machine: resampling one case holds
+#: about 20 bytes per voxel (float64 image and labels, int16 and uint8 copies), 2.7 GB per
+#: worker at the bound. Spacings below 0.1 mm or above 50 mm are no CT grid.
+MAX_SIDE = 1024
+MAX_VOXELS = 512**3
+Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
+SpacingMm = Annotated[float, Field(ge=0.1, le=50.0)]
+#: DuckDB memory of the index build: below 64 MB DuckDB runs out of memory on archives of a
+#: few ten thousand instances (16 MB failed at 20k instances, 32 MB at 60k; 14 MB even on 25
+#: files), so smaller values are refused (docs/index.md).
+MIN_DUCKDB_MEMORY_MB = 64
 
 
 class Section(BaseModel):
     """Base of every params section: frozen, unknown keys rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SynthParams(Section):
@@ -57,7 +83,8 @@ class IndexParams(Section):
     max_file_mb: PositiveFloat = 2048.0
     timeout_s: PositiveFloat = 60.0
     chunk_files: PositiveInt = 512
-    duckdb_memory_mb: PositiveInt = 128  # the build's DuckDB spills to disk beyond this
+    # the build's DuckDB spills to disk beyond this; less than the minimum cannot work
+    duckdb_memory_mb: Annotated[int, Field(ge=MIN_DUCKDB_MEMORY_MB)] = 128
 
 
 class SelectParams(Section):
@@ -86,15 +113,17 @@ class AnnotateJoinParams(Section):
     max_reject_fraction: Fraction = 0.05
     min_coverage: Fraction = 0.5
     readers: tuple[str, ...] = ()  # known reader ids; empty accepts every reader
+    # fraction of the pandemic-era selected series with a linked PCR test
+    min_pcr_coverage: Fraction = 0.5
 
 
 class PackParams(Section):
     """``pack``: volumes, splits and shards of a release."""
 
-    spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (4.0, 4.0, 4.0)
-    shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (48, 64, 64)
-    hu_min: int = -1024
-    hu_max: int = 3071
+    spacing_mm: tuple[SpacingMm, SpacingMm, SpacingMm] = (4.0, 4.0, 4.0)
+    shape: tuple[Side, Side, Side] = (48, 64, 64)
+    hu_min: Hu = -1024
+    hu_max: Hu = 3071
     split_seed: Annotated[int, Field(ge=0)] = 1
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.6, 0.2, 0.2)
     shard_max_cases: PositiveInt = 64
@@ -103,6 +132,15 @@ class PackParams(Section):
     patient_pseudonyms: bool = False
     # local processes building the volumes (not part of the release: left out of its manifest)
     workers: PositiveInt = 2
+
+    @field_validator("shape")
+    @classmethod
+    def _check_voxels(cls, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        voxels = shape[0] * shape[1] * shape[2]
+        if voxels > MAX_VOXELS:
+            msg = f"{voxels} voxels, more than {MAX_VOXELS} (512^3)"
+            raise ValueError(msg)
+        return shape
 
     @model_validator(mode="after")
     def _check(self) -> PackParams:
@@ -141,7 +179,7 @@ class TrainParams(Section):
         3.0,
         3.0,
     )
-    patch: tuple[PositiveInt, PositiveInt, PositiveInt] | None = (32, 64, 64)  # None: whole
+    patch: tuple[Side, Side, Side] | None = (32, 64, 64)  # None: whole volumes
     lesion_crop_fraction: Fraction = 0.5  # patches centred on a lesion voxel
     flip: bool = True  # random left-right flips
     val_every: PositiveInt = 3  # epochs between validations (the last one always)
@@ -165,7 +203,7 @@ class EvaluateParams(Section):
     """``evaluate``: metrics on the release's test split."""
 
     threshold: Fraction = 0.5
-    hu_lung_max: int = -400
+    hu_lung_max: Hu = -400
     max_overlays: Annotated[int, Field(ge=0)] = 16
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt = 2
@@ -227,9 +265,21 @@ def load_params(path: Path) -> Params:
         raise ParamsError(msg) from exc
 
 
+def check_sections(path: Path, data: dict[str, object]) -> None:
+    """ParamsError naming the first top-level key of ``data`` that is not a known section."""
+    unknown = sorted(str(key) for key in data if key not in Params.model_fields)
+    if unknown:
+        msg = f"{path}: unknown key '{unknown[0]}' (not a params section)"
+        raise ParamsError(msg)
+
+
 def load_section(path: Path, name: str, model: type[S]) -> S:
-    """Load and validate one section of ``params.yaml`` with ``model``."""
+    """Load and validate one section of ``params.yaml`` with ``model``.
+
+    The file's other sections are not validated, but every top-level key must name one.
+    """
     data = load_yaml(path)
+    check_sections(path, data)
     raw = data.get(name, {})
     if raw is None:
         raw = {}

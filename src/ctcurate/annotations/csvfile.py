@@ -3,15 +3,19 @@
 A file is read as UTF-8 (a byte-order mark is accepted), its separator (``,`` or ``;``) is
 told from the header line, every field is stripped of surrounding whitespace, and column
 names are matched case-insensitively (extra columns are ignored). A file that cannot be
-read as a whole — not UTF-8, no header, a required column missing, a column named twice —
-raises :class:`~ctcurate.errors.InputError` naming ``file:line``. Every other problem is a
-row-level :class:`Reject` with the row's line number and a reason code:
+read as a whole — not UTF-8, a NUL byte, no header, a required column missing, a column
+named twice — raises :class:`~ctcurate.errors.InputError` naming ``file:line``. Error
+messages and reject details name the file, line and column, never a cell's content (a
+header-less file's first row is data). Every other problem is a row-level :class:`Reject`
+with the row's line number and a reason code:
 
 ``wrong_field_count``, ``duplicate_row`` (an exact copy of an earlier row; the first copy
 is kept), ``missing_value``, ``bad_date`` (not ``YYYY-MM-DD`` or not a calendar date),
 ``ambiguous_date`` (``01/02/2020``-like: day and month cannot be told apart),
-``bad_result`` (not ``positive`` / ``negative``), ``bad_grade`` (not an integer),
-``grade_out_of_range`` (an integer outside 1–4).
+``bad_result`` (not ``positive`` / ``negative``), ``bad_grade`` (not an integer written
+in ASCII digits: ``２`` or ``٣`` are refused), ``grade_out_of_range`` (an integer outside
+1–4). Dates take ASCII digits only as well. Reader ids are case-normalised (upper case:
+``r01`` and ``R01`` are one reader).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from pydantic_core import PydanticCustomError
 
 from ctcurate.errors import InputError
 
-_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_DAY_MONTH = re.compile(r"(\d{1,2})[./-](\d{1,2})[./-](\d{2}|\d{4})")
-_INTEGER = re.compile(r"[+-]?\d+")
+# ASCII digits only: ``\d`` and int() also take other scripts' digits ('２', '٣')
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DAY_MONTH = re.compile(r"([0-9]{1,2})[./-]([0-9]{1,2})[./-]([0-9]{2}|[0-9]{4})")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 MIN_GRADE, MAX_GRADE = 1, 4
 
 # row-level reject reasons raised by the schemas
@@ -47,6 +52,10 @@ def _required(value: object) -> str:
     if not text:
         raise PydanticCustomError(MISSING_VALUE, "empty value")
     return text
+
+
+def _reader_id(value: object) -> str:
+    return _required(value).upper()
 
 
 def _iso_date(value: object) -> dt.date:
@@ -114,7 +123,7 @@ class GradeRow(_Row):
     """
 
     study_instance_uid: RequiredStr
-    reader_id: RequiredStr
+    reader_id: Annotated[str, BeforeValidator(_reader_id)]  # upper-cased
     category: Annotated[int, BeforeValidator(_grade)]
     read_date: IsoDate
 
@@ -183,6 +192,11 @@ def parse_csv(text: str, model: type[R], name: str, where: str) -> CsvFile[R]:
     Raises :class:`InputError` (``where:line``) when the file is malformed as a whole;
     row-level problems become :class:`Reject` rows.
     """
+    nul = text.find("\0")
+    if nul >= 0:
+        nul_line = text.count("\n", 0, nul) + 1
+        msg = f"{where}:{nul_line}: NUL byte (binary data, not CSV text)"
+        raise InputError(msg)
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if lines and lines[-1] == "":
         lines.pop()
@@ -194,15 +208,16 @@ def parse_csv(text: str, model: type[R], name: str, where: str) -> CsvFile[R]:
     parsed = CsvFile[R](name=name, where=where)
     try:
         header = [h.strip().lower() for h in next(reader)]
-        repeated = sorted({h for h in header if header.count(h) > 1})
+        repeated = [i + 1 for i, h in enumerate(header) if header.count(h) > 1]
         if repeated:
-            msg = f"{where}:1: column(s) named twice: {', '.join(repeated)}"
+            # header cells may be data (a file without a header): positions, not names
+            msg = f"{where}:1: column(s) named twice (fields {', '.join(map(str, repeated))})"
             raise InputError(msg)
         missing = [c for c in _columns(model) if c not in header]
         if missing:
             msg = (
                 f"{where}:1: missing column(s) {', '.join(missing)} "
-                f"(separator '{sep}', found: {', '.join(header)})"
+                f"(separator '{sep}', {len(header)} fields in the header line)"
             )
             raise InputError(msg)
         index = {c: header.index(c) for c in _columns(model)}
