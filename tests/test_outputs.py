@@ -11,7 +11,7 @@ import pytest
 from test_index import listing, run_index, write_series
 
 from ctcurate import index, snapshot
-from ctcurate.errors import LockedError, OutputError
+from ctcurate.errors import InputError, LockedError, OutputError
 from ctcurate.io.outputs import (
     MARKER,
     check_output_dir,
@@ -194,3 +194,18 @@ def test_other_errors_pass_through_the_guard(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="Permission denied"), guarded_output(out, "index"):
         raise OSError(errno.EACCES, "Permission denied")
     assert not lock_path(out).exists()
+
+
+def test_duckdb_out_of_memory_is_one_line(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    for site in ("H01", "H02", "H03"):
+        write_series(archive, site=site, n=8)
+    snap = listing(archive, tmp_path)
+    starved = IndexParams.model_construct(
+        **(IndexParams(workers=1).model_dump() | {"duckdb_memory_mb": 4})
+    )
+    with pytest.raises(
+        InputError, match=r"outgrew DuckDB's memory limit \(index.duckdb_memory_mb = 4\)"
+    ):
+        index.run(archive, snap, tmp_path / "index", starved, scheduler=None)
+    assert not (tmp_path / "index").exists()

@@ -649,6 +649,13 @@ def _index_archive(
             msg = f"index does not balance: {files_seen} files listed, {n_ledger} read or reused"
             raise AccountingError(msg)
         report = _publish(con, archive, out, params, files_seen, reader)
+    except duckdb.OutOfMemoryException:
+        msg = (
+            f"{out}: the index tables outgrew DuckDB's memory limit "
+            f"(index.duckdb_memory_mb = {params.duckdb_memory_mb}); raise it and run again "
+            "(finished chunks are kept)"
+        )
+        raise InputError(msg) from None
     finally:
         con.close()
     shutil.rmtree(work_dir(out), ignore_errors=True)
