@@ -30,7 +30,10 @@ from ctcurate.io.seg import write_seg
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import PackParams
 
-PARAMS = PackParams(spacing_mm=(3.0, 3.0, 3.0), shape=(4, 6, 6), shard_max_cases=3)
+# The salt puts the 9 packable patients in all three splits (4 train, 2 val, 3 test).
+PARAMS = PackParams(
+    spacing_mm=(3.0, 3.0, 3.0), shape=(4, 6, 6), shard_max_cases=3, split_salt="test-1"
+)
 CANARY = "CANARYPATIENT"
 N_SLICES, SIZE = 6, 10
 
@@ -230,7 +233,7 @@ def test_release_accounts_for_every_case(release: Path) -> None:
     assert sorted(manifest["shards"]) == [f"shard-0000{i}.h5" for i in range(3)]
     assert sorted(p.name for p in (release / "shards").iterdir()) == sorted(manifest["shards"])
     assert sum(len(v) for v in manifest["splits"].values()) == 9
-    assert set(manifest["splits"]) == {"train", "val", "test"}
+    assert {s: len(v) for s, v in manifest["splits"].items()} == {"train": 4, "val": 2, "test": 3}
     assert manifest["params"]["shape"] == [4, 6, 6]
     assert manifest["counts"]["splits"] == {s: len(manifest["splits"][s]) for s in pack.SPLITS}
     for case in manifest["cases"]:
@@ -317,11 +320,43 @@ def test_one_changed_label_changes_the_release_id(
         for a, b in zip(after["cases"], before["cases"], strict=True)
         if a["sha256"] != b["sha256"]
     }
-    assert target["case_id"] in differing
-    # Stratified splits may move other patients; nothing else about them changes.
-    for case_id, (split_after, split_before) in differing.items():
-        assert case_id == target["case_id"] or split_after != split_before
+    # Only the relabelled case changes, and it stays in its split: splits are stable.
+    assert list(differing) == [target["case_id"]]
+    assert differing[target["case_id"]][0] == differing[target["case_id"]][1]
+    assert after["splits"] == before["splits"]
     ctcurate.release.verify(out)
+
+
+def test_a_subset_release_keeps_every_shared_case_in_its_split(
+    inputs: Inputs, release: Path, tmp_path: Path
+) -> None:
+    rows = pq.read_table(inputs.cases).to_pylist()
+    packed = sorted(c["case_id"] for c in _manifest(release)["cases"])
+    dropped = set(packed[::3])  # a third of the packed cases leave
+    subset = tmp_path / "cases.parquet"
+    _write_cases(subset, [r for r in rows if r["case_id"] not in dropped])
+    _pack(inputs, tmp_path / "release", cases=subset)
+    before = {c["case_id"]: c["split"] for c in _manifest(release)["cases"]}
+    after = {c["case_id"]: c["split"] for c in _manifest(tmp_path / "release")["cases"]}
+    assert set(after) == set(before) - dropped
+    assert after == {c: before[c] for c in after}
+
+
+def test_every_case_of_one_patient_shares_a_split(inputs: Inputs, tmp_path: Path) -> None:
+    rows = pq.read_table(inputs.cases).to_pylist()
+    for r in rows:  # one patient per site: four or five packable cases each
+        r["patient_id"] = f"P-{r['site']}"
+    one = tmp_path / "cases.parquet"
+    _write_cases(one, rows)
+    _pack(inputs, tmp_path / "release", cases=one)
+    by_site: dict[str, set[str]] = {}
+    for case in _manifest(tmp_path / "release")["cases"]:
+        by_site.setdefault(case["site"], set()).add(case["split"])
+    assert sorted(by_site) == ["H01", "H02"]
+    assert all(len(s) == 1 for s in by_site.values()), by_site
+    splits = _manifest(tmp_path / "release")["splits"]
+    assert sorted(splits) == ["test", "train", "val"]  # an empty split is listed too
+    assert sum(not v for v in splits.values()) == 1
 
 
 def test_verify_fails_on_a_flipped_byte(release: Path, tmp_path: Path) -> None:

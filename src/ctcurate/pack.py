@@ -10,7 +10,8 @@ or whose series cannot be assembled (see :data:`ctcurate.volume.REASONS`) is exc
 listed with its reason (:data:`EXCLUSION_REASONS`) in the manifest and ``report.json``;
 ``cases_seen == cases_packed + cases_excluded``.
 
-Layers: :func:`assign_splits`, :func:`plan_shards` and :func:`case_meta` are pure;
+Layers: :func:`assign_splits` (stable splits: docs/release.md), :func:`plan_shards` and
+:func:`case_meta` are pure;
 :func:`ctcurate.volume.series_to_volume` builds each volume; :func:`run` reads the
 inputs, writes the shards through :mod:`ctcurate.release` and publishes the whole release
 folder atomically.
@@ -113,67 +114,46 @@ log = get_logger("pack")
 # --------------------------------------------------------------------------- pure core
 
 
-def _patient_label(labels: Sequence[int]) -> int:
-    """A patient's stratum label: the most common case label, 1 on a tie."""
-    counts = Counter(labels)
-    return 1 if counts[1] >= counts[0] else 0
+def split_point(salt: str, site: str, patient_id: str) -> float:
+    """A patient's point in [0, 1): sha256 of (salt, site, patient id), its first 53 bits.
+
+    It depends on nothing else — not on the other cases of the release, their order, or
+    the patient's labels — so a patient keeps its point in every release with that salt.
+    """
+    message = f"{salt}\x1f{site}\x1f{patient_id}".encode()
+    head = int.from_bytes(hashlib.sha256(message).digest()[:8], "big")
+    return (head >> 11) / float(1 << 53)
+
+
+def split_of(point: float, fractions: tuple[float, float, float]) -> str:
+    """The split whose interval of the cumulative ``fractions`` holds ``point``."""
+    edge = 0.0
+    for name, fraction in zip(SPLITS, fractions, strict=True):
+        edge += fraction
+        if point < edge:
+            return name
+    return next(n for n, f in zip(reversed(SPLITS), reversed(fractions), strict=True) if f > 0)
 
 
 def assign_splits(
     cases: Sequence[Mapping[str, Any]],
     fractions: tuple[float, float, float],
-    seed: int,
+    salt: str,
 ) -> dict[str, str]:
-    """Patient-disjoint, seeded splits stratified by (typical label, site).
+    """Stable, patient-disjoint splits: each case gets the split of its patient's
+    :func:`split_point` under ``salt`` within the cumulative ``fractions``.
 
-    ``cases`` rows need ``case_id``, ``site``, ``patient_id`` and ``typical``. Patients
-    (site, patient_id) are grouped by stratum (their majority label, site) in sorted order
-    and shuffled within it with ``numpy.random.default_rng(seed)``; walking that sequence,
-    each patient goes to the split furthest below its target share of cases, so every
-    stratum — and the small ones together — follows ``fractions`` as closely as whole
-    patients allow. When there are at least as many patients as splits with a non-zero
-    fraction, every such split gets at least one patient. The result depends only on the
-    set of rows, not on their order.
+    ``cases`` rows need ``case_id``, ``site`` and ``patient_id``. A case's split depends
+    only on its (site, patient id), the salt and the fractions: cases that come or go,
+    and changed labels, move no other case. The points are uniform, so every stratum
+    (label, site, era ...) follows ``fractions`` in expectation — not exactly: a small
+    release can leave a split short, or empty.
     """
-    patients: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for case in cases:
-        patients.setdefault((str(case["site"]), str(case["patient_id"])), []).append(case)
-    strata: dict[tuple[int, str], list[tuple[str, str]]] = {}
-    for key in sorted(patients):
-        label = _patient_label([int(c["typical"]) for c in patients[key]])
-        strata.setdefault((label, key[0]), []).append(key)
-    rng = np.random.default_rng(seed)
-    sequence: list[tuple[str, str]] = []
-    for stratum in sorted(strata):
-        members = strata[stratum]
-        sequence.extend(members[int(i)] for i in rng.permutation(len(members)))
-
-    target = np.asarray(fractions, dtype=np.float64)
-    assigned = np.zeros(len(SPLITS), dtype=np.float64)
-    chosen: dict[tuple[str, str], int] = {}
-    for key in sequence:
-        size = len(patients[key])
-        deficit = target * (assigned.sum() + size) - assigned
-        deficit[target <= 0] = -np.inf
-        split = int(np.argmax(deficit))
-        chosen[key] = split
-        assigned[split] += size
-
-    wanted = [s for s in range(len(SPLITS)) if target[s] > 0]
-    if len(sequence) >= len(wanted):
-        for split in wanted:
-            if split in chosen.values():
-                continue
-            # Move the last patient of the most populated split that can spare one.
-            counts = Counter(chosen.values())
-            donor = max((s for s in wanted if counts[s] > 1), key=lambda s: (counts[s], -s))
-            key = next(k for k in reversed(sequence) if chosen[k] == donor)
-            chosen[key] = split
-
     return {
-        str(case["case_id"]): SPLITS[chosen[key]]
-        for key, members in patients.items()
-        for case in members
+        str(case["case_id"]): split_of(
+            split_point(salt, str(case["site"]), str(case["patient_id"])), fractions
+        )
+        for case in cases
     }
 
 
@@ -495,7 +475,7 @@ def _build(
             detail = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
             msg = f"{cases}: no case could be packed ({detail or 'no cases'})"
             raise InputError(msg)
-        splits = assign_splits([p.case for p in packed], params.split_fractions, params.split_seed)
+        splits = assign_splits([p.case for p in packed], params.split_fractions, params.split_salt)
         metas = {
             str(p.case["case_id"]): case_meta(
                 p.case,
@@ -508,6 +488,9 @@ def _build(
             for p in packed
         }
         counts = _counts(metas, excluded, len(case_rows))
+        for name, n in counts["splits"].items():
+            if n == 0 and params.split_fractions[SPLITS.index(name)] > 0:
+                log.warning("split %s is empty (%d packed cases)", name, len(metas))
         if counts["cases_seen"] != counts["cases_packed"] + counts["cases_excluded"]:
             msg = (
                 f"{cases}: {counts['cases_seen']} cases seen but {counts['cases_packed']} "
@@ -528,6 +511,7 @@ def _build(
                 "excluded": sorted(excluded, key=lambda e: e["case_id"]),
                 **({} if key is None else {"pseudonym_key_id": pseudonym_key_id(key)}),
             },
+            split_names=SPLITS,
         )
         write_json(release / MANIFEST, manifest)
         write_json(release / REPORT, {**counts, "release_id": manifest["release_id"]})
