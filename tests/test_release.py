@@ -632,3 +632,152 @@ def test_a_pseudonym_depends_on_site_patient_and_key() -> None:
     assert pack.patient_pseudonym(key, "H0", "1P1") != pack.patient_pseudonym(key, "H01", "P1")
     assert int(one, 16) >= 0
     assert len(one) == 32
+
+
+# --------------------------------------------------------------------------- ctcurate diff
+
+
+def _k(k: int) -> str:
+    """Case id of the fixture's case ``k``."""
+    return _case_id("H01" if k % 2 == 0 else "H02", f"1.2.826.0.1.3680043.{k + 1}")
+
+
+@pytest.fixture(scope="module")
+def two_releases(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An old and a new release of the fixture's cases, with known differences: case 0
+    relabelled, case 2 dropped from the cases table, case 8 unlabeled (excluded), case 4
+    moved to patient 6's split (train → test), case 9 labelled (added); pack.shard_max_cases
+    3 → 4; rule b.sql changed, c.sql added."""
+    root = tmp_path_factory.mktemp("diff")
+    for name, files in (
+        ("old", {"a.sql": "x", "b.sql": "y"}),
+        ("new", {"a.sql": "x", "b.sql": "z", "c.sql": "w"}),
+    ):
+        folder = root / name / "select"
+        folder.mkdir(parents=True)
+        for file, text in files.items():
+            (folder / file).write_text(text)
+    old = root / "old" / "release"
+    pack.run(
+        inputs.cases,
+        inputs.index_dir,
+        inputs.archive,
+        inputs.annotations,
+        old,
+        PARAMS,
+        rules=[root / "old" / "select"],
+    )
+    rows = [r for r in pq.read_table(inputs.cases).to_pylist() if r["case_id"] != _k(2)]
+    for r in rows:
+        if r["case_id"] == _k(0):
+            r["typical"], r["consensus_grade"], r["pcr"] = 1, 1, "positive"
+        elif r["case_id"] == _k(8):
+            r["typical"], r["consensus_grade"] = None, None
+        elif r["case_id"] == _k(4):
+            r["patient_id"] = f"{CANARY}6"
+        elif r["case_id"] == _k(9):
+            r["typical"], r["consensus_grade"] = 1, 2
+    _write_cases(root / "cases.parquet", rows)
+    new = root / "new" / "release"
+    params = PARAMS.model_copy(update={"shard_max_cases": 4})
+    pack.run(
+        root / "cases.parquet",
+        inputs.index_dir,
+        inputs.archive,
+        inputs.annotations,
+        new,
+        params,
+        rules=[root / "new" / "select"],
+    )
+    return old, new
+
+
+def test_diff_names_every_change_between_two_releases(two_releases: tuple[Path, Path]) -> None:
+    from ctcurate import diff
+
+    old, new = two_releases
+    result = json.loads(diff.run(old, new, "json"))
+    assert result["old_release_id"] == _manifest(old)["release_id"] != result["new_release_id"]
+    assert result["cases"] == [9, 8]
+    assert [(c["case_id"], c["split"]) for c in result["added"]] == [(_k(9), "test")]
+    assert sorted((c["case_id"], c["reason"]) for c in result["removed"]) == sorted(
+        [(_k(2), "not in the cases table"), (_k(8), "unlabeled")]
+    )
+    assert result["relabelled"] == [
+        {
+            "case_id": _k(0),
+            "fields": {
+                "consensus_grade": {"old": 4, "new": 1},
+                "pcr": {"old": "negative", "new": "positive"},
+                "typical": {"old": 0, "new": 1},
+            },
+        }
+    ]
+    assert result["moved"] == [{"case_id": _k(4), "old": "train", "new": "test"}]
+    assert result["changed"] == []
+    assert result["counts"]["site"] == {"H01": [5, 3], "H02": [4, 5]}
+    assert result["counts"]["typical"] == {"0": [5, 3], "1": [4, 5]}
+    assert result["excluded_reasons"]["unlabeled"] == [1, 1]  # case 9 in, case 8 out
+    assert result["params"] == {"shard_max_cases": {"old": 3, "new": 4}}
+    assert result["rules_recorded"] is True
+    assert sorted(result["rules"]) == ["select/b.sql", "select/c.sql"]
+    assert result["rules"]["select/c.sql"]["old"] is None
+
+
+def test_diff_markdown_is_a_pr_comment(two_releases: tuple[Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from ctcurate.cli import app
+
+    old, new = two_releases
+    result = CliRunner().invoke(app, ["diff", str(old), str(new)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert text.startswith(f"## Release diff `{_manifest(old)['release_id'][:16]}` → ")
+    assert "9 → 8 cases: 1 added, 2 removed, 1 relabelled, 1 moved between splits" in text
+    assert f"| {_k(0)} | typical | 0 | 1 |" in text
+    assert f"| {_k(4)} | train | test |" in text
+    assert f"| {_k(8)} | train | H01 | covid | 0 | unlabeled |" in text
+    assert "| site | H01 | 5 | 3 | -2 |" in text
+    assert "| param | pack.shard_max_cases | 3 | 4 |" in text
+    assert "| rule file | select/c.sql | — |" in text
+    assert CANARY not in text
+
+
+def test_diff_of_a_release_with_itself_is_empty(release: Path) -> None:
+    from ctcurate import diff
+
+    text = diff.run(release, release)
+    assert "9 → 9 cases: 0 added, 0 removed, 0 relabelled, 0 moved" in text
+    assert "The releases are identical." in text
+    result = json.loads(diff.run(release, release, "json"))
+    assert result["params"] == {}
+    assert result["rules_recorded"] is False
+
+
+def test_diff_of_a_folder_without_a_manifest_is_one_line(release: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctcurate", "diff", str(release), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == InputError.exit_code
+    assert (
+        proc.stderr.strip()
+        == f"ctcurate: error: {tmp_path / 'manifest.json'}: no manifest (is this a release folder?)"
+    )
+
+
+def test_pack_rules_that_do_not_exist_fail_before_any_work(inputs: Inputs, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"nope: rule file or folder not found"):
+        pack.run(
+            inputs.cases,
+            inputs.index_dir,
+            inputs.archive,
+            inputs.annotations,
+            tmp_path / "r",
+            PARAMS,
+            rules=[tmp_path / "nope"],
+        )
+    assert not (tmp_path / "r").exists()

@@ -325,6 +325,12 @@ def pack(
     ],
     out: Annotated[Path, typer.Option("--out", help="Release folder to write.", file_okay=False)],
     scheduler: SchedulerOpt = None,
+    rules: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--rules", help="Rule file or folder to record by hash in the manifest (repeatable)."
+        ),
+    ] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Build a content-addressed HDF5 release (volumes, masks, labels, splits, manifest)."""
@@ -338,7 +344,29 @@ def pack(
         out=out,
         params=_section_or_default(params, "pack", PackParams),
         scheduler=scheduler,
+        rules=rules or (),
     )
+
+
+class DiffFormat(StrEnum):
+    """Output formats of ``ctcurate diff``."""
+
+    markdown = "markdown"
+    json = "json"
+
+
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="The earlier release folder.", file_okay=False)],
+    new: Annotated[Path, typer.Argument(help="The later release folder.", file_okay=False)],
+    fmt: Annotated[
+        DiffFormat, typer.Option("--format", help="markdown (a PR comment) or json.")
+    ] = DiffFormat.markdown,
+) -> None:
+    """What changed between two releases: cases, labels, splits, counts, params, rules."""
+    from ctcurate import diff as stage
+
+    typer.echo(stage.run(old, new, "json" if fmt is DiffFormat.json else "markdown"), nl=False)
 
 
 @app.command()

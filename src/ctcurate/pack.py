@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from ctcurate import __version__, executor
 from ctcurate.errors import AccountingError, InputError
-from ctcurate.io.atomic import atomic_dir, write_json
+from ctcurate.io.atomic import atomic_dir, sha256_file, write_json
 from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
 from ctcurate.log import get_logger
@@ -207,6 +207,25 @@ def case_meta(
             pseudonym_key, str(case["site"]), str(case["patient_id"])
         )
     return meta
+
+
+def rule_hashes(paths: Sequence[Path]) -> dict[str, str]:
+    """``{name: sha256}`` of each rule file: a file by its name, a folder's files by
+    ``<folder name>/<relative path>`` (hidden files skipped); recorded in the manifest so
+    that ``ctcurate diff`` can name the rule files that changed between two releases."""
+    hashes: dict[str, str] = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            hashes[path.name] = sha256_file(path)
+        elif path.is_dir():
+            for child in sorted(path.rglob("*")):
+                rel = child.relative_to(path)
+                if child.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    hashes[f"{path.name}/{rel.as_posix()}"] = sha256_file(child)
+        else:
+            msg = f"{path}: rule file or folder not found"
+            raise InputError(msg)
+    return dict(sorted(hashes.items()))
 
 
 def pseudonym_key() -> bytes:
@@ -422,8 +441,12 @@ def run(
     out: Path,
     params: PackParams,
     scheduler: str | None = None,
+    rules: Sequence[Path] = (),
 ) -> None:
     """Build the release folder ``out`` from the cases, the archive and the SEG masks.
+
+    ``rules`` (files or folders, e.g. ``stages/select``) are hashed into the manifest's
+    ``rules`` (:func:`rule_hashes`), with the pack params in its ``params``.
 
     The volumes are built on the local pool of ``params.workers`` or, with ``scheduler``,
     on that Dask cluster (its workers must reach the archive and ``out``'s parent folder at
@@ -444,7 +467,7 @@ def run(
         When another build of ``out`` is running (see :func:`ctcurate.release.build_lock`).
     """
     with build_lock(Path(out)):
-        _build(cases, index_dir, archive, annotations_dir, out, params, scheduler)
+        _build(cases, index_dir, archive, annotations_dir, out, params, scheduler, rules)
 
 
 def _build(
@@ -455,10 +478,12 @@ def _build(
     out: Path,
     params: PackParams,
     scheduler: str | None,
+    rules: Sequence[Path],
 ) -> None:
     from ctcurate import card
 
     key = pseudonym_key() if params.patient_pseudonyms else None  # before any work
+    rule_files = rule_hashes(rules) if rules else None
     case_rows = _read_cases(Path(cases))
     instances = _read_instances(Path(index_dir) / "instances")
     seg_dir = Path(annotations_dir) / SEG_DIR
@@ -510,6 +535,7 @@ def _build(
                 "counts": counts,
                 "excluded": sorted(excluded, key=lambda e: e["case_id"]),
                 **({} if key is None else {"pseudonym_key_id": pseudonym_key_id(key)}),
+                **({} if rule_files is None else {"rules": rule_files}),
             },
             split_names=SPLITS,
         )
