@@ -133,9 +133,13 @@ def _write_cases(path: Path, rows: list[dict[str, Any]]) -> None:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    """14 cases from 10 patients on 2 sites (see :func:`make_inputs`)."""
+    return make_inputs(tmp_path_factory.mktemp("packin"))
+
+
+def make_inputs(root: Path) -> Inputs:
     """14 cases from 10 patients on 2 sites: 9 packable; 1 unlabeled, 1 without SEG, 1 gap,
     1 whose SEG references other instances, 1 with an empty SEG (all of patient 9)."""
-    root = tmp_path_factory.mktemp("packin")
     archive, annotations = root / "archive", root / "annotations"
     seg_dir = annotations / "seg"
     seg_dir.mkdir(parents=True)

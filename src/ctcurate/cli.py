@@ -381,6 +381,41 @@ def verify(
     typer.echo(stage.verify(release))
 
 
+class ExportFormat(StrEnum):
+    """Output formats of ``ctcurate export``."""
+
+    nnunet = "nnunet"
+    monai = "monai"
+    nifti = "nifti"
+
+
+@app.command()
+def export(
+    release: Annotated[
+        Path, typer.Option("--release", help="Release folder from `pack`.", file_okay=False)
+    ],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="nnunet (v2 raw dataset), monai (datalist) or nifti."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Export folder: new, empty or an earlier export.", file_okay=False
+        ),
+    ],
+) -> None:
+    """Write a verified release as NIfTI files for nnU-Net v2, MONAI or other tools."""
+    from ctcurate import export as stage
+
+    choice: dict[ExportFormat, stage.Format] = {
+        ExportFormat.nnunet: "nnunet",
+        ExportFormat.monai: "monai",
+        ExportFormat.nifti: "nifti",
+    }
+    typer.echo(stage.run(release, out, choice[fmt]))
+
+
 @app.command()
 def train(
     release: Annotated[
