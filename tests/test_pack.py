@@ -13,16 +13,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ctcurate import card
-from ctcurate.pack import (
-    OTHER_VENDOR,
-    assign_splits,
-    case_meta,
-    plan_shards,
-    split_of,
-    split_point,
-    vendor,
-)
+from ctcurate.pack import OTHER_VENDOR, case_meta, plan_shards, vendor
 from ctcurate.params import PackParams
+from ctcurate.splits import assign_splits, split_of, split_point
 from ctcurate.volume import ExcludedSeries, series_to_volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
