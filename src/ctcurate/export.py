@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from ctcurate.errors import InputError
 from ctcurate.io.atomic import atomic_dir, dumps_json
-from ctcurate.log import get_logger
+from ctcurate.log import get_logger, progress
 from ctcurate.release import LABELS, MANIFEST_ONLY, SHARD_DIR, read_arrays, read_manifest, verify
 
 Format = Literal["nnunet", "monai", "nifti"]
@@ -163,7 +163,8 @@ def _write(
     """Write every case's two files and the format's index files; the number of files."""
     written = 0
     paths: dict[str, tuple[str, str]] = {}
-    for case, image, label in _volumes(release, cases):
+    volumes = progress(_volumes(release, cases), len(cases), "export", log, unit="cases")
+    for case, image, label in volumes:
         cid = str(case["case_id"])
         paths[cid] = case_paths(fmt, cid, str(case.get("split")))
         affine = affine_ras(case)
