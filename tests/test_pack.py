@@ -13,8 +13,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ctcurate import card
-from ctcurate.pack import OTHER_VENDOR, assign_splits, case_meta, plan_shards, vendor
+from ctcurate.pack import OTHER_VENDOR, case_meta, plan_shards, vendor
 from ctcurate.params import PackParams
+from ctcurate.splits import assign_splits, split_of, split_point
 from ctcurate.volume import ExcludedSeries, series_to_volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -357,25 +358,69 @@ def _cases(n_patients: int, per_site: int = 2) -> list[dict[str, object]]:
 
 def test_splits_are_patient_disjoint_and_order_independent() -> None:
     rows = _cases(30)
-    splits = assign_splits(rows, (0.6, 0.2, 0.2), seed=7)
+    splits = assign_splits(rows, (0.6, 0.2, 0.2), salt="s7")
     assert set(splits) == {str(r["case_id"]) for r in rows}
     by_patient: dict[object, set[str]] = {}
     for r in rows:
         by_patient.setdefault((r["site"], r["patient_id"]), set()).add(splits[str(r["case_id"])])
     assert all(len(s) == 1 for s in by_patient.values())
+    assert any(len(r) > 1 for r in _patients(rows).values())  # the test has multi-case patients
     shuffled = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
-    assert assign_splits(shuffled, (0.6, 0.2, 0.2), seed=7) == splits
-    assert assign_splits(rows, (0.6, 0.2, 0.2), seed=8) != splits
+    assert assign_splits(shuffled, (0.6, 0.2, 0.2), salt="s7") == splits
+    assert assign_splits(rows, (0.6, 0.2, 0.2), salt="s8") != splits
 
 
-def test_splits_follow_fractions_within_each_stratum() -> None:
+def _patients(rows: list[dict[str, object]]) -> dict[object, list[dict[str, object]]]:
+    out: dict[object, list[dict[str, object]]] = {}
+    for r in rows:
+        out.setdefault((r["site"], r["patient_id"]), []).append(r)
+    return out
+
+
+def test_a_case_keeps_its_split_when_other_cases_come_or_go_or_labels_change() -> None:
+    rows = _cases(90, per_site=3)
+    full = assign_splits(rows, (0.6, 0.2, 0.2), salt="salt")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        kept = [rows[i] for i in sorted(rng.choice(len(rows), len(rows) * 2 // 3, replace=False))]
+        relabelled = [{**r, "typical": 1 - int(str(r["typical"]))} for r in kept]
+        for subset in (kept, relabelled):
+            part = assign_splits(subset, (0.6, 0.2, 0.2), salt="salt")
+            assert part == {c: full[c] for c in part}
+    assert set(full.values()) == {"train", "val", "test"}
+
+
+def test_split_depends_on_site_and_patient_only() -> None:
+    a = split_point("salt", "H01", "p1")
+    assert a == split_point("salt", "H01", "p1")
+    assert 0.0 <= a < 1.0
+    assert len({a, split_point("salt", "H02", "p1"), split_point("other", "H01", "p1")}) == 3
+    # The separator keeps ("H0", "1p1") apart from ("H01", "p1").
+    assert split_point("salt", "H0", "1p1") != a
+
+
+def test_split_of_cuts_the_unit_interval_by_the_fractions() -> None:
+    fractions = (0.6, 0.2, 0.2)
+    assert [split_of(p, fractions) for p in (0.0, 0.59, 0.6, 0.79, 0.8, 0.999)] == [
+        "train",
+        "train",
+        "val",
+        "val",
+        "test",
+        "test",
+    ]
+    assert {split_of(p, (0.8, 0.2, 0.0)) for p in np.linspace(0, 0.9999, 50)} == {"train", "val"}
+    assert {split_of(p, (0.0, 0.0, 1.0)) for p in np.linspace(0, 0.9999, 50)} == {"test"}
+
+
+def test_splits_follow_fractions_within_each_stratum_in_expectation() -> None:
     rows = [
-        {"case_id": f"c{s}{t}{i:02d}", "site": f"H{s}", "patient_id": f"p{t}{i}", "typical": t}
+        {"case_id": f"c{s}{t}{i:04d}", "site": f"H{s}", "patient_id": f"p{t}{i}", "typical": t}
         for s in range(2)
         for t in range(2)
-        for i in range(10)
+        for i in range(2000)
     ]
-    splits = assign_splits(rows, (0.6, 0.2, 0.2), seed=3)
+    splits = assign_splits(rows, (0.6, 0.2, 0.2), salt="ctcurate-split-1")
     for s in range(2):
         for t in range(2):
             counts = Counter(
@@ -383,18 +428,10 @@ def test_splits_follow_fractions_within_each_stratum() -> None:
                 for r in rows
                 if r["site"] == f"H{s}" and r["typical"] == t
             )
-            assert abs(counts["train"] - 6) <= 1
-            assert abs(counts["val"] - 2) <= 1
-            assert abs(counts["test"] - 2) <= 1
-
-
-def test_every_split_gets_a_patient_from_three_patients_on() -> None:
-    for seed in range(5):
-        splits = assign_splits(_cases(3), (0.6, 0.2, 0.2), seed=seed)
-        assert set(splits.values()) == {"train", "val", "test"}
-    splits = assign_splits(_cases(4), (0.8, 0.2, 0.0), seed=0)
-    assert set(splits.values()) == {"train", "val"}
-    assert set(assign_splits(_cases(1), (0.6, 0.2, 0.2), seed=0).values()) == {"train"}
+            # 2000 patients per stratum: 4 binomial standard deviations (~44 and ~36)
+            assert abs(counts["train"] - 1200) <= 4 * (2000 * 0.6 * 0.4) ** 0.5
+            assert abs(counts["val"] - 400) <= 4 * (2000 * 0.2 * 0.8) ** 0.5
+            assert abs(counts["test"] - 400) <= 4 * (2000 * 0.2 * 0.8) ** 0.5
 
 
 def test_shards_hold_at_most_max_cases_in_sorted_order() -> None:

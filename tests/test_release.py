@@ -31,7 +31,10 @@ from ctcurate.io.seg import write_seg
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import PackParams
 
-PARAMS = PackParams(spacing_mm=(3.0, 3.0, 3.0), shape=(4, 6, 6), shard_max_cases=3)
+# The salt puts the 9 packable patients in all three splits (4 train, 2 val, 3 test).
+PARAMS = PackParams(
+    spacing_mm=(3.0, 3.0, 3.0), shape=(4, 6, 6), shard_max_cases=3, split_salt="test-1"
+)
 CANARY = "CANARYPATIENT"
 N_SLICES, SIZE = 6, 10
 
@@ -131,9 +134,13 @@ def _write_cases(path: Path, rows: list[dict[str, Any]]) -> None:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    """14 cases from 10 patients on 2 sites (see :func:`make_inputs`)."""
+    return make_inputs(tmp_path_factory.mktemp("packin"))
+
+
+def make_inputs(root: Path) -> Inputs:
     """14 cases from 10 patients on 2 sites: 9 packable; 1 unlabeled, 1 without SEG, 1 gap,
     1 whose SEG references other instances, 1 with an empty SEG (all of patient 9)."""
-    root = tmp_path_factory.mktemp("packin")
     archive, annotations = root / "archive", root / "annotations"
     seg_dir = annotations / "seg"
     seg_dir.mkdir(parents=True)
@@ -232,7 +239,7 @@ def test_release_accounts_for_every_case(release: Path) -> None:
     assert sorted(manifest["shards"]) == [f"shard-0000{i}.h5" for i in range(3)]
     assert sorted(p.name for p in (release / "shards").iterdir()) == sorted(manifest["shards"])
     assert sum(len(v) for v in manifest["splits"].values()) == 9
-    assert set(manifest["splits"]) == {"train", "val", "test"}
+    assert {s: len(v) for s, v in manifest["splits"].items()} == {"train": 4, "val": 2, "test": 3}
     assert manifest["params"]["shape"] == [4, 6, 6]
     assert manifest["counts"]["splits"] == {s: len(manifest["splits"][s]) for s in pack.SPLITS}
     for case in manifest["cases"]:
@@ -319,11 +326,43 @@ def test_one_changed_label_changes_the_release_id(
         for a, b in zip(after["cases"], before["cases"], strict=True)
         if a["sha256"] != b["sha256"]
     }
-    assert target["case_id"] in differing
-    # Stratified splits may move other patients; nothing else about them changes.
-    for case_id, (split_after, split_before) in differing.items():
-        assert case_id == target["case_id"] or split_after != split_before
+    # Only the relabelled case changes, and it stays in its split: splits are stable.
+    assert list(differing) == [target["case_id"]]
+    assert differing[target["case_id"]][0] == differing[target["case_id"]][1]
+    assert after["splits"] == before["splits"]
     ctcurate.release.verify(out)
+
+
+def test_a_subset_release_keeps_every_shared_case_in_its_split(
+    inputs: Inputs, release: Path, tmp_path: Path
+) -> None:
+    rows = pq.read_table(inputs.cases).to_pylist()
+    packed = sorted(c["case_id"] for c in _manifest(release)["cases"])
+    dropped = set(packed[::3])  # a third of the packed cases leave
+    subset = tmp_path / "cases.parquet"
+    _write_cases(subset, [r for r in rows if r["case_id"] not in dropped])
+    _pack(inputs, tmp_path / "release", cases=subset)
+    before = {c["case_id"]: c["split"] for c in _manifest(release)["cases"]}
+    after = {c["case_id"]: c["split"] for c in _manifest(tmp_path / "release")["cases"]}
+    assert set(after) == set(before) - dropped
+    assert after == {c: before[c] for c in after}
+
+
+def test_every_case_of_one_patient_shares_a_split(inputs: Inputs, tmp_path: Path) -> None:
+    rows = pq.read_table(inputs.cases).to_pylist()
+    for r in rows:  # one patient per site: four or five packable cases each
+        r["patient_id"] = f"P-{r['site']}"
+    one = tmp_path / "cases.parquet"
+    _write_cases(one, rows)
+    _pack(inputs, tmp_path / "release", cases=one)
+    by_site: dict[str, set[str]] = {}
+    for case in _manifest(tmp_path / "release")["cases"]:
+        by_site.setdefault(case["site"], set()).add(case["split"])
+    assert sorted(by_site) == ["H01", "H02"]
+    assert all(len(s) == 1 for s in by_site.values()), by_site
+    splits = _manifest(tmp_path / "release")["splits"]
+    assert sorted(splits) == ["test", "train", "val"]  # an empty split is listed too
+    assert sum(not v for v in splits.values()) == 1
 
 
 def test_verify_fails_on_a_flipped_byte(release: Path, tmp_path: Path) -> None:
@@ -587,3 +626,152 @@ def test_a_pseudonym_depends_on_site_patient_and_key() -> None:
     assert pack.patient_pseudonym(key, "H0", "1P1") != pack.patient_pseudonym(key, "H01", "P1")
     assert int(one, 16) >= 0
     assert len(one) == 32
+
+
+# --------------------------------------------------------------------------- ctcurate diff
+
+
+def _k(k: int) -> str:
+    """Case id of the fixture's case ``k``."""
+    return _case_id("H01" if k % 2 == 0 else "H02", f"1.2.826.0.1.3680043.{k + 1}")
+
+
+@pytest.fixture(scope="module")
+def two_releases(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An old and a new release of the fixture's cases, with known differences: case 0
+    relabelled, case 2 dropped from the cases table, case 8 unlabeled (excluded), case 4
+    moved to patient 6's split (train → test), case 9 labelled (added); pack.shard_max_cases
+    3 → 4; rule b.sql changed, c.sql added."""
+    root = tmp_path_factory.mktemp("diff")
+    for name, files in (
+        ("old", {"a.sql": "x", "b.sql": "y"}),
+        ("new", {"a.sql": "x", "b.sql": "z", "c.sql": "w"}),
+    ):
+        folder = root / name / "select"
+        folder.mkdir(parents=True)
+        for file, text in files.items():
+            (folder / file).write_text(text)
+    old = root / "old" / "release"
+    pack.run(
+        inputs.cases,
+        inputs.index_dir,
+        inputs.archive,
+        inputs.annotations,
+        old,
+        PARAMS,
+        rules=[root / "old" / "select"],
+    )
+    rows = [r for r in pq.read_table(inputs.cases).to_pylist() if r["case_id"] != _k(2)]
+    for r in rows:
+        if r["case_id"] == _k(0):
+            r["typical"], r["consensus_grade"], r["pcr"] = 1, 1, "positive"
+        elif r["case_id"] == _k(8):
+            r["typical"], r["consensus_grade"] = None, None
+        elif r["case_id"] == _k(4):
+            r["patient_id"] = f"{CANARY}6"
+        elif r["case_id"] == _k(9):
+            r["typical"], r["consensus_grade"] = 1, 2
+    _write_cases(root / "cases.parquet", rows)
+    new = root / "new" / "release"
+    params = PARAMS.model_copy(update={"shard_max_cases": 4})
+    pack.run(
+        root / "cases.parquet",
+        inputs.index_dir,
+        inputs.archive,
+        inputs.annotations,
+        new,
+        params,
+        rules=[root / "new" / "select"],
+    )
+    return old, new
+
+
+def test_diff_names_every_change_between_two_releases(two_releases: tuple[Path, Path]) -> None:
+    from ctcurate import diff
+
+    old, new = two_releases
+    result = json.loads(diff.run(old, new, "json"))
+    assert result["old_release_id"] == _manifest(old)["release_id"] != result["new_release_id"]
+    assert result["cases"] == [9, 8]
+    assert [(c["case_id"], c["split"]) for c in result["added"]] == [(_k(9), "test")]
+    assert sorted((c["case_id"], c["reason"]) for c in result["removed"]) == sorted(
+        [(_k(2), "not in the cases table"), (_k(8), "unlabeled")]
+    )
+    assert result["relabelled"] == [
+        {
+            "case_id": _k(0),
+            "fields": {
+                "consensus_grade": {"old": 4, "new": 1},
+                "pcr": {"old": "negative", "new": "positive"},
+                "typical": {"old": 0, "new": 1},
+            },
+        }
+    ]
+    assert result["moved"] == [{"case_id": _k(4), "old": "train", "new": "test"}]
+    assert result["changed"] == []
+    assert result["counts"]["site"] == {"H01": [5, 3], "H02": [4, 5]}
+    assert result["counts"]["typical"] == {"0": [5, 3], "1": [4, 5]}
+    assert result["excluded_reasons"]["unlabeled"] == [1, 1]  # case 9 in, case 8 out
+    assert result["params"] == {"shard_max_cases": {"old": 3, "new": 4}}
+    assert result["rules_recorded"] is True
+    assert sorted(result["rules"]) == ["select/b.sql", "select/c.sql"]
+    assert result["rules"]["select/c.sql"]["old"] is None
+
+
+def test_diff_markdown_is_a_pr_comment(two_releases: tuple[Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from ctcurate.cli import app
+
+    old, new = two_releases
+    result = CliRunner().invoke(app, ["diff", str(old), str(new)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert text.startswith(f"## Release diff `{_manifest(old)['release_id'][:16]}` → ")
+    assert "9 → 8 cases: 1 added, 2 removed, 1 relabelled, 1 moved between splits" in text
+    assert f"| {_k(0)} | typical | 0 | 1 |" in text
+    assert f"| {_k(4)} | train | test |" in text
+    assert f"| {_k(8)} | train | H01 | covid | 0 | unlabeled |" in text
+    assert "| site | H01 | 5 | 3 | -2 |" in text
+    assert "| param | pack.shard_max_cases | 3 | 4 |" in text
+    assert "| rule file | select/c.sql | — |" in text
+    assert CANARY not in text
+
+
+def test_diff_of_a_release_with_itself_is_empty(release: Path) -> None:
+    from ctcurate import diff
+
+    text = diff.run(release, release)
+    assert "9 → 9 cases: 0 added, 0 removed, 0 relabelled, 0 moved" in text
+    assert "The releases are identical." in text
+    result = json.loads(diff.run(release, release, "json"))
+    assert result["params"] == {}
+    assert result["rules_recorded"] is False
+
+
+def test_diff_of_a_folder_without_a_manifest_is_one_line(release: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctcurate", "diff", str(release), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == InputError.exit_code
+    assert (
+        proc.stderr.strip()
+        == f"ctcurate: error: {tmp_path / 'manifest.json'}: no manifest (is this a release folder?)"
+    )
+
+
+def test_pack_rules_that_do_not_exist_fail_before_any_work(inputs: Inputs, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"nope: rule file or folder not found"):
+        pack.run(
+            inputs.cases,
+            inputs.index_dir,
+            inputs.archive,
+            inputs.annotations,
+            tmp_path / "r",
+            PARAMS,
+            rules=[tmp_path / "nope"],
+        )
+    assert not (tmp_path / "r").exists()

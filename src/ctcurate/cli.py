@@ -325,6 +325,12 @@ def pack(
     ],
     out: Annotated[Path, typer.Option("--out", help="Release folder to write.", file_okay=False)],
     scheduler: SchedulerOpt = None,
+    rules: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--rules", help="Rule file or folder to record by hash in the manifest (repeatable)."
+        ),
+    ] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Build a content-addressed HDF5 release (volumes, masks, labels, splits, manifest)."""
@@ -338,7 +344,29 @@ def pack(
         out=out,
         params=_section_or_default(params, "pack", PackParams),
         scheduler=scheduler,
+        rules=rules or (),
     )
+
+
+class DiffFormat(StrEnum):
+    """Output formats of ``ctcurate diff``."""
+
+    markdown = "markdown"
+    json = "json"
+
+
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="The earlier release folder.", file_okay=False)],
+    new: Annotated[Path, typer.Argument(help="The later release folder.", file_okay=False)],
+    fmt: Annotated[
+        DiffFormat, typer.Option("--format", help="markdown (a PR comment) or json.")
+    ] = DiffFormat.markdown,
+) -> None:
+    """What changed between two releases: cases, labels, splits, counts, params, rules."""
+    from ctcurate import diff as stage
+
+    typer.echo(stage.run(old, new, "json" if fmt is DiffFormat.json else "markdown"), nl=False)
 
 
 @app.command()
@@ -358,6 +386,41 @@ def verify(
     from ctcurate import release as stage
 
     typer.echo(stage.verify(release, expect=expect))
+
+
+class ExportFormat(StrEnum):
+    """Output formats of ``ctcurate export``."""
+
+    nnunet = "nnunet"
+    monai = "monai"
+    nifti = "nifti"
+
+
+@app.command()
+def export(
+    release: Annotated[
+        Path, typer.Option("--release", help="Release folder from `pack`.", file_okay=False)
+    ],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="nnunet (v2 raw dataset), monai (datalist) or nifti."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Export folder: new, empty or an earlier export.", file_okay=False
+        ),
+    ],
+) -> None:
+    """Write a verified release as NIfTI files for nnU-Net v2, MONAI or other tools."""
+    from ctcurate import export as stage
+
+    choice: dict[ExportFormat, stage.Format] = {
+        ExportFormat.nnunet: "nnunet",
+        ExportFormat.monai: "monai",
+        ExportFormat.nifti: "nifti",
+    }
+    typer.echo(stage.run(release, out, choice[fmt]))
 
 
 @app.command()

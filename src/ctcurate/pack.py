@@ -10,7 +10,8 @@ or whose series cannot be assembled (see :data:`ctcurate.volume.REASONS`) is exc
 listed with its reason (:data:`EXCLUSION_REASONS`) in the manifest and ``report.json``;
 ``cases_seen == cases_packed + cases_excluded``.
 
-Layers: :func:`assign_splits`, :func:`plan_shards` and :func:`case_meta` are pure;
+Layers: :func:`ctcurate.splits.assign_splits` (stable splits), :func:`plan_shards` and
+:func:`case_meta` are pure;
 :func:`ctcurate.volume.series_to_volume` builds each volume; :func:`run` reads the
 inputs, writes the shards through :mod:`ctcurate.release` and publishes the whole release
 folder atomically.
@@ -35,7 +36,7 @@ import numpy.typing as npt
 
 from ctcurate import __version__, executor
 from ctcurate.errors import AccountingError, InputError
-from ctcurate.io.atomic import write_json
+from ctcurate.io.atomic import sha256_file, write_json
 from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
@@ -49,9 +50,9 @@ from ctcurate.release import (
     build_manifest,
     write_shard,
 )
+from ctcurate.splits import SPLITS, assign_splits
 from ctcurate.volume import REASONS, ExcludedSeries, VolumeGeometry, series_to_volume
 
-SPLITS = ("train", "val", "test")
 REPORT = "report.json"
 #: The stage name (its output folder's marker) and what it writes into that folder.
 STAGE = "pack"
@@ -116,70 +117,6 @@ log = get_logger("pack")
 # --------------------------------------------------------------------------- pure core
 
 
-def _patient_label(labels: Sequence[int]) -> int:
-    """A patient's stratum label: the most common case label, 1 on a tie."""
-    counts = Counter(labels)
-    return 1 if counts[1] >= counts[0] else 0
-
-
-def assign_splits(
-    cases: Sequence[Mapping[str, Any]],
-    fractions: tuple[float, float, float],
-    seed: int,
-) -> dict[str, str]:
-    """Patient-disjoint, seeded splits stratified by (typical label, site).
-
-    ``cases`` rows need ``case_id``, ``site``, ``patient_id`` and ``typical``. Patients
-    (site, patient_id) are grouped by stratum (their majority label, site) in sorted order
-    and shuffled within it with ``numpy.random.default_rng(seed)``; walking that sequence,
-    each patient goes to the split furthest below its target share of cases, so every
-    stratum — and the small ones together — follows ``fractions`` as closely as whole
-    patients allow. When there are at least as many patients as splits with a non-zero
-    fraction, every such split gets at least one patient. The result depends only on the
-    set of rows, not on their order.
-    """
-    patients: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for case in cases:
-        patients.setdefault((str(case["site"]), str(case["patient_id"])), []).append(case)
-    strata: dict[tuple[int, str], list[tuple[str, str]]] = {}
-    for key in sorted(patients):
-        label = _patient_label([int(c["typical"]) for c in patients[key]])
-        strata.setdefault((label, key[0]), []).append(key)
-    rng = np.random.default_rng(seed)
-    sequence: list[tuple[str, str]] = []
-    for stratum in sorted(strata):
-        members = strata[stratum]
-        sequence.extend(members[int(i)] for i in rng.permutation(len(members)))
-
-    target = np.asarray(fractions, dtype=np.float64)
-    assigned = np.zeros(len(SPLITS), dtype=np.float64)
-    chosen: dict[tuple[str, str], int] = {}
-    for key in sequence:
-        size = len(patients[key])
-        deficit = target * (assigned.sum() + size) - assigned
-        deficit[target <= 0] = -np.inf
-        split = int(np.argmax(deficit))
-        chosen[key] = split
-        assigned[split] += size
-
-    wanted = [s for s in range(len(SPLITS)) if target[s] > 0]
-    if len(sequence) >= len(wanted):
-        for split in wanted:
-            if split in chosen.values():
-                continue
-            # Move the last patient of the most populated split that can spare one.
-            counts = Counter(chosen.values())
-            donor = max((s for s in wanted if counts[s] > 1), key=lambda s: (counts[s], -s))
-            key = next(k for k in reversed(sequence) if chosen[k] == donor)
-            chosen[key] = split
-
-    return {
-        str(case["case_id"]): SPLITS[chosen[key]]
-        for key, members in patients.items()
-        for case in members
-    }
-
-
 def plan_shards(case_ids: Sequence[str], max_cases: int) -> list[tuple[str, list[str]]]:
     """Shard names and their cases: sorted case ids, ``max_cases`` per shard."""
     ordered = sorted(case_ids)
@@ -230,6 +167,25 @@ def case_meta(
             pseudonym_key, str(case["site"]), str(case["patient_id"])
         )
     return meta
+
+
+def rule_hashes(paths: Sequence[Path]) -> dict[str, str]:
+    """``{name: sha256}`` of each rule file: a file by its name, a folder's files by
+    ``<folder name>/<relative path>`` (hidden files skipped); recorded in the manifest so
+    that ``ctcurate diff`` can name the rule files that changed between two releases."""
+    hashes: dict[str, str] = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            hashes[path.name] = sha256_file(path)
+        elif path.is_dir():
+            for child in sorted(path.rglob("*")):
+                rel = child.relative_to(path)
+                if child.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    hashes[f"{path.name}/{rel.as_posix()}"] = sha256_file(child)
+        else:
+            msg = f"{path}: rule file or folder not found"
+            raise InputError(msg)
+    return dict(sorted(hashes.items()))
 
 
 def pseudonym_key() -> bytes:
@@ -445,8 +401,12 @@ def run(
     out: Path,
     params: PackParams,
     scheduler: str | None = None,
+    rules: Sequence[Path] = (),
 ) -> None:
     """Build the release folder ``out`` from the cases, the archive and the SEG masks.
+
+    ``rules`` (files or folders, e.g. ``stages/select``) are hashed into the manifest's
+    ``rules`` (:func:`rule_hashes`), with the pack params in its ``params``.
 
     The volumes are built on the local pool of ``params.workers`` or, with ``scheduler``,
     on that Dask cluster (its workers must reach the archive and ``out``'s parent folder at
@@ -466,9 +426,9 @@ def run(
     LockedError
         When another build of ``out`` is running (see :func:`ctcurate.io.outputs.output_lock`).
     """
-    inputs = [Path(cases), Path(index_dir), Path(archive), Path(annotations_dir)]
+    inputs = [Path(cases), Path(index_dir), Path(archive), Path(annotations_dir), *map(Path, rules)]
     with guarded_output(Path(out), STAGE, inputs=inputs, own=OWN_FILES):
-        _build(cases, index_dir, archive, annotations_dir, out, params, scheduler)
+        _build(cases, index_dir, archive, annotations_dir, out, params, scheduler, rules)
 
 
 def _build(
@@ -479,10 +439,12 @@ def _build(
     out: Path,
     params: PackParams,
     scheduler: str | None,
+    rules: Sequence[Path],
 ) -> None:
     from ctcurate import card
 
     key = pseudonym_key() if params.patient_pseudonyms else None  # before any work
+    rule_files = rule_hashes(rules) if rules else None
     case_rows = _read_cases(Path(cases))
     instances = _read_instances(Path(index_dir) / "instances")
     seg_dir = Path(annotations_dir) / SEG_DIR
@@ -499,7 +461,7 @@ def _build(
             detail = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
             msg = f"{cases}: no case could be packed ({detail or 'no cases'})"
             raise InputError(msg)
-        splits = assign_splits([p.case for p in packed], params.split_fractions, params.split_seed)
+        splits = assign_splits([p.case for p in packed], params.split_fractions, params.split_salt)
         metas = {
             str(p.case["case_id"]): case_meta(
                 p.case,
@@ -512,6 +474,9 @@ def _build(
             for p in packed
         }
         counts = _counts(metas, excluded, len(case_rows))
+        for name, n in counts["splits"].items():
+            if n == 0 and params.split_fractions[SPLITS.index(name)] > 0:
+                log.warning("split %s is empty (%d packed cases)", name, len(metas))
         if counts["cases_seen"] != counts["cases_packed"] + counts["cases_excluded"]:
             msg = (
                 f"{cases}: {counts['cases_seen']} cases seen but {counts['cases_packed']} "
@@ -544,7 +509,9 @@ def _build(
                 "counts": counts,
                 "excluded": sorted(excluded, key=lambda e: e["case_id"]),
                 **({} if key is None else {"pseudonym_key_id": pseudonym_key_id(key)}),
+                **({} if rule_files is None else {"rules": rule_files}),
             },
+            split_names=SPLITS,
         )
         write_json(release / MANIFEST, manifest)
     log.info(

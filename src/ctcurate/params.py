@@ -124,7 +124,8 @@ class PackParams(Section):
     shape: tuple[Side, Side, Side] = (48, 64, 64)
     hu_min: Hu = -1024
     hu_max: Hu = 3071
-    split_seed: Annotated[int, Field(ge=0)] = 1
+    # a case's split = where sha256(salt, site, patient) falls in the fractions (stable)
+    split_salt: Annotated[str, Field(min_length=1)] = "ctcurate-split-1"
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.6, 0.2, 0.2)
     shard_max_cases: PositiveInt = 64
     # each case carries a keyed pseudonym of (site, patient id); the key comes from the

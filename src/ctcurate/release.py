@@ -202,13 +202,15 @@ def build_manifest(
     params: Mapping[str, Any],
     code_version: str,
     extra: Mapping[str, Any] | None = None,
+    split_names: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Assemble the manifest of the release folder ``release_dir`` and its ``release_id``.
 
     ``release_id`` is the sha256 of the canonical JSON of the manifest without it; the
-    manifest names every shard with its sha256, every case with its digest and split, and
-    every other file already in the folder (card, report) with its sha256 (``files``):
-    write those before the manifest.
+    manifest names every shard with its sha256, every case with its digest and split
+    (``split_names`` are listed even when no case falls in them), and every other file
+    already in the folder (card, report) with its sha256 (``files``): write those before
+    the manifest.
     """
     shard_dir = Path(release_dir) / SHARD_DIR
     shards = {
@@ -216,7 +218,7 @@ def build_manifest(
         for p in sorted(shard_dir.glob("*.h5"))
     }
     ordered = sorted(cases, key=lambda c: str(c["case_id"]))
-    splits: dict[str, list[str]] = {}
+    splits: dict[str, list[str]] = {name: [] for name in split_names}
     for case in ordered:
         splits.setdefault(str(case.get("split", "all")), []).append(str(case["case_id"]))
     body: dict[str, Any] = {
