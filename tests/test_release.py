@@ -775,3 +775,51 @@ def test_pack_rules_that_do_not_exist_fail_before_any_work(inputs: Inputs, tmp_p
             rules=[tmp_path / "nope"],
         )
     assert not (tmp_path / "r").exists()
+
+
+def test_meta_tensor_samples_work_with_monai_spatial_transforms(
+    release: Path, tmp_path: Path
+) -> None:
+    import nibabel as nib
+    from monai.data.meta_tensor import MetaTensor
+    from monai.transforms import Compose, Orientationd, SaveImaged, Spacingd
+
+    from ctcurate.export import affine_ras
+
+    data = ctcurate.release.open(release, split="train", meta_tensor=True)
+    sample = data[0]
+    case = next(c for c in _manifest(release)["cases"] if c["case_id"] == sample["case_id"])
+    assert isinstance(sample["image"], MetaTensor)
+    assert isinstance(sample["label"], MetaTensor)
+    # voxel [k, j, i] of the (z, y, x) sample lies where the export's (x, y, z) voxel does
+    zyx = sample["image"].affine.numpy()
+    xyz = affine_ras(case)
+    k, j, i = 3, 2, 5
+    assert np.allclose(zyx @ [k, j, i, 1], xyz @ [i, j, k, 1])
+    out = Compose(
+        [
+            Orientationd(keys=["image", "label"], axcodes="RAS"),
+            Spacingd(keys=["image"], pixdim=(2.0, 2.0, 2.0)),
+            SaveImaged(
+                keys=["label"],
+                output_dir=tmp_path,
+                output_postfix="",
+                resample=False,
+                separate_folder=False,
+                print_log=False,
+            ),
+        ]
+    )(sample)
+    # RAS order: x, y, z; the label keeps its voxels, only reoriented
+    assert tuple(out["label"].shape[1:]) == tuple(sample["label"].shape[1:][::-1])
+    assert np.allclose(out["image"].pixdim.numpy(), [2.0, 2.0, 2.0])
+    saved = nib.load(tmp_path / f"{sample['case_id']}.nii.gz")
+    stored = sample["label"][0].numpy()  # (z, y, x): S, P, L
+    assert np.array_equal(np.asarray(saved.dataobj), stored.transpose(2, 1, 0)[::-1, ::-1, :])
+    _, ny, nx = stored.shape
+    # the saved voxel of export voxel (i, j, k) lies at the same RAS point
+    assert np.allclose(saved.affine @ [nx - 1 - i, ny - 1 - j, k, 1], xyz @ [i, j, k, 1])
+    data.close()
+    plain = ctcurate.release.open(release, split="train")
+    assert type(plain[0]["image"]).__name__ == "Tensor"  # the training path: plain tensors
+    plain.close()

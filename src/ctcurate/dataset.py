@@ -14,7 +14,15 @@ import torch
 from torch.utils.data import Dataset
 
 from ctcurate.errors import InputError
-from ctcurate.release import CASES_GROUP, IMAGE, LABEL, MANIFEST_ONLY, SHARD_DIR, read_manifest
+from ctcurate.release import (
+    CASES_GROUP,
+    IMAGE,
+    LABEL,
+    MANIFEST_ONLY,
+    SHARD_DIR,
+    case_affine_zyx,
+    read_manifest,
+)
 
 
 class ReleaseDataset(Dataset[dict[str, Any]]):
@@ -31,8 +39,12 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
         release_dir: Path,
         split: str | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        meta_tensor: bool = False,
     ) -> None:
         self.release_dir = Path(release_dir)
+        self.meta_tensor = meta_tensor
+        if meta_tensor:
+            import monai.data  # noqa: F401  (fail here, not in a DataLoader worker)
         self.manifest = read_manifest(self.release_dir)
         cases = self.manifest["cases"]
         if split is not None:
@@ -78,9 +90,12 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
         # hash covers the group's); reading them there is faster.
         meta = {k: v for k, v in case.items() if k not in MANIFEST_ONLY}
         typical = meta.get("typical")
+        image_t, label_t = _widen(image, torch.float32), _widen(label, torch.int64)
+        if self.meta_tensor:
+            image_t, label_t = _as_meta_tensors(case, image_t, label_t)
         sample: dict[str, Any] = {
-            "image": _widen(image, torch.float32),
-            "label": _widen(label, torch.int64),
+            "image": image_t,
+            "label": label_t,
             "typical": int(typical) if isinstance(typical, int | float) else -1,
             "case_id": str(case["case_id"]),
             # None → "null" (the attribute convention) so default_collate can batch it.
@@ -100,6 +115,20 @@ class ReleaseDataset(Dataset[dict[str, Any]]):
         state["_handles"] = {}
         state["_datasets"] = {}
         return state
+
+
+def _as_meta_tensors(
+    case: dict[str, Any], image: torch.Tensor, label: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image`` and ``label`` as MONAI ``MetaTensor`` s with the case's RAS+ affine."""
+    from monai.data.meta_tensor import MetaTensor
+
+    affine = torch.as_tensor(case_affine_zyx(case), dtype=torch.float64)
+    meta = {"filename_or_obj": str(case["case_id"]), "space": "RAS"}
+    return (
+        MetaTensor(image, affine=affine.clone(), meta=dict(meta)),
+        MetaTensor(label, affine=affine.clone(), meta=dict(meta)),
+    )
 
 
 def _read(dataset: h5py.Dataset, dtype: type[np.generic]) -> npt.NDArray[Any]:

@@ -277,6 +277,26 @@ def read_arrays(h5: h5py.File, case_id: str) -> tuple[npt.NDArray[np.int16], npt
     return image, label
 
 
+def case_affine_zyx(meta: Mapping[str, Any]) -> npt.NDArray[np.float64]:
+    """The RAS+ affine of a release case in its stored (z, y, x) voxel order.
+
+    Voxel ``[k, j, i]`` lies at LPS ``origin_mm + (i * sx, j * sy, k * sz)``
+    (``spacing_mm`` is (z, y, x), ``origin_mm`` is (x, y, z)); RAS+ negates x and y. This
+    is the affine MONAI expects of a ``MetaTensor`` (``Orientationd`` / ``Spacingd`` /
+    ``SaveImaged`` read it).
+    """
+    sz, sy, sx = (float(v) for v in meta["spacing_mm"])
+    ox, oy, oz = (float(v) for v in meta["origin_mm"])
+    return np.array(
+        [
+            [0.0, 0.0, -sx, -ox],
+            [0.0, -sy, 0.0, -oy],
+            [sz, 0.0, 0.0, oz],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+
+
 def read_case(
     h5: h5py.File, case_id: str
 ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8], dict[str, MetaValue]]:
@@ -308,6 +328,7 @@ def open(
     split: str | None = None,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     expect: str | None = None,
+    meta_tensor: bool = False,
 ) -> ReleaseDataset:
     """Open a release as a torch / MONAI map-style dataset of dict samples.
 
@@ -316,15 +337,23 @@ def open(
     ``train`` / ``val`` / ``test`` (all cases when None). Shards are opened once per
     DataLoader worker process. With ``expect`` (a release id from ``dvc.lock``), the
     release is first verified against it (:func:`verify`: one read of every shard);
-    without it, nothing is checked.
+    without it, nothing is checked. With ``meta_tensor`` (needs MONAI), ``image`` and
+    ``label`` are MONAI ``MetaTensor`` s carrying the case's RAS+ affine
+    (:func:`case_affine_zyx`) and ``filename_or_obj`` = case id, so MONAI's spatial
+    transforms and ``SaveImaged`` work on them.
     """
     from ctcurate.dataset import ReleaseDataset
 
+    def dataset() -> ReleaseDataset:
+        return ReleaseDataset(
+            Path(release_dir), split=split, transform=transform, meta_tensor=meta_tensor
+        )
+
     if expect is None:
-        return ReleaseDataset(Path(release_dir), split=split, transform=transform)
+        return dataset()
     verify(release_dir, expect=expect)
-    dataset = ReleaseDataset(Path(release_dir), split=split, transform=transform)
-    if manifest_release_id(dataset.manifest) != expect.strip().lower():  # replaced since
+    data = dataset()
+    if manifest_release_id(data.manifest) != expect.strip().lower():  # replaced since
         msg = f"{Path(release_dir) / MANIFEST}: changed while it was being verified"
         raise VerifyError(msg)
-    return dataset
+    return data
