@@ -480,16 +480,16 @@ def score_series(task: ScoreTask) -> ScoreResult:
     Never raises for a bad series: the result's ``error`` names the reason
     (``unreadable``, ``pixel_data``, ``geometry``, ``no_lung``).
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from ctcurate.io import archive_file
     from ctcurate.volume import PIXEL_ERRORS, ExcludedSeries
 
     def failed(reason: str) -> ScoreResult:
         return ScoreResult(task.site, task.series_instance_uid, None, reason)
 
     try:
-        datasets = [pydicom.dcmread(p) for p in task.paths]
+        datasets = [archive_file.dcmread(p) for p in task.paths]
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
         return failed("unreadable")
     try:

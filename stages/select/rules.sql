@@ -30,7 +30,9 @@ SELECT
                 string_split(upper(coalesce(image_type, '')), '\'), ['DERIVED', 'SECONDARY']
             ) THEN 'derived'
         WHEN orientation IS DISTINCT FROM 'axial' THEN 'not_axial'
-        WHEN body_region IS DISTINCT FROM 'chest' THEN 'not_chest'
+        -- body_region: from the headers and stages/select/body_region.yaml; `unknown` (no
+        -- header names a region) goes on to the pneumonia scorer, which reads the image
+        WHEN body_region NOT IN ('chest', 'unknown') THEN 'not_chest'
         WHEN slice_thickness IS NULL OR slice_thickness > $max_slice_thickness_mm
             THEN 'thick_slices'
         WHEN slice_count IS NULL OR slice_count < $min_slices THEN 'too_few_slices'

@@ -40,6 +40,7 @@ import pydicom
 
 from ctcurate.errors import AccountingError, InputError
 from ctcurate.index import scan
+from ctcurate.index.site import DEFAULT_RULE
 from ctcurate.index.tables import (
     INSTANCE_SCHEMA,
     LEDGER_SCHEMA,
@@ -57,7 +58,7 @@ from ctcurate.io.atomic import atomic_dir, fsync_dir, write_json
 from ctcurate.io.shards import SHARD_GLOB, rebatch, shard_name, write_parquet_stream
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger, progress
-from ctcurate.params import IndexParams
+from ctcurate.params import IndexParams, SiteRule
 
 if TYPE_CHECKING:
     import duckdb
@@ -90,7 +91,7 @@ DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {
 #: Rows per Arrow batch fetched from DuckDB.
 BATCH_ROWS = 8192
 #: Source modules whose code decides the rows (part of the reader fingerprint).
-READER_MODULES = ("dicom.py", "lean.py")
+READER_MODULES = ("dicom.py", "lean.py", "archive_file.py", "../index/site.py")
 #: Suffix of a work chunk being written (never read as a chunk).
 TMP_SUFFIX = ".parquet.tmp"
 
@@ -104,10 +105,13 @@ class IndexStats:
     files_reused: int
 
 
-def reader_fingerprint(max_bytes: int) -> str:
-    """Hash of everything that decides a file's row: reader code, pydicom, size cap."""
+def reader_fingerprint(max_bytes: int, site_from: SiteRule | None = None) -> str:
+    """Hash of everything that decides a file's row: reader code, pydicom, size cap, and
+    the site rule (``None``: the default)."""
     digest = hashlib.sha256()
     digest.update(f"pydicom {pydicom.__version__}\nmax_bytes {max_bytes}\n".encode())
+    if site_from is not None and site_from != DEFAULT_RULE:
+        digest.update(f"site_from {site_from.model_dump_json()}\n".encode())
     folder = Path(dicom.__file__).parent
     for name in READER_MODULES:
         digest.update(name.encode() + b"\n" + (folder / name).read_bytes())
@@ -355,6 +359,7 @@ def _read_files(
         params.timeout_s,
         params.workers,
         scheduler,
+        params.site_from,
     )
 
     def per_file() -> Iterator[pa.Table | None]:
@@ -571,7 +576,7 @@ def index_archive(
     if not archive.is_dir():
         msg = f"{archive}: archive folder not found"
         raise InputError(msg)
-    reader = reader_fingerprint(int(params.max_file_mb * 2**20))
+    reader = reader_fingerprint(int(params.max_file_mb * 2**20), params.site_from)
     config = DUCKDB_CONFIG | {"memory_limit": f"{params.duckdb_memory_mb}MB"}
     con = duckdb.connect(":memory:", config=config)
     try:
