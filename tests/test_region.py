@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from test_select import PARAMS, REGIONS, RULES_DIR, chest, instances_table, series_table
+from test_pneumonia import chest as phantom_chest
+from test_pneumonia import ct_slices
+from test_select import (
+    PARAMS,
+    REGIONS,
+    RULES_DIR,
+    chest,
+    instances_table,
+    series_table,
+    write_index,
+)
 
 from ctcurate import region, select
 from ctcurate.errors import InputError
 from ctcurate.io import dicom
+from ctcurate.pneumonia import ScoreTask, score_series
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Real chest CT (../shared/realct beside the repository, or shared/ inside a checkout).
@@ -226,3 +239,58 @@ def test_real_philips_series_passes_the_region_rule() -> None:
         "StudyDescription",
         None,
     )
+
+
+# --- unknown region: the image decides (a minimum lung volume in the scorer) ---------------
+
+
+def test_unknown_region_survivors_need_lung_in_the_scorer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [
+        chest("1.1", "9.1", study_description="Chest"),
+        chest("1.2", "9.2", body_part_examined=None, series_description="5mm"),
+    ]
+    index = write_index(tmp_path / "index", rows)
+    con = select.open_catalog(index / "series.parquet", index / "instances")
+    selection = select.apply_rules(con, select.read_rules(RULES_DIR), PARAMS, REGIONS)
+    seen: dict[str, float] = {}
+
+    def fake_score_all(tasks: list[ScoreTask], *args: Any) -> list[Any]:
+        seen.update({t.series_instance_uid: t.min_lung_ml for t in tasks})
+        return []
+
+    monkeypatch.setattr(select, "score_all", fake_score_all)
+    select._score_survivors(selection, index, tmp_path, None, 1, None, 500.0)
+    assert seen == {"1.1": 0.0, "1.2": 500.0}
+
+
+def test_score_series_requires_the_minimum_lung_volume(tmp_path: Path) -> None:
+    hu, _ = phantom_chest(nz=6, n=32)
+    paths = []
+    for i, ds in enumerate(ct_slices(hu, "1.2.3")):
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+        paths.append(str(tmp_path / f"{i}.dcm"))
+    task = ScoreTask("H01", "1.2.3", tuple(paths), None)
+    assert score_series(task).error is None
+    small = score_series(dataclasses.replace(task, min_lung_ml=1e6))
+    assert (small.features, small.error) == (None, "no_lung")
+
+
+@pytest.mark.slow
+def test_real_gzipped_chest_series_has_lungs_for_the_scorer(tmp_path: Path) -> None:
+    """The real Siemens soft-tissue series (30 slices of 8 mm), gzip-compressed, through the
+    scorer's reader: lungs found well above the default minimum."""
+    real_series()
+    folder = next(TCIA.rglob("3.000000-ThoraxRoutine*"))
+    paths = []
+    for src in sorted(folder.glob("*.dcm")):
+        target = tmp_path / (src.name + ".gz")
+        target.write_bytes(gzip.compress(src.read_bytes(), compresslevel=1))
+        paths.append(str(target))
+    assert len(paths) == 30
+    task = ScoreTask(
+        "TCIA", "1.2", tuple(paths), None, min_lung_ml=PARAMS.unknown_region_min_lung_ml
+    )
+    result = score_series(task)
+    assert (result.error, result.features is not None) == (None, True)

@@ -106,6 +106,7 @@ class SelectParams(Section):
     audit_seed: Annotated[int, Field(ge=0)] = 7  # demo audit list sample / audit sample
     audit_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75  # of the truth's chest CTs
     audit_sample_k: Annotated[int, Field(ge=0)] = 5  # selected + rejected series for review
+    unknown_region_min_lung_ml: Annotated[float, Field(ge=0.0)] = 500.0  # see docs/select.md
 
 
 class AnnotateJoinParams(Section):

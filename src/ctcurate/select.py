@@ -38,7 +38,7 @@ from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import SelectParams
 from ctcurate.pneumonia import ScoreResult, ScoreTask, read_model, score_all
-from ctcurate.region import VOCABULARY_FILE, BodyRegions, read_vocabulary
+from ctcurate.region import UNKNOWN, VOCABULARY_FILE, BodyRegions, read_vocabulary
 
 log = get_logger("select")
 
@@ -644,8 +644,13 @@ def _score_survivors(
     seg_dir: Path | None,
     workers: int,
     scheduler: str | None,
+    unknown_min_lung_ml: float = 0.0,
 ) -> list[ScoreResult]:
-    """Features of every rule survivor (pixels read from ``archive``, paths from the index)."""
+    """Features of every rule survivor (pixels read from ``archive``, paths from the index).
+
+    A survivor whose body region is ``unknown`` needs ``unknown_min_lung_ml`` of lung mask
+    (``score_error = no_lung`` otherwise): the image decides what no header said.
+    """
     from ctcurate.select_train import series_paths
 
     if not archive.is_dir():
@@ -664,6 +669,7 @@ def _score_survivors(
                 key[1],
                 tuple(str(archive / p) for p in paths.get(key, [])),
                 str(seg) if seg is not None and seg.is_file() else None,
+                unknown_min_lung_ml if row["body_region"] == UNKNOWN else 0.0,
             )
         )
     where = "a Dask cluster" if scheduler else f"{workers} worker(s)"
@@ -726,6 +732,7 @@ def run(
             Path(seg_dir) if seg_dir else None,
             params.workers,
             scheduler,
+            params.unknown_region_min_lung_ml,
         )
         measured = [r for r in results if r.features is not None]
         probs = (
