@@ -233,3 +233,21 @@ def test_inflate_stops_at_the_cap(tmp_path: Path) -> None:
     with pytest.raises(archive_file.InflateError) as err:
         archive_file.inflate(io.BytesIO(data), 49_999)
     assert err.value.reason == "too_large"
+
+
+def test_gzip_copy_of_an_instance_is_a_duplicate_not_a_conflict(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    paths = write_series(archive, n=3)
+    copy = paths[0].with_name("copy.dcm.gz")
+    copy.write_bytes(gzip.compress(paths[0].read_bytes()))
+    other = paths[1].with_name("other.dcm.gz")  # same SOPInstanceUID, other content
+    changed = pydicom.dcmread(paths[1])
+    changed.SeriesDescription = "changed"
+    buf = io.BytesIO()
+    changed.save_as(buf)
+    other.write_bytes(gzip.compress(buf.getvalue()))
+    report = run_index(archive, tmp_path / "out")
+    assert report["skip_reasons"] == {"duplicate_identical": 1}
+    assert report["quarantine_reasons"] == {"uid_conflict": 2}
+    (skipped,) = table(tmp_path / "out", "skipped")
+    assert skipped["path"] == "H01/study/series/copy.dcm.gz"

@@ -53,7 +53,7 @@ from ctcurate.index.tables import (
     duplicate_outcomes,
     series_table,
 )
-from ctcurate.io import dicom
+from ctcurate.io import archive_file, dicom
 from ctcurate.io.atomic import atomic_dir, fsync_dir, write_json
 from ctcurate.io.shards import SHARD_GLOB, rebatch, shard_name, write_parquet_stream
 from ctcurate.io.tables import write_parquet
@@ -124,14 +124,18 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def sha256_or_none(archive: Path, path: str) -> str | None:
-    """Hex sha256 of an archive file, ``None`` if it cannot be read."""
+def sha256_or_none(
+    archive: Path, path: str, max_bytes: int = archive_file.DEFAULT_MAX_BYTES
+) -> str | None:
+    """Hex sha256 of the DICOM bytes of an archive file (decompressed when gzip, under
+    ``max_bytes``), ``None`` if it cannot be read: a ``.dcm.gz`` copy of a ``.dcm`` file
+    is the same instance."""
     digest = hashlib.sha256()
     try:
-        with archive.joinpath(*path.split("/")).open("rb") as fh:
+        with archive_file.open_instance(archive.joinpath(*path.split("/")), max_bytes) as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
-    except OSError:
+    except (OSError, archive_file.InflateError):
         return None
     return digest.hexdigest()
 
@@ -482,7 +486,8 @@ def _publish(
             "WHERE l.status = 'indexed' GROUP BY dup.s, dup.u ORDER BY 1"
         ).fetchall()
     ]
-    taken = duplicate_outcomes(groups, lambda p: sha256_or_none(archive, p))
+    max_bytes = int(params.max_file_mb * 2**20)
+    taken = duplicate_outcomes(groups, lambda p: sha256_or_none(archive, p, max_bytes))
     overrides = pa.table(
         {
             k: pa.array([t[i] for t in taken], pa.string())
