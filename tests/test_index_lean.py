@@ -302,3 +302,32 @@ def test_real_tcia_files_read_lean_with_pydicom_values(tmp_path: Path) -> None:
         ("Chest", "2 Chest C-/Thorax"),
         ("Thorax^AThoraxRoutine (Adult)", "AThoraxRoutine"),
     }
+
+
+@pytest.mark.parametrize(
+    ("charset", "words"),
+    [
+        ("ISO_IR 192", {"StudyDescription": "胸部CT", "ProtocolName": "肺野条件"}),
+        ("ISO_IR 100", {"StudyDescription": "Tórax", "RequestedProcedureDescription": "TC tórax"}),
+        ("", {"StudyDescription": "CT CHEST", "ProtocolName": "2 Chest C-/Thorax"}),
+    ],
+)
+def test_region_headers_read_alike_in_other_character_sets(
+    tmp_path: Path, charset: str, words: dict[str, str]
+) -> None:
+    ds = ct_slice(0, BodyPartExamined="", **words)
+    if charset:
+        ds.SpecificCharacterSet = charset
+    save(ds, tmp_path / "S" / "a.dcm")
+    st = (tmp_path / "S" / "a.dcm").stat()
+    fast = dicom.read_instance(tmp_path, "S/a.dcm", st.st_size, st.st_mtime_ns, 2**30)
+    slow = dicom.read_instance(tmp_path, "S/a.dcm", st.st_size, st.st_mtime_ns, 2**30, lean=False)
+    assert fast == slow
+    assert fast.record is not None
+    columns = {
+        "StudyDescription": "study_description",
+        "ProtocolName": "protocol_name",
+        "RequestedProcedureDescription": "requested_procedure_description",
+    }
+    assert {k: fast.record[columns[k]] for k in words} == words
+    assert fast.record["body_part_examined"] is None
