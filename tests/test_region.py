@@ -294,3 +294,15 @@ def test_real_gzipped_chest_series_has_lungs_for_the_scorer(tmp_path: Path) -> N
     )
     result = score_series(task)
     assert (result.error, result.features is not None) == (None, True)
+
+
+def test_each_vocabulary_term_is_listed_once_and_names_its_region() -> None:
+    import yaml
+
+    data = yaml.safe_load((RULES_DIR / region.VOCABULARY_FILE).read_text(encoding="utf-8"))
+    listed = [("chest", t) for t in data["chest"]]
+    listed += [(name, t) for name, terms in data["other"].items() for t in terms]
+    terms = [region.normalise(t) for _, t in listed]
+    assert len(terms) == len(set(terms)), sorted(t for t in terms if terms.count(t) > 1)
+    for name, term in listed:
+        assert name in REGIONS.regions_named(term.rstrip("*")), (name, term)
