@@ -331,3 +331,38 @@ def test_region_headers_read_alike_in_other_character_sets(
     }
     assert {k: fast.record[columns[k]] for k in words} == words
     assert fast.record["body_part_examined"] is None
+
+
+@pytest.mark.parametrize(
+    ("meanings", "expected", "lean_reads"),
+    [
+        (["Chest"], "Chest", False),  # a coded region: the pydicom path reads it
+        (["Thorax", "Abdomen"], "Thorax\\Abdomen", False),
+        ([], None, True),  # an empty sequence: the lean path takes the file
+    ],
+)
+def test_anatomic_region_sequence_reads_alike(
+    tmp_path: Path, meanings: list[str], expected: str | None, lean_reads: bool
+) -> None:
+    ds = ct_slice(0)
+    items = []
+    for meaning in meanings:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "1", "SCT", meaning
+        items.append(item)
+    ds.AnatomicRegionSequence = items
+    for name, data in (("e.dcm", None), ("i.dcm", implicit(ds))):
+        path = tmp_path / "S" / name
+        if data is None:
+            save(ds, path)
+        else:
+            path.write_bytes(data)
+        st = path.stat()
+        fast = dicom.read_instance(tmp_path, f"S/{name}", st.st_size, st.st_mtime_ns, 2**30)
+        slow = dicom.read_instance(
+            tmp_path, f"S/{name}", st.st_size, st.st_mtime_ns, 2**30, lean=False
+        )
+        assert fast == slow
+        assert fast.record is not None
+        assert fast.record["anatomic_region"] == expected
+        assert took_lean(path, f"S/{name}", st.st_size, st.st_mtime_ns) is lean_reads

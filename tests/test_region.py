@@ -103,6 +103,10 @@ def test_terms_match_whole_words_in_many_languages(text: str | None, names: list
         ),
         (headers(BodyPartExamined="HEAD", StudyDescription="CT"), ("head", "BodyPartExamined")),
         (
+            headers(AnatomicRegionSequence="Chest", SeriesDescription="Brain"),
+            ("chest", "AnatomicRegionSequence"),
+        ),
+        (
             headers(ProtocolName="Routine", SeriesDescription="Brain 5mm"),
             ("head", "SeriesDescription"),
         ),

@@ -53,6 +53,7 @@ SERIES_SCHEMA = pa.schema(
         ("study_description", pa.string()),
         ("protocol_name", pa.string()),
         ("requested_procedure_description", pa.string()),
+        ("anatomic_region", pa.string()),
         ("flags", pa.list_(pa.string())),
     ]
 )

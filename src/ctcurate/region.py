@@ -41,6 +41,7 @@ UNKNOWN = "unknown"
 #: Headers a vocabulary may name, and their column in the index ``series`` table.
 HEADER_COLUMNS: dict[str, str] = {
     "BodyPartExamined": "body_part_examined",
+    "AnatomicRegionSequence": "anatomic_region",  # the items' CodeMeaning
     "StudyDescription": "study_description",
     "ProtocolName": "protocol_name",
     "SeriesDescription": "series_description",

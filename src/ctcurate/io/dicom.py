@@ -865,6 +865,7 @@ def instance_record(
         "study_description": _text(ds, "StudyDescription", flags),
         "protocol_name": _text(ds, "ProtocolName", flags),
         "requested_procedure_description": _text(ds, "RequestedProcedureDescription", flags),
+        "anatomic_region": _code_meanings(ds, "AnatomicRegionSequence", flags),
         "convolution_kernel": _text(ds, "ConvolutionKernel", flags),
         "manufacturer": _text(ds, "Manufacturer", flags),
         "slice_thickness": _float(ds, "SliceThickness", flags),
@@ -947,6 +948,17 @@ def _text(ds: Header, keyword: str, flags: list[str]) -> str | None:
         flags.append(_flag(keyword))
         return None
     return text or None
+
+
+def _code_meanings(ds: Header, keyword: str, flags: list[str]) -> str | None:
+    """The CodeMeaning of each item of a code sequence, ``\\``-joined (None when none)."""
+    if keyword not in ds:  # also: a lean header, which holds no sequence
+        return None
+    value = _value(ds, keyword, flags)
+    if not isinstance(value, DicomSequence):
+        return None
+    meanings = [_text(item, "CodeMeaning", flags) for item in value]
+    return "\\".join(m for m in meanings if m) or None
 
 
 def _uid(ds: Header, keyword: str, flags: list[str]) -> str | None:
