@@ -179,7 +179,9 @@ def test_tiny_series_is_indexed_with_geometry(tmp_path: Path) -> None:
     assert series["spacing_max_mm"] == pytest.approx(2.5)
     assert series["z_coverage_mm"] == pytest.approx(7.5)
     assert (series["n_gaps"], series["n_duplicate_positions"]) == (0, 0)
-    assert series["body_region"] == "chest"
+    assert series["body_part_examined"] == "CHEST"
+    assert series["study_description"] is None  # not in the header: null
+    assert "body_region" not in series  # decided by select from the headers
     assert series["flags"] == []
     assert [p.name for p in (tmp_path / "out" / "instances").iterdir()] == ["part-00000.parquet"]
     assert set(pq.read_schema(tmp_path / "out" / "series.parquet").names) >= {
@@ -650,21 +652,6 @@ def test_missing_geometry_is_flagged_not_guessed() -> None:
     assert geo.z_coverage_mm == 0.0
     nothing = index.series_geometry(np.full((1, 3), np.nan), np.full((1, 6), np.nan))
     assert (nothing.orientation, nothing.z_coverage_mm) == ("unknown", None)
-
-
-@pytest.mark.parametrize(
-    ("words", "region"),
-    [
-        (("CHEST", None, None), "chest"),
-        ((None, "Thorax 1.0", None), "chest"),
-        ((None, "CT HEAD w/o", None), "head"),
-        ((None, "Abd/Pelvis", None), "abdomen"),
-        ((None, None, "LUNG"), "chest"),
-        (("", "scout", "B30f"), "unknown"),
-    ],
-)
-def test_body_region_guess(words: tuple[str | None, str | None, str | None], region: str) -> None:
-    assert index.body_region(*words) == region
 
 
 # --- fuzzing ------------------------------------------------------------------------------------

@@ -263,3 +263,106 @@ def test_lean_record_is_the_record_builder_on_lean_values(
         header, "H01/a.dcm", 10, 20, ExplicitVRLittleEndian, ["changed_since_snapshot"]
     )
     assert fast[0] == reference
+
+
+def test_real_tcia_files_read_lean_with_pydicom_values(tmp_path: Path) -> None:
+    """Real Philips (implicit VR) and Siemens files, their identifying elements emptied,
+    plain and gzip-compressed: both paths agree, the lean one reads every plain file and
+    the region headers (skipped where ../shared/realct is absent)."""
+    import gzip
+
+    from test_region import TCIA
+
+    files = sorted(TCIA.rglob("*.dcm"))[::12]
+    if not files:
+        pytest.skip("../shared/realct is absent")
+    root = tmp_path / "archive"
+    (root / "S").mkdir(parents=True)
+
+    def blank(_: Any, elem: Any) -> None:
+        if elem.keyword in dicom.PHI_KEYWORDS:
+            elem.value = [] if elem.VR == "SQ" else ""
+
+    for i, src in enumerate(files):
+        ds = pydicom.dcmread(src)
+        ds.walk(blank)
+        ds.save_as(root / "S" / f"{i:03d}.dcm")
+        data = (root / "S" / f"{i:03d}.dcm").read_bytes()
+        (root / "S" / f"{i:03d}.dcm.gz").write_bytes(gzip.compress(data))
+    n, n_lean = outcomes(root)
+    assert (n, n_lean) == (2 * len(files), len(files))
+    studies = set()
+    for i in range(len(files)):
+        path = root / "S" / f"{i:03d}.dcm.gz"
+        st = path.stat()
+        out = dicom.read_instance(root, f"S/{path.name}", st.st_size, st.st_mtime_ns, 2**30)
+        assert out.status == "indexed"
+        studies.add((out.record["study_description"], out.record["protocol_name"]))
+    assert studies == {
+        ("Chest", "2 Chest C-/Thorax"),
+        ("Thorax^AThoraxRoutine (Adult)", "AThoraxRoutine"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("charset", "words"),
+    [
+        ("ISO_IR 192", {"StudyDescription": "胸部CT", "ProtocolName": "肺野条件"}),
+        ("ISO_IR 100", {"StudyDescription": "Tórax", "RequestedProcedureDescription": "TC tórax"}),
+        ("", {"StudyDescription": "CT CHEST", "ProtocolName": "2 Chest C-/Thorax"}),
+    ],
+)
+def test_region_headers_read_alike_in_other_character_sets(
+    tmp_path: Path, charset: str, words: dict[str, str]
+) -> None:
+    ds = ct_slice(0, BodyPartExamined="", **words)
+    if charset:
+        ds.SpecificCharacterSet = charset
+    save(ds, tmp_path / "S" / "a.dcm")
+    st = (tmp_path / "S" / "a.dcm").stat()
+    fast = dicom.read_instance(tmp_path, "S/a.dcm", st.st_size, st.st_mtime_ns, 2**30)
+    slow = dicom.read_instance(tmp_path, "S/a.dcm", st.st_size, st.st_mtime_ns, 2**30, lean=False)
+    assert fast == slow
+    assert fast.record is not None
+    columns = {
+        "StudyDescription": "study_description",
+        "ProtocolName": "protocol_name",
+        "RequestedProcedureDescription": "requested_procedure_description",
+    }
+    assert {k: fast.record[columns[k]] for k in words} == words
+    assert fast.record["body_part_examined"] is None
+
+
+@pytest.mark.parametrize(
+    ("meanings", "expected", "lean_reads"),
+    [
+        (["Chest"], "Chest", False),  # a coded region: the pydicom path reads it
+        (["Thorax", "Abdomen"], "Thorax\\Abdomen", False),
+        ([], None, True),  # an empty sequence: the lean path takes the file
+    ],
+)
+def test_anatomic_region_sequence_reads_alike(
+    tmp_path: Path, meanings: list[str], expected: str | None, lean_reads: bool
+) -> None:
+    ds = ct_slice(0)
+    items = []
+    for meaning in meanings:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "1", "SCT", meaning
+        items.append(item)
+    ds.AnatomicRegionSequence = items
+    for name, data in (("e.dcm", None), ("i.dcm", implicit(ds))):
+        path = tmp_path / "S" / name
+        if data is None:
+            save(ds, path)
+        else:
+            path.write_bytes(data)
+        st = path.stat()
+        fast = dicom.read_instance(tmp_path, f"S/{name}", st.st_size, st.st_mtime_ns, 2**30)
+        slow = dicom.read_instance(
+            tmp_path, f"S/{name}", st.st_size, st.st_mtime_ns, 2**30, lean=False
+        )
+        assert fast == slow
+        assert fast.record is not None
+        assert fast.record["anatomic_region"] == expected
+        assert took_lean(path, f"S/{name}", st.st_size, st.st_mtime_ns) is lean_reads

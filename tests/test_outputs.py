@@ -201,9 +201,8 @@ def test_duckdb_out_of_memory_is_one_line(tmp_path: Path) -> None:
     for site in ("H01", "H02", "H03"):
         write_series(archive, site=site, n=8)
     snap = listing(archive, tmp_path)
-    starved = IndexParams.model_construct(
-        **(IndexParams(workers=1).model_dump() | {"duckdb_memory_mb": 4})
-    )
+    # below the params floor on purpose (model_copy does not validate)
+    starved = IndexParams(workers=1).model_copy(update={"duckdb_memory_mb": 4})
     with pytest.raises(
         InputError, match=r"outgrew DuckDB's memory limit \(index.duckdb_memory_mb = 4\)"
     ):

@@ -16,8 +16,10 @@ from ctcurate.errors import InputError
 from ctcurate.io.outputs import MARKER
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.params import SelectParams
+from ctcurate.region import VOCABULARY_FILE, read_vocabulary
 
 RULES_DIR = Path(__file__).resolve().parents[1] / "stages" / "select"
+REGIONS = read_vocabulary(RULES_DIR / VOCABULARY_FILE)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 PARAMS = SelectParams()
@@ -49,7 +51,10 @@ SERIES_SCHEMA = pa.schema(
         ("z_coverage_mm", pa.float64()),
         ("n_gaps", pa.int32()),
         ("n_duplicate_positions", pa.int32()),
-        ("body_region", pa.string()),
+        ("study_description", pa.string()),
+        ("protocol_name", pa.string()),
+        ("requested_procedure_description", pa.string()),
+        ("anatomic_region", pa.string()),
         ("flags", pa.list_(pa.string())),
     ]
 )
@@ -92,7 +97,6 @@ def chest(uid: str, study: str, site: str = "H01", **over: Any) -> dict[str, Any
         "z_coverage_mm": 300.0,
         "n_gaps": 0,
         "n_duplicate_positions": 0,
-        "body_region": "chest",
         "flags": [],
     }
     row.update(over)
@@ -122,7 +126,7 @@ def instances_table(rows: list[dict[str, Any]]) -> pa.Table:
 def verdicts(rows: list[dict[str, Any]], params: SelectParams = PARAMS) -> dict[str, Any]:
     """{(site, uid) → row} of the selection of ``rows`` with the project's rule files."""
     con = select.catalog_from_tables(series_table(rows), instances_table(rows))
-    table = select.apply_rules(con, select.read_rules(RULES_DIR), params)
+    table = select.apply_rules(con, select.read_rules(RULES_DIR), params, REGIONS)
     return {(r["site"], r["series_instance_uid"]): r for r in table.to_pylist()}
 
 
@@ -149,7 +153,7 @@ def test_a_plain_chest_ct_passes() -> None:
         ({"image_type": "DERIVED\\PRIMARY\\AXIAL"}, "derived"),
         ({"image_type": "ORIGINAL\\SECONDARY"}, "derived"),
         ({"orientation": "sagittal"}, "not_axial"),
-        ({"body_region": "head", "body_part_examined": "HEAD"}, "not_chest"),  # head CT
+        ({"body_part_examined": "HEAD", "series_description": "BRAIN"}, "not_chest"),
         ({"slice_thickness": 5.0, "convolution_kernel": "B30f"}, "thick_slices"),
         ({"slice_thickness": None}, "thick_slices"),
         ({"slice_count": 15}, "too_few_slices"),
@@ -277,7 +281,7 @@ def test_candidates_view_holds_what_earlier_files_passed(tmp_path: Path) -> None
     )
     rows = [chest("1.1", "9.1", slice_count=2), chest("1.2", "9.2")]
     con = select.catalog_from_tables(series_table(rows), instances_table(rows))
-    out = select.apply_rules(con, select.read_rules(rules), PARAMS).to_pylist()
+    out = select.apply_rules(con, select.read_rules(rules), PARAMS, REGIONS).to_pylist()
     assert [r["rule_reason"] for r in out] == ["few", "late"]
 
 
@@ -298,7 +302,7 @@ def test_broken_rule_files_fail_naming_the_file(tmp_path: Path, sql: str, match:
     rows = [chest("1.1", "9.1")]
     con = select.catalog_from_tables(series_table(rows), instances_table(rows))
     with pytest.raises(InputError, match=match):
-        select.apply_rules(con, select.read_rules(rules), PARAMS)
+        select.apply_rules(con, select.read_rules(rules), PARAMS, REGIONS)
 
 
 def test_audit_against_truth() -> None:
@@ -323,7 +327,7 @@ def test_audit_against_truth() -> None:
         ]
     )  # fmt: skip
     con = select.catalog_from_tables(series_table(rows), instances_table(rows))
-    selection = select.apply_rules(con, select.read_rules(RULES_DIR), PARAMS)
+    selection = select.apply_rules(con, select.read_rules(RULES_DIR), PARAMS, REGIONS)
     report = select.summarize(selection, truth)
     assert report["series_selected"] == 3
     assert report["precision"] == pytest.approx(1 / 3)
@@ -364,7 +368,7 @@ def demo_rows() -> list[dict[str, Any]]:
         chest("1.3", "9.3", image_type="ORIGINAL\\PRIMARY\\LOCALIZER", orientation="coronal"),
         chest("1.4", "9.4", study_date=dt.date(2020, 3, 1), site="H02"),
         chest("1.4", "9.4", study_date=dt.date(2020, 3, 1), site="H03"),
-        chest("1.5", "9.5", body_region="head"),
+        chest("1.5", "9.5", body_part_examined="HEAD", series_description="BRAIN"),
     ]
 
 

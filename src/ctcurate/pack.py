@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from ctcurate import __version__, executor
 from ctcurate.errors import AccountingError, InputError
+from ctcurate.io import archive_file
 from ctcurate.io.atomic import sha256_file, write_json
 from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.shards import read_shards
@@ -272,7 +273,7 @@ def _load_series(
     datasets = []
     for row in rows:
         try:
-            datasets.append(pydicom.dcmread(archive / str(row["path"])))
+            datasets.append(archive_file.dcmread(archive / str(row["path"])))
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
             raise ExcludedSeries(
                 reason="unreadable", detail=f"an instance could not be read ({exc})"

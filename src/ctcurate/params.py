@@ -10,6 +10,7 @@ stay within stated bounds (below), and DuckDB gets at least the memory the index
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -75,8 +76,40 @@ class SnapshotParams(Section):
     ignore: tuple[str, ...] = ()
 
 
+class SiteRule(Section):
+    """``index.site_from``: where a file's site comes from (one of the two keys).
+
+    ``path_component``: the folder at this position of the file's path (0: the first
+    folder under the archive root; -1: the folder holding the file, -2 its parent...).
+    ``path_regex``: the named group ``site`` of the first match of a regular expression
+    (Python syntax) in the file's path. A path without that folder or match has no site
+    (flag ``no_site``).
+    """
+
+    path_component: int | None = None
+    path_regex: str | None = None
+
+    @model_validator(mode="after")
+    def _check_one_rule(self) -> SiteRule:
+        if (self.path_component is None) == (self.path_regex is None):
+            msg = "give exactly one of path_component, path_regex"
+            raise ValueError(msg)
+        if self.path_regex is not None:
+            try:
+                groups = re.compile(self.path_regex).groupindex
+            except re.error as exc:
+                msg = f"path_regex does not compile ({exc.msg})"
+                raise ValueError(msg) from None
+            if "site" not in groups:
+                msg = "path_regex needs a named group (?P<site>...)"
+                raise ValueError(msg)
+        return self
+
+
 class IndexParams(Section):
     """``index``: the header scan."""
+
+    site_from: SiteRule = SiteRule(path_component=0)
 
     workers: PositiveInt = 2
     shard_size: PositiveInt = 50_000
@@ -100,6 +133,7 @@ class SelectParams(Section):
     audit_seed: Annotated[int, Field(ge=0)] = 7  # demo audit list sample / audit sample
     audit_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75  # of the truth's chest CTs
     audit_sample_k: Annotated[int, Field(ge=0)] = 5  # selected + rejected series for review
+    unknown_region_min_lung_ml: Annotated[float, Field(ge=0.0)] = 500.0  # see docs/select.md
 
 
 class AnnotateJoinParams(Section):

@@ -429,6 +429,7 @@ class ScoreTask:
     series_instance_uid: str
     paths: tuple[str, ...]  # absolute instance paths
     seg_path: str | None  # the series' DICOM SEG, for the lung-mask audit
+    min_lung_ml: float = 0.0  # a smaller robust lung mask is `no_lung` (unknown body region)
 
 
 @dataclass(frozen=True)
@@ -474,22 +475,28 @@ def _mask_audit(
     }
 
 
+def lung_volume_ml(mask: npt.NDArray[np.bool_], spacing_mm: tuple[float, float, float]) -> float:
+    """Volume of a (z, y, x) mask in millilitres."""
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
+
+
 def score_series(task: ScoreTask) -> ScoreResult:
     """Read one series and measure its features (runs in a worker process).
 
     Never raises for a bad series: the result's ``error`` names the reason
-    (``unreadable``, ``pixel_data``, ``geometry``, ``no_lung``).
+    (``unreadable``, ``pixel_data``, ``geometry``, ``no_lung``: an empty robust lung mask,
+    or one smaller than ``task.min_lung_ml``).
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from ctcurate.io import archive_file
     from ctcurate.volume import PIXEL_ERRORS, ExcludedSeries
 
     def failed(reason: str) -> ScoreResult:
         return ScoreResult(task.site, task.series_instance_uid, None, reason)
 
     try:
-        datasets = [pydicom.dcmread(p) for p in task.paths]
+        datasets = [archive_file.dcmread(p) for p in task.paths]
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
         return failed("unreadable")
     try:
@@ -499,7 +506,7 @@ def score_series(task: ScoreTask) -> ScoreResult:
     except PIXEL_ERRORS:
         return failed("pixel_data")
     thr, robust = lung_masks(volume.hu, volume.spacing_mm)
-    if not robust.any():
+    if not robust.any() or lung_volume_ml(robust, volume.spacing_mm) < task.min_lung_ml:
         return failed("no_lung")
     features = opacity_features(volume.hu, volume.spacing_mm, thr, robust)
     audit = _mask_audit(task.seg_path, volume, thr, robust) if task.seg_path else {}

@@ -39,6 +39,7 @@ from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import SelectParams
 from ctcurate.pneumonia import ScoreResult, ScoreTask, read_model, score_all
+from ctcurate.region import UNKNOWN, VOCABULARY_FILE, BodyRegions, read_vocabulary
 
 log = get_logger("select")
 
@@ -77,6 +78,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("study_instance_uid", pa.string()),
         pa.field("patient_id", pa.string()),
         pa.field("study_date", pa.date32()),
+        pa.field("body_region", pa.string()),
+        pa.field("body_region_source", pa.string()),
         pa.field("rule_reason", pa.string()),
         pa.field("era", pa.string()),
         pa.field("selected", pa.bool_(), nullable=False),
@@ -278,13 +281,55 @@ def _run_rule_file(
     con.execute("DROP TABLE rule_out")
 
 
+def attach_regions(con: duckdb.DuckDBPyConnection, regions: BodyRegions) -> Counter[str]:
+    """Give the ``series`` view of ``con`` the columns ``body_region`` and
+    ``body_region_source`` (:mod:`ctcurate.region`); returns the series count per region.
+
+    The index table becomes the view ``series_headers``; a header column it lacks counts
+    as empty, a ``body_region`` it holds is replaced.
+    """
+    columns = {row[0] for row in con.sql("DESCRIBE series").fetchall()}
+    values = ", ".join(
+        f'CAST("{c}" AS VARCHAR)' if c in columns else "NULL" for c in regions.columns
+    )
+    rows = con.sql(f"SELECT site, series_instance_uid, {values} FROM series").fetchall()
+    found = [regions.classify(row[2:]) for row in rows]
+    con.register(
+        "series_regions",
+        pa.table(
+            {
+                "site": pa.array([r[0] for r in rows], pa.string()),
+                "series_instance_uid": pa.array([r[1] for r in rows], pa.string()),
+                "body_region": pa.array([f[0] for f in found], pa.string()),
+                "body_region_source": pa.array([f[1] for f in found], pa.string()),
+            }
+        ),
+    )
+    replaced = [c for c in ("body_region", "body_region_source") if c in columns]
+    every = f"s.* EXCLUDE ({', '.join(replaced)})" if replaced else "s.*"
+    con.execute("ALTER VIEW series RENAME TO series_headers")
+    con.execute(
+        f"CREATE VIEW series AS SELECT {every}, r.body_region, r.body_region_source "
+        "FROM series_headers AS s JOIN series_regions AS r "
+        "ON s.site IS NOT DISTINCT FROM r.site "
+        "AND s.series_instance_uid IS NOT DISTINCT FROM r.series_instance_uid"
+    )
+    return Counter(f[0] for f in found)
+
+
 def apply_rules(
-    con: duckdb.DuckDBPyConnection, rules: Sequence[tuple[str, str]], params: SelectParams
+    con: duckdb.DuckDBPyConnection,
+    rules: Sequence[tuple[str, str]],
+    params: SelectParams,
+    regions: BodyRegions,
 ) -> pa.Table:
     """Run ``rules`` (name, SQL) in order on the catalog ``con``; one verdict per series.
 
-    Returns the table of :data:`OUTPUT_SCHEMA`, sorted by (site, series_instance_uid).
+    The series get their body region first (:func:`attach_regions`). Returns the table
+    of :data:`OUTPUT_SCHEMA`, sorted by (site, series_instance_uid).
     """
+    for name, count in sorted(attach_regions(con, regions).items()):
+        log.info("body region %s: %d series", name, count)
     values = rule_parameters(params)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE verdicts "
@@ -316,6 +361,8 @@ def apply_rules(
                 CAST(s.study_instance_uid AS VARCHAR) AS study_instance_uid,
                 CAST(s.patient_id AS VARCHAR) AS patient_id,
                 CAST(s.study_date AS DATE) AS study_date,
+                CAST(s.body_region AS VARCHAR) AS body_region,
+                CAST(s.body_region_source AS VARCHAR) AS body_region_source,
                 f.rule_reason,
                 CASE
                     WHEN s.study_date IS NULL THEN NULL
@@ -564,8 +611,10 @@ def summarize(
                 "not_pneumonia": not_pneumonia,
                 "errors": dict(sorted(errors.items())),
             }
+    regions = Counter(selection.column("body_region").to_pylist())
     report: dict[str, Any] = {
         "series_seen": selection.num_rows,
+        "body_regions": dict(sorted(regions.items())),
         "series_selected": n_selected,
         "series_rejected": sum(reasons.values()) + scorer_rejected,
         "scorer": scorer,
@@ -600,8 +649,13 @@ def _score_survivors(
     seg_dir: Path | None,
     workers: int,
     scheduler: str | None,
+    unknown_min_lung_ml: float = 0.0,
 ) -> list[ScoreResult]:
-    """Features of every rule survivor (pixels read from ``archive``, paths from the index)."""
+    """Features of every rule survivor (pixels read from ``archive``, paths from the index).
+
+    A survivor whose body region is ``unknown`` needs ``unknown_min_lung_ml`` of lung mask
+    (``score_error = no_lung`` otherwise): the image decides what no header said.
+    """
     from ctcurate.select_train import series_paths
 
     if not archive.is_dir():
@@ -620,6 +674,7 @@ def _score_survivors(
                 key[1],
                 tuple(str(archive / p) for p in paths.get(key, [])),
                 str(seg) if seg is not None and seg.is_file() else None,
+                unknown_min_lung_ml if row["body_region"] == UNKNOWN else 0.0,
             )
         )
     where = "a Dask cluster" if scheduler else f"{workers} worker(s)"
@@ -650,6 +705,7 @@ def run(
     inputs = [index_dir, rules_dir, truth, archive, model, seg_dir]
     check_output_dir(Path(out), STAGE, [Path(p) for p in inputs if p is not None], OWN_FILES)
     rules = read_rules(rules_dir)
+    regions = read_vocabulary(Path(rules_dir) / VOCABULARY_FILE)
     if (model is None) != (archive is None):
         msg = "select: --model and --archive go together"
         raise InputError(msg)
@@ -670,7 +726,7 @@ def run(
     blocked = _blocked_series(Path(truth)) if truth is not None else frozenset()
     con = open_catalog(index_dir / "series.parquet", index_dir / "instances")
     try:
-        selection = apply_rules(con, rules, params)
+        selection = apply_rules(con, rules, params, regions)
     finally:
         con.close()
     results: list[ScoreResult] = []
@@ -683,6 +739,7 @@ def run(
             Path(seg_dir) if seg_dir else None,
             params.workers,
             scheduler,
+            params.unknown_region_min_lung_ml,
         )
         measured = [r for r in results if r.features is not None]
         probs = (

@@ -7,8 +7,9 @@
 --     (site, series_instance_uid); rule_reason is NULL when the series passes the file's
 --     rules, else the name of the first rule it fails (snake_case, it becomes a report key);
 --     a series the file does not return passes it;
---   * views it may read: `series` and `instances` (the index tables, see docs/data.md) and
---     `candidates` (the rows of `series` that passed every earlier file);
+--   * views it may read: `series` and `instances` (the index tables, see docs/data.md;
+--     `series` adds body_region and body_region_source from stages/select/body_region.yaml)
+--     and `candidates` (the rows of `series` that passed every earlier file);
 --   * params of the `select` section arrive as DuckDB named parameters: $min_slices,
 --     $max_slice_thickness_mm, $min_z_coverage_mm, $pandemic_start (an unknown $name fails
 --     the stage, naming the file).
@@ -30,7 +31,9 @@ SELECT
                 string_split(upper(coalesce(image_type, '')), '\'), ['DERIVED', 'SECONDARY']
             ) THEN 'derived'
         WHEN orientation IS DISTINCT FROM 'axial' THEN 'not_axial'
-        WHEN body_region IS DISTINCT FROM 'chest' THEN 'not_chest'
+        -- body_region: from the headers and stages/select/body_region.yaml; `unknown` (no
+        -- header names a region) goes on to the pneumonia scorer, which reads the image
+        WHEN body_region NOT IN ('chest', 'unknown') THEN 'not_chest'
         WHEN slice_thickness IS NULL OR slice_thickness > $max_slice_thickness_mm
             THEN 'thick_slices'
         WHEN slice_count IS NULL OR slice_count < $min_slices THEN 'too_few_slices'

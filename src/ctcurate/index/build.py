@@ -40,6 +40,7 @@ import pydicom
 
 from ctcurate.errors import AccountingError, InputError
 from ctcurate.index import scan
+from ctcurate.index.site import DEFAULT_RULE
 from ctcurate.index.tables import (
     INSTANCE_SCHEMA,
     LEDGER_SCHEMA,
@@ -52,13 +53,13 @@ from ctcurate.index.tables import (
     duplicate_outcomes,
     series_table,
 )
-from ctcurate.io import dicom
+from ctcurate.io import archive_file, dicom
 from ctcurate.io.atomic import fsync_dir, write_json
 from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.shards import SHARD_GLOB, rebatch, shard_name, write_parquet_stream
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger, progress
-from ctcurate.params import IndexParams
+from ctcurate.params import IndexParams, SiteRule
 
 if TYPE_CHECKING:
     import duckdb
@@ -91,7 +92,7 @@ DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {
 #: Rows per Arrow batch fetched from DuckDB.
 BATCH_ROWS = 8192
 #: Source modules whose code decides the rows (part of the reader fingerprint).
-READER_MODULES = ("dicom.py", "lean.py")
+READER_MODULES = ("dicom.py", "lean.py", "archive_file.py", "../index/site.py")
 #: Suffix of a work chunk being written (never read as a chunk).
 TMP_SUFFIX = ".parquet.tmp"
 
@@ -105,10 +106,13 @@ class IndexStats:
     files_reused: int
 
 
-def reader_fingerprint(max_bytes: int) -> str:
-    """Hash of everything that decides a file's row: reader code, pydicom, size cap."""
+def reader_fingerprint(max_bytes: int, site_from: SiteRule | None = None) -> str:
+    """Hash of everything that decides a file's row: reader code, pydicom, size cap, and
+    the site rule (``None``: the default)."""
     digest = hashlib.sha256()
     digest.update(f"pydicom {pydicom.__version__}\nmax_bytes {max_bytes}\n".encode())
+    if site_from is not None and site_from != DEFAULT_RULE:
+        digest.update(f"site_from {site_from.model_dump_json()}\n".encode())
     folder = Path(dicom.__file__).parent
     for name in READER_MODULES:
         digest.update(name.encode() + b"\n" + (folder / name).read_bytes())
@@ -121,14 +125,18 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def sha256_or_none(archive: Path, path: str) -> str | None:
-    """Hex sha256 of an archive file, ``None`` if it cannot be read."""
+def sha256_or_none(
+    archive: Path, path: str, max_bytes: int = archive_file.DEFAULT_MAX_BYTES
+) -> str | None:
+    """Hex sha256 of the DICOM bytes of an archive file (decompressed when gzip, under
+    ``max_bytes``), ``None`` if it cannot be read: a ``.dcm.gz`` copy of a ``.dcm`` file
+    is the same instance."""
     digest = hashlib.sha256()
     try:
-        with archive.joinpath(*path.split("/")).open("rb") as fh:
+        with archive_file.open_instance(archive.joinpath(*path.split("/")), max_bytes) as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
-    except OSError:
+    except (OSError, archive_file.InflateError):
         return None
     return digest.hexdigest()
 
@@ -371,6 +379,7 @@ def _read_files(
         params.timeout_s,
         params.workers,
         scheduler,
+        params.site_from,
     )
 
     def per_file() -> Iterator[pa.Table | None]:
@@ -493,7 +502,8 @@ def _publish(
             "WHERE l.status = 'indexed' GROUP BY dup.s, dup.u ORDER BY 1"
         ).fetchall()
     ]
-    taken = duplicate_outcomes(groups, lambda p: sha256_or_none(archive, p))
+    max_bytes = int(params.max_file_mb * 2**20)
+    taken = duplicate_outcomes(groups, lambda p: sha256_or_none(archive, p, max_bytes))
     overrides = pa.table(
         {
             k: pa.array([t[i] for t in taken], pa.string())
@@ -596,7 +606,7 @@ def _index_archive(
 ) -> IndexStats:
     import duckdb
 
-    reader = reader_fingerprint(int(params.max_file_mb * 2**20))
+    reader = reader_fingerprint(int(params.max_file_mb * 2**20), params.site_from)
     config = DUCKDB_CONFIG | {"memory_limit": f"{params.duckdb_memory_mb}MB"}
     con = duckdb.connect(":memory:", config=config)
     try:

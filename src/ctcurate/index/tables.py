@@ -6,7 +6,6 @@ No paths and no clock here: functions take rows, outcomes or arrays and return t
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,14 +32,6 @@ OBLIQUE_LIMIT_DEG = 30.0
 ORIENTATION_TOL = 1e-3
 _MM_DECIMALS, _DEG_DECIMALS = 6, 4
 
-#: Body region guess: the first field (BodyPartExamined, SeriesDescription,
-#: ConvolutionKernel) holding one of these words decides, regions tried in this order.
-REGION_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("chest", re.compile(r"CHEST|THORA|TORAX|LUNG|PULM|THX")),
-    ("head", re.compile(r"HEAD|BRAIN|SKULL|CRAN|NEURO|CEREB|SINUS|ORBIT")),
-    ("abdomen", re.compile(r"ABD|PELVI|LIVER|KIDNEY|RENAL|PANCREA|COLON")),
-)
-
 _STR, _F64, _I64 = pa.string(), pa.float64(), pa.int64()
 INSTANCE_SCHEMA = pa.schema(
     [
@@ -58,6 +49,10 @@ INSTANCE_SCHEMA = pa.schema(
         ("image_type", _STR),
         ("series_description", _STR),
         ("body_part_examined", _STR),
+        ("study_description", _STR),
+        ("protocol_name", _STR),
+        ("requested_procedure_description", _STR),
+        ("anatomic_region", _STR),
         ("convolution_kernel", _STR),
         ("manufacturer", _STR),
         ("slice_thickness", _F64),
@@ -87,6 +82,10 @@ SERIES_COPIED = (
     "image_type",
     "series_description",
     "body_part_examined",
+    "study_description",
+    "protocol_name",
+    "requested_procedure_description",
+    "anatomic_region",
     "convolution_kernel",
     "manufacturer",
     "rows",
@@ -108,7 +107,6 @@ SERIES_SCHEMA = pa.schema(
         ("z_coverage_mm", _F64),
         ("n_gaps", _I64),
         ("n_duplicate_positions", _I64),
-        ("body_region", _STR),
         ("flags", pa.list_(_STR)),
     ]
 )
@@ -337,18 +335,6 @@ def series_geometry(positions: np.ndarray, orientations: np.ndarray) -> SeriesGe
     )
 
 
-def body_region(body_part: str | None, description: str | None, kernel: str | None) -> str:
-    """Guess ``chest``/``head``/``abdomen``/``unknown`` from the series' words."""
-    for text in (body_part, description, kernel):
-        if not text:
-            continue
-        upper = text.upper()
-        for region, pattern in REGION_PATTERNS:
-            if pattern.search(upper):
-                return region
-    return "unknown"
-
-
 def _group_bounds(keys: list[tuple[str, str]]) -> Iterator[tuple[int, int]]:
     start = 0
     for i in range(1, len(keys) + 1):
@@ -408,9 +394,6 @@ def series_table(instances: pa.Table) -> pa.Table:
             "z_coverage_mm": geo.z_coverage_mm,
             "n_gaps": geo.n_gaps,
             "n_duplicate_positions": geo.n_duplicate_positions,
-            "body_region": body_region(
-                row["body_part_examined"], row["series_description"], row["convolution_kernel"]
-            ),
             "flags": sorted(flags),
         }
         rows.append(row)

@@ -60,6 +60,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from ctcurate.io import archive_file
+
 Status = Literal["indexed", "quarantined", "skipped"]
 
 #: Attributes whose non-empty value means the file was not anonymized (keywords).
@@ -375,13 +377,18 @@ def _read_lean_file(
             return None
         flags = [] if st.st_size == size and st.st_mtime_ns == mtime_ns else [_CHANGED]
         head = os.read(fd, _HEAD_BYTES)
+        if archive_file.is_gzip(head):
+            with open(fd, "rb", buffering=0, closefd=False) as fp:
+                fp.seek(0)
+                data = archive_file.inflate(fp, max_bytes)
+            return read_lean(None, data, path, size, mtime_ns, len(data), flags)
         if len(head) >= st.st_size:  # the whole file
             return read_lean(None, head, path, size, mtime_ns, st.st_size, flags)
         if len(head) < _HEAD_BYTES:
             return None
         with open(fd, "rb", buffering=0, closefd=False) as fp:
             return read_lean(fp, head, path, size, mtime_ns, st.st_size, flags)
-    except OSError:
+    except (OSError, archive_file.InflateError):
         return None
     finally:
         os.close(fd)
@@ -409,13 +416,14 @@ def _read_checked(
     if st.st_size != size or st.st_mtime_ns != mtime_ns:
         flags.append(_CHANGED)
 
-    with full.open("rb") as fp, warnings.catch_warnings():
+    with full.open("rb") as raw, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        fp, file_size = _plain_stream(raw, st.st_size, max_bytes)
         head = fp.read(_HEAD_BYTES)
         has_preamble = head[128:132] == b"DICM"
         meta_ts = _meta_transfer_syntax(head) if has_preamble else None
         fp.seek(0)
-        ds, stream, stream_size = _parse(fp, st.st_size, has_preamble, meta_ts, max_bytes)
+        ds, stream, stream_size = _parse(fp, file_size, has_preamble, meta_ts, max_bytes)
         has_meta = "TransferSyntaxUID" in ds.file_meta
         trusted = has_preamble and has_meta
         if sop_class(ds) == DICOMDIR_SOP_CLASS:
@@ -434,6 +442,19 @@ def _read_checked(
         if not has_meta:
             flags.append("no_meta")
         return instance_record(ds, path, size, mtime_ns, ts, flags)
+
+
+def _plain_stream(raw: BinaryIO, size: int, max_bytes: int) -> tuple[BinaryIO, int]:
+    """``raw`` and its size, or the decompressed content of a gzip file and its size."""
+    if not archive_file.is_gzip(raw.read(132)):
+        raw.seek(0)
+        return raw, size
+    raw.seek(0)
+    try:
+        data = archive_file.inflate(raw, max_bytes)
+    except archive_file.InflateError as exc:
+        raise Reject(reason=exc.reason, detail=exc.detail) from None
+    return io.BytesIO(data), len(data)
 
 
 def _parse(
@@ -841,6 +862,10 @@ def instance_record(
         "image_type": _text(ds, "ImageType", flags),
         "series_description": _text(ds, "SeriesDescription", flags),
         "body_part_examined": _text(ds, "BodyPartExamined", flags),
+        "study_description": _text(ds, "StudyDescription", flags),
+        "protocol_name": _text(ds, "ProtocolName", flags),
+        "requested_procedure_description": _text(ds, "RequestedProcedureDescription", flags),
+        "anatomic_region": _code_meanings(ds, "AnatomicRegionSequence", flags),
         "convolution_kernel": _text(ds, "ConvolutionKernel", flags),
         "manufacturer": _text(ds, "Manufacturer", flags),
         "slice_thickness": _float(ds, "SliceThickness", flags),
@@ -923,6 +948,17 @@ def _text(ds: Header, keyword: str, flags: list[str]) -> str | None:
         flags.append(_flag(keyword))
         return None
     return text or None
+
+
+def _code_meanings(ds: Header, keyword: str, flags: list[str]) -> str | None:
+    """The CodeMeaning of each item of a code sequence, ``\\``-joined (None when none)."""
+    if keyword not in ds:  # also: a lean header, which holds no sequence
+        return None
+    value = _value(ds, keyword, flags)
+    if not isinstance(value, DicomSequence):
+        return None
+    meanings = [_text(item, "CodeMeaning", flags) for item in value]
+    return "\\".join(m for m in meanings if m) or None
 
 
 def _uid(ds: Header, keyword: str, flags: list[str]) -> str | None:

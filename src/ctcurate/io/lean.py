@@ -13,7 +13,8 @@ pydicom path decides. It gives up on anything it cannot prove clean:
   deeper than pydicom's PHI walk, a file meta that does not parse, a needed attribute
   seen twice;
 - a PHI-bearing attribute that is not empty, at any depth of any sequence (so the PHI
-  verdict and its detail always come from the pydicom path);
+  verdict and its detail always come from the pydicom path), and a non-empty top-level
+  AnatomicRegionSequence (its code meanings are read by the pydicom path);
 - a needed value that is not plain printable ASCII, a DS/IS that does not match the
   strict grammar, a binary value of unexpected length, a needed value whose VR differs
   from the dictionary's, a character set other than the default, Latin-1 or UTF-8.
@@ -64,6 +65,9 @@ NEEDED_KEYWORDS: tuple[str, ...] = (
     "ImageType",
     "SeriesDescription",
     "BodyPartExamined",
+    "StudyDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
     "ConvolutionKernel",
     "Manufacturer",
     "SliceThickness",
@@ -390,6 +394,9 @@ _ACTION: dict[int, int] = (
     | dict.fromkeys(map(_le, _PHI), _PHI_CHECK)
     | dict.fromkeys(map(_le, dicom.PIXEL_TAGS), _PIXEL)
 )
+#: A coded body region the pydicom path reads (its items are not walked for values here):
+#: gives up when not empty, as for a PHI-bearing attribute.
+_ACTION[_le(int(tag_for_keyword("AnatomicRegionSequence") or 0))] = _PHI_CHECK
 _NEEDED_VR = {_le(tag): vr for tag, (_, vr) in _NEEDED.items()}
 #: Plans: skip a short / long element, keep a needed value, check a PHI value (short,
 #: long, sequence), walk a sequence, stop at the pixel element (short, long header).
@@ -554,6 +561,9 @@ SHARED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("image_type", "ImageType", "text"),
     ("series_description", "SeriesDescription", "text"),
     ("body_part_examined", "BodyPartExamined", "text"),
+    ("study_description", "StudyDescription", "text"),
+    ("protocol_name", "ProtocolName", "text"),
+    ("requested_procedure_description", "RequestedProcedureDescription", "text"),
     ("convolution_kernel", "ConvolutionKernel", "text"),
     ("manufacturer", "Manufacturer", "text"),
     ("slice_thickness", "SliceThickness", "float"),
@@ -716,6 +726,7 @@ def lean_record(
     record["image_position_z"] = position[2] if position else None
     record["instance_number"] = instance_number(raw.get(_NUMBER))
     record["transfer_syntax_uid"] = ts
+    record["anatomic_region"] = None  # a non-empty AnatomicRegionSequence gave up
     if flags or shared_flags or position_flags or site is None:
         every = [*flags, *shared_flags, *position_flags]
         if site is None:
