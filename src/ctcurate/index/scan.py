@@ -17,13 +17,20 @@ import pyarrow as pa
 
 from ctcurate import executor
 from ctcurate.index.tables import ledger_table
-from ctcurate.io import dicom
+from ctcurate.io import dicom, phi
 
 Entry = tuple[str, int, int]
 
 
-def scan_chunk(archive: str, entries: list[Entry], max_bytes: int, timeout_s: float) -> pa.Table:
-    """Ledger rows of ``entries`` (``(path, size, mtime_ns)``) read under ``archive``.
+def scan_chunk(
+    archive: str,
+    entries: list[Entry],
+    max_bytes: int,
+    timeout_s: float,
+    policy: phi.Policy = phi.DEFAULT_POLICY,
+) -> pa.Table:
+    """Ledger rows of ``entries`` (``(path, size, mtime_ns)``) read under ``archive``,
+    identifying attributes judged by the PHI ``policy``.
 
     The per-file time cap is SIGALRM where the chunk runs on a process's main thread (the
     local pool), a watcher thread on the threads of a Dask worker; the size caps apply
@@ -34,7 +41,7 @@ def scan_chunk(archive: str, entries: list[Entry], max_bytes: int, timeout_s: fl
             dicom.init_worker(timeout_s)
     else:
         dicom.quiet_pydicom()
-    return ledger_table(dicom.scan_files(archive, entries, max_bytes, timeout_s))
+    return ledger_table(dicom.scan_files(archive, entries, max_bytes, timeout_s, policy))
 
 
 def run_chunks(
@@ -44,13 +51,14 @@ def run_chunks(
     timeout_s: float,
     workers: int,
     scheduler: str | None,
+    policy: phi.Policy = phi.DEFAULT_POLICY,
 ) -> Iterator[pa.Table]:
     """Yield :func:`scan_chunk` of every chunk, in completion order."""
     if scheduler is None and workers == 1:
-        yield from _run_here(chunks, archive, max_bytes, timeout_s)
+        yield from _run_here(chunks, archive, max_bytes, timeout_s, policy)
         return
     yield from executor.map_unordered(
-        partial(scan_chunk, archive, max_bytes=max_bytes, timeout_s=timeout_s),
+        partial(scan_chunk, archive, max_bytes=max_bytes, timeout_s=timeout_s, policy=policy),
         chunks,
         workers=workers,
         scheduler=scheduler,
@@ -60,14 +68,18 @@ def run_chunks(
 
 
 def _run_here(
-    chunks: Iterable[list[Entry]], archive: str, max_bytes: int, timeout_s: float
+    chunks: Iterable[list[Entry]],
+    archive: str,
+    max_bytes: int,
+    timeout_s: float,
+    policy: phi.Policy,
 ) -> Iterator[pa.Table]:
     """One worker: read in this process (no start-up cost), restoring its alarm handler."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGALRM) if main else None
     try:
         for chunk in chunks:
-            yield scan_chunk(archive, chunk, max_bytes, timeout_s)
+            yield scan_chunk(archive, chunk, max_bytes, timeout_s, policy)
     finally:
         if main:
             dicom.init_worker(0)
