@@ -12,8 +12,11 @@ pydicom path decides. It gives up on anything it cannot prove clean:
   outside sequences and encapsulated pixel data, an element past the bytes read, nesting
   deeper than pydicom's PHI walk, a file meta that does not parse, a needed attribute
   seen twice;
-- a PHI-bearing attribute that is not empty, at any depth of any sequence (so the PHI
-  verdict and its detail always come from the pydicom path);
+- an identifying attribute the PHI policy (:mod:`ctcurate.io.phi`) rejects, a top-level
+  one whose value is not plain printable ASCII or whose VR is not the dictionary's, and any
+  non-empty one inside a sequence (so a ``phi_present`` verdict and its detail, and every
+  nested judgement, come from the pydicom path). Accepted top-level values are judged
+  once per distinct combination (cached) and counted in ``phi_accepted``;
 - a needed value that is not plain printable ASCII, a DS/IS that does not match the
   strict grammar, a binary value of unexpected length, a needed value whose VR differs
   from the dictionary's, a character set other than the default, Latin-1 or UTF-8.
