@@ -160,22 +160,40 @@ def test_strict_mode_quarantines_a_pseudonym(tmp_path: Path) -> None:
     assert (out.reason, out.detail) == ("phi_present", "PatientName")
 
 
-def test_nested_dummy_is_accepted_and_named_by_its_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("implicit", [False, True])
+def test_nested_values_are_judged_lean_and_named_by_their_path(
+    tmp_path: Path, implicit: bool
+) -> None:
     ds = deidentified()
-    item = Dataset()
-    item.RequestingPhysician = "ANONYMOUS"
-    ds.RequestAttributesSequence = [item]
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    items = [Dataset(), Dataset()]
+    items[0].RequestingPhysician = "ANONYMOUS"
+    items[0].AccessionNumber = "A1B2C3"
+    items[1].RequestingPhysician = "PSEUDO01"  # the PatientID
+    inner = Dataset()
+    inner.OperatorsName = "----"
+    items[1].ReferencedStudySequence = [inner]
+    ds.RequestAttributesSequence = items
     save(ds, tmp_path / "H01" / "a.dcm")
     out = both_paths(tmp_path, "H01/a.dcm")
     assert out.record is not None
     assert out.record["phi_accepted"] == [
         "PatientName:pseudonym",
+        "RequestAttributesSequence>AccessionNumber:retain",
+        "RequestAttributesSequence>ReferencedStudySequence>OperatorsName:dummy",
         "RequestAttributesSequence>RequestingPhysician:dummy",
+        "RequestAttributesSequence>RequestingPhysician:pseudonym",
     ]
-    item.RequestingPhysician = "KILLEEN^THOMAS"
+    assert took_lean(tmp_path, "H01/a.dcm")
+    items[1].RequestingPhysician = "KILLEEN^THOMAS"
     save(ds, tmp_path / "H01" / "b.dcm")
     out = both_paths(tmp_path, "H01/b.dcm")
-    assert out.detail == "RequestAttributesSequence>RequestingPhysician"
+    assert (out.reason, out.detail) == (
+        "phi_present",
+        "RequestAttributesSequence>RequestingPhysician",
+    )
+    assert not took_lean(tmp_path, "H01/b.dcm")  # the pydicom path names the tag
 
 
 def census_archive(root: Path) -> Path:

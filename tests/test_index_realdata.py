@@ -181,3 +181,28 @@ def test_single_frame_ct_images_are_indexed(
     if "tcia" not in corpora:
         pytest.skip("the 95 % target is measured with ../shared/realct; set CTCURATE_REALCT")
     assert len(indexed) >= 0.95 * len(ct), sorted(set(ct) - set(indexed))
+
+
+@pytest.mark.parametrize("retained", [False, True])
+def test_lean_and_pydicom_paths_agree(
+    farm: tuple[Path, list[str], set[str]], retained: bool
+) -> None:
+    from ctcurate.io import lean
+    from ctcurate.params import PhiPolicy
+
+    archive, sites, _ = farm
+    policy = PhiPolicy(**(bench.retain_policy(sites) if retained else {})).compiled()
+    n_lean = n_phi_lean = 0
+    for path in sorted(p for p in archive.rglob("*") if p.is_file()):
+        rel = path.relative_to(archive).as_posix()
+        size = path.stat().st_size
+        fast = dicom.read_instance(archive, rel, size, 0, 2**30, policy=policy)
+        slow = dicom.read_instance(archive, rel, size, 0, 2**30, lean=False, policy=policy)
+        assert fast == slow, rel
+        with path.open("rb") as fp:
+            row = lean.read_lean(fp, fp.read(1 << 16), rel, size, 0, size, [], policy)
+        n_lean += row is not None
+        n_phi_lean += row is not None and bool(row["phi_accepted"])
+    if not n_lean:
+        pytest.skip("no corpus installed")
+    assert n_phi_lean > 0  # accepted identifying values are judged on the lean path

@@ -589,6 +589,9 @@ def _tag_name(tag: int) -> str:
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+tag_name = _tag_name  # the name of a tag in details and census labels: keyword or (gggg,eeee)
+
+
 # --- PHI -----------------------------------------------------------------------------------
 
 

@@ -12,11 +12,12 @@ pydicom path decides. It gives up on anything it cannot prove clean:
   outside sequences and encapsulated pixel data, an element past the bytes read, nesting
   deeper than pydicom's PHI walk, a file meta that does not parse, a needed attribute
   seen twice;
-- an identifying attribute the PHI policy (:mod:`ctcurate.io.phi`) rejects, a top-level
-  one whose value is not plain printable ASCII or whose VR is not the dictionary's, and any
-  non-empty one inside a sequence (so a ``phi_present`` verdict and its detail, and every
-  nested judgement, come from the pydicom path). Accepted top-level values are judged
-  once per distinct combination (cached) and counted in ``phi_accepted``;
+- an identifying attribute the PHI policy (:mod:`ctcurate.io.phi`) rejects (so a
+  ``phi_present`` verdict and its detail come from the pydicom path), a non-empty one whose
+  value is not plain printable ASCII, whose VR is not the dictionary's or whose length is
+  undefined, a non-empty identifying sequence. Accepted values, top-level and nested
+  (named by their sequence path), are judged once per distinct combination (cached) and
+  counted in ``phi_accepted``;
 - a needed value that is not plain printable ASCII, a DS/IS that does not match the
   strict grammar, a binary value of unexpected length, a needed value whose VR differs
   from the dictionary's, a character set other than the default, Latin-1 or UTF-8.
@@ -219,11 +220,29 @@ def _check_phi(vr: str, buf: bytes, start: int, length: int) -> None:
 class _Walker:
     """Element walker over the bytes of one file (little endian)."""
 
-    def __init__(self, buf: bytes, implicit: bool, codes: list[bytes] | None = None) -> None:
+    def __init__(
+        self, buf: bytes, implicit: bool, codes: list[bytes] | None = None, seq: int = 0
+    ) -> None:
         self.buf, self.implicit = buf, implicit
         self.needed: dict[int, Any] = {}
         self.pixel_pos: int | None = None
         self.codes = codes  # CodeValues of the items of the walked sequence, if not None
+        #: Tags of the sequences around the element being walked (``seq``: the outermost).
+        self.stack: list[int] = [seq] if seq else []
+        #: Non-empty identifying values found in the items: (sequence tags, tag, value).
+        self.nested: list[tuple[tuple[int, ...], int, bytes]] = []
+
+    def _phi(self, tag: int, vr: str, start: int, length: int) -> None:
+        """Keep a non-empty nested identifying value (the dictionary's VR, defined length)
+        for the PHI policy; give up on a non-empty sequence or any other VR."""
+        if vr == "SQ" or length == _UNDEFINED or vr != _PHI_VR_BY_TAG[tag] or not self.stack:
+            _check_phi(vr, self.buf, start, length)
+            return
+        if start + length > len(self.buf):
+            raise _GiveUp
+        value = self.buf[start : start + length]
+        if value.strip(_EMPTY_PHI):
+            self.nested.append((tuple(self.stack), tag, value))
 
     def dataset(self, pos: int, end: int, depth: int) -> int:
         """Walk a dataset from ``pos`` to ``end`` (or its item delimiter); return the end."""
@@ -265,11 +284,13 @@ class _Walker:
                     self.pixel_pos = pos
                     return pos
                 if tag in _PHI:
-                    _check_phi(vr, buf, start, length)
+                    self._phi(tag, vr, start, length)
             if vr == "SQ":
                 if depth + 1 > _MAX_DEPTH:
                     raise _GiveUp
+                self.stack.append(tag)
                 pos = self.sequence(start, length, depth + 1)
+                self.stack.pop()
                 continue
             if length == _UNDEFINED:
                 raise _GiveUp
@@ -406,6 +427,7 @@ _ACTION: dict[int, int] = (
 )
 _NEEDED_VR = {_le(tag): vr for tag, (_, vr) in _NEEDED.items()}
 _PHI_VR = {_le(tag): str(dictionary_VR(tag)) for tag in _PHI}
+_PHI_VR_BY_TAG = {tag: str(dictionary_VR(tag)) for tag in _PHI}
 #: Plans: skip a short / long element, keep a needed value, check a PHI value (short,
 #: long, sequence), walk a sequence, stop at the pixel element (short, long header),
 #: keep a non-empty identifying value (short, the dictionary's VR) for the PHI policy,
@@ -548,12 +570,33 @@ def walk_top(buf: bytes, pos: int, implicit: bool) -> tuple[Raw, Raw, int]:
             elif plan == _CODE_SEQ:
                 pos = _walk_codes(extra, buf, start, length, implicit=False)
                 continue
-            pos = _Walker(buf, implicit=False).sequence(start, length, 1)
+            pos = _walk_sequence(extra, buf, start, length, _le(_U32.unpack_from(key)[0]), False)
     raise _GiveUp  # no pixel element in the bytes read: the pydicom path decides
 
 
 #: Key of the DeidentificationMethodCodeSequence CodeValues among the extra values.
 _CODES_KEY = b"codes"
+
+
+def _walk_sequence(
+    extra: Raw, buf: bytes, start: int, length: int, tag: int, implicit: bool
+) -> int:
+    """Walk a top-level sequence (``tag``); keep its nested identifying values in ``extra``
+    (keys :func:`_nested_key`); return its end."""
+    walker = _Walker(buf, implicit=implicit, seq=tag)
+    end = walker.sequence(start, length, 1)
+    for path, phi_tag, value in walker.nested:
+        extra[_nested_key(path, phi_tag, len(extra))] = value
+    return end
+
+
+def _nested_key(path: tuple[int, ...], tag: int, n: int) -> bytes:
+    """Key of a nested identifying value: a marker, the sequence tags, its tag, a number
+    that keeps two values of one path apart."""
+    return _NESTED + struct.pack(f"<{len(path) + 2}L", *path, tag, n)
+
+
+_NESTED = b"\xff"
 
 
 def _keep_phi(extra: Raw, key: bytes, buf: bytes, start: int, end: int) -> None:
@@ -606,11 +649,11 @@ def _walk_implicit(buf: bytes, pos: int) -> tuple[Raw, Raw, int]:
         elif plan in {_PHI_SHORT, _PHI_SEQ}:
             _check_phi("SQ" if plan == _PHI_SEQ else "", buf, start, length)
             if plan == _PHI_SEQ:
-                pos = _Walker(buf, implicit=True).sequence(start, length, 1)
+                pos = _walk_sequence(extra, buf, start, length, _le(tag), True)
             else:
                 pos = start + length
         else:  # _SEQ (implicit VR elements are never "long")
-            pos = _Walker(buf, implicit=True).sequence(start, length, 1)
+            pos = _walk_sequence(extra, buf, start, length, _le(tag), True)
     raise _GiveUp
 
 
@@ -852,17 +895,23 @@ def _accepted(
     up when it rejects one or a value is not plain printable ASCII."""
     labels = []
     for key, value in values:
-        keyword, vr = _PHI_BY_KEY[key]
+        if key[:1] == _NESTED:  # named by its path, judged as its attribute
+            *path, tag, _ = struct.unpack(f"<{(len(key) - 1) // 4}L", key[1:])
+            name, vr = _PHI[tag], _PHI_VR_BY_TAG[tag]
+            label = ">".join([*map(dicom.tag_name, path), name])
+        else:
+            name, vr = _PHI_BY_KEY[key]
+            label = name
         text = value.rstrip(_STRIP)
         if not _PRINTABLE_RE.match(text):
             raise _GiveUp
         parts = [text] if vr in _UNSPLIT_VRS else text.split(b"\\")
-        rule = rules.judge(keyword, [p.decode("ascii") for p in parts], patient_id)
+        rule = rules.judge(name, [p.decode("ascii") for p in parts], patient_id)
         if rule == "phi":
             raise _GiveUp
         if rule != "empty":
-            labels.append(phi.accepted_label(keyword, rule))
-    return tuple(sorted(labels))
+            labels.append(phi.accepted_label(label, rule))
+    return tuple(sorted(set(labels)))
 
 
 def _check_pixels(
