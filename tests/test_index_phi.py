@@ -265,3 +265,30 @@ def test_synthetic_phi_traps_stay_quarantined(tmp_path: Path) -> None:
         save(ct_slice(i, **attrs), tmp_path / "H01" / name)
         out = both_paths(tmp_path, f"H01/{name}")
         assert (out.reason, out.detail) == ("phi_present", next(iter(attrs)))
+
+
+def test_census_sql_splits_details_keeping_unnamed_tags_whole() -> None:
+    import duckdb
+    import pyarrow as pa
+
+    from ctcurate.index.tables import census_tree, phi_census_sql
+
+    instances = pa.table(  # noqa: F841 - read by DuckDB by name
+        {"site": ["H1", "H1", None], "phi_accepted": [["PatientName:pseudonym"], [], ["X:dummy"]]}
+    )
+    quarantine = pa.table(  # noqa: F841 - read by DuckDB by name
+        {
+            "path": ["H1/a", "H2/b", "c"],
+            "reason": ["phi_present", "phi_present", "not_dicom"],
+            "detail": ["(0009,1010)>PatientName,InstitutionName", "PatientName", "x,y"],
+        }
+    )
+    rows = duckdb.connect().execute(phi_census_sql("instances", "quarantine")).fetchall()
+    assert rows == [
+        ("H1", "(0009,1010)>PatientName", "phi", 1),
+        ("H1", "InstitutionName", "phi", 1),
+        ("H1", "PatientName", "pseudonym", 1),
+        ("H2", "PatientName", "phi", 1),
+        (None, "X", "dummy", 1),
+    ]
+    assert census_tree(rows)["(no site)"] == {"X": {"dummy": 1}}
