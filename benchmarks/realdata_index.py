@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--realct", type=Path, default=ROOT.parent / "shared" / "realct")
     args = parser.parse_args()
     sources = corpora(args.realct)
-    lines = []
+    lines = [] if "tcia" in sources else [f"(no TCIA corpus: {args.realct} is not a folder)"]
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"
         sites = farm(archive, sources)
