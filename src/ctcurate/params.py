@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from ctcurate.errors import ParamsError
+from ctcurate.io import phi
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -106,6 +107,63 @@ class SiteRule(Section):
         return self
 
 
+class SitePhiPolicy(Section):
+    """``index.phi.sites.<site>``: a site's changes to the PHI policy (unset: inherited)."""
+
+    strict: bool | None = None
+    actions: dict[phi.Element, phi.Action] = Field(default_factory=dict)
+    pseudonym_patterns: tuple[str, ...] | None = None
+    dummy_values: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check_policy(self) -> SitePhiPolicy:
+        for element, action in self.actions.items():
+            allowed = phi.allowed_actions(element)
+            if action not in allowed:
+                msg = f"{element}: action {action!r} not one of {', '.join(sorted(allowed))}"
+                raise ValueError(msg)
+        for pattern in self.pseudonym_patterns or ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                msg = f"pseudonym pattern {pattern!r} is not a regular expression ({exc})"
+                raise ValueError(msg) from None
+        return self
+
+
+class PhiPolicy(SitePhiPolicy):
+    """``index.phi``: the PHI policy identifying attributes are judged by (docs/index.md).
+
+    ``actions`` change the defaults of :data:`ctcurate.io.phi.DEFAULT_ACTIONS`; ``strict``
+    makes every identifying attribute ``empty``; ``sites`` change any of these per site.
+    """
+
+    strict: bool = False
+    pseudonym_patterns: tuple[str, ...] = ()
+    dummy_values: tuple[str, ...] = phi.DEFAULT_DUMMIES
+    sites: dict[str, SitePhiPolicy] = Field(default_factory=dict)
+
+    def compiled(self) -> phi.Policy:
+        """The policy the readers apply (default rules and each site's)."""
+
+        def rules(site: SitePhiPolicy | None) -> phi.Rules:
+            s = site or SitePhiPolicy()
+            return phi.make_rules(
+                strict=self.strict if s.strict is None else s.strict,
+                actions={str(k): v for k, v in (self.actions | s.actions).items()},
+                patterns=self.pseudonym_patterns
+                if s.pseudonym_patterns is None
+                else s.pseudonym_patterns,
+                dummies=self.dummy_values if s.dummy_values is None else s.dummy_values,
+            )
+
+        return phi.Policy(
+            default=rules(None),
+            sites={name: rules(site) for name, site in sorted(self.sites.items())},
+            fingerprint=self.model_dump_json(),
+        )
+
+
 class IndexParams(Section):
     """``index``: the header scan."""
 
@@ -118,6 +176,7 @@ class IndexParams(Section):
     chunk_files: PositiveInt = 512
     # the build's DuckDB spills to disk beyond this; less than the minimum cannot work
     duckdb_memory_mb: Annotated[int, Field(ge=MIN_DUCKDB_MEMORY_MB)] = 128
+    phi: PhiPolicy = Field(default_factory=PhiPolicy)
 
 
 class SelectParams(Section):

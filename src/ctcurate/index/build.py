@@ -44,6 +44,7 @@ from ctcurate.index.site import DEFAULT_RULE
 from ctcurate.index.tables import (
     INSTANCE_SCHEMA,
     LEDGER_SCHEMA,
+    PHI_CENSUS_VIEW,
     REASON_SCHEMA,
     SERIES_COPIED,
     SERIES_SCHEMA,
@@ -51,9 +52,10 @@ from ctcurate.index.tables import (
     VIEWS,
     build_report,
     duplicate_outcomes,
+    phi_census_sql,
     series_table,
 )
-from ctcurate.io import archive_file, dicom
+from ctcurate.io import archive_file, dicom, phi
 from ctcurate.io.atomic import fsync_dir, write_json
 from ctcurate.io.outputs import guarded_output, marked_dir
 from ctcurate.io.shards import SHARD_GLOB, rebatch, shard_name, write_parquet_stream
@@ -92,7 +94,7 @@ DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {
 #: Rows per Arrow batch fetched from DuckDB.
 BATCH_ROWS = 8192
 #: Source modules whose code decides the rows (part of the reader fingerprint).
-READER_MODULES = ("dicom.py", "lean.py", "archive_file.py", "../index/site.py")
+READER_MODULES = ("dicom.py", "lean.py", "archive_file.py", "phi.py", "../index/site.py")
 #: Suffix of a work chunk being written (never read as a chunk).
 TMP_SUFFIX = ".parquet.tmp"
 
@@ -106,13 +108,16 @@ class IndexStats:
     files_reused: int
 
 
-def reader_fingerprint(max_bytes: int, site_from: SiteRule | None = None) -> str:
-    """Hash of everything that decides a file's row: reader code, pydicom, size cap, and
-    the site rule (``None``: the default)."""
+def reader_fingerprint(
+    max_bytes: int, site_from: SiteRule | None = None, policy: str = "default"
+) -> str:
+    """Hash of everything that decides a file's row: reader code, pydicom, size cap, the
+    site rule (``None``: the default) and the PHI policy (``policy``: its fingerprint)."""
     digest = hashlib.sha256()
     digest.update(f"pydicom {pydicom.__version__}\nmax_bytes {max_bytes}\n".encode())
     if site_from is not None and site_from != DEFAULT_RULE:
         digest.update(f"site_from {site_from.model_dump_json()}\n".encode())
+    digest.update(f"phi {policy}\n".encode())
     folder = Path(dicom.__file__).parent
     for name in READER_MODULES:
         digest.update(name.encode() + b"\n" + (folder / name).read_bytes())
@@ -174,6 +179,8 @@ def write_catalog(folder: Path) -> None:
         for view in VIEWS:
             source = _sql_text(view_source(view))
             con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({source})")
+        census = phi_census_sql("instances", "quarantine")
+        con.execute(f"CREATE VIEW {PHI_CENSUS_VIEW} AS {census}")
         con.execute("CHECKPOINT")
     finally:
         con.close()
@@ -367,6 +374,7 @@ def _read_files(
     parts: Path,
     params: IndexParams,
     scheduler: str | None,
+    policy: phi.Policy,
 ) -> None:
     """Read the files listed in ``todo``; write their rows to ``parts`` in chunks."""
     attempts = [int(p.name.split("-")[1]) for p in parts.glob("chunk-*.parquet")]
@@ -380,6 +388,7 @@ def _read_files(
         params.workers,
         scheduler,
         params.site_from,
+        policy,
     )
 
     def per_file() -> Iterator[pa.Table | None]:
@@ -555,8 +564,17 @@ def _publish(
                     f"SELECT reason, count(*) FROM read_parquet({src}) GROUP BY reason"
                 ).fetchall()
             )
+        shards = _sql_text(str((tmp / INSTANCES_DIR / SHARD_GLOB).resolve()))
+        quarantined = _sql_text(str((tmp / "quarantine.parquet").resolve()))
+        census = phi_census_sql(f"read_parquet({shards})", f"read_parquet({quarantined})")
         report = build_report(
-            files_seen, n_indexed, counts["quarantine"], counts["skipped"], n_series, reader
+            files_seen,
+            n_indexed,
+            counts["quarantine"],
+            counts["skipped"],
+            n_series,
+            reader,
+            con.execute(census).fetchall(),
         )
         write_catalog(tmp)
         write_json(tmp / "report.json", report)
@@ -606,7 +624,10 @@ def _index_archive(
 ) -> IndexStats:
     import duckdb
 
-    reader = reader_fingerprint(int(params.max_file_mb * 2**20), params.site_from)
+    policy = params.phi.compiled()
+    reader = reader_fingerprint(
+        int(params.max_file_mb * 2**20), params.site_from, policy.fingerprint
+    )
     config = DUCKDB_CONFIG | {"memory_limit": f"{params.duckdb_memory_mb}MB"}
     con = duckdb.connect(":memory:", config=config)
     try:
@@ -637,7 +658,7 @@ def _index_archive(
             "a Dask cluster" if scheduler else f"{params.workers} worker(s)",
         )
         if n_todo:
-            _read_files(archive, todo, n_todo, parts, params, scheduler)
+            _read_files(archive, todo, n_todo, parts, params, scheduler, policy)
         sources = _ledger_sources(prev, parts, reusable_only=False)
         names = ", ".join(f"x.{n}" for n in LEDGER_SCHEMA.names)
         # one row per listed path: a work chunk's (the latest) before the previous index's;

@@ -8,6 +8,7 @@ results as they complete, with at most a few chunks in flight so that memory sta
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 from collections.abc import Iterable, Iterator
@@ -16,9 +17,9 @@ from functools import partial
 import pyarrow as pa
 
 from ctcurate import executor
-from ctcurate.index.site import DEFAULT_RULE, apply_site_rule
+from ctcurate.index.site import DEFAULT_RULE, site_of
 from ctcurate.index.tables import ledger_table
-from ctcurate.io import dicom
+from ctcurate.io import dicom, phi
 from ctcurate.params import SiteRule
 
 Entry = tuple[str, int, int]
@@ -30,8 +31,10 @@ def scan_chunk(
     max_bytes: int,
     timeout_s: float,
     site_from: SiteRule = DEFAULT_RULE,
+    policy: phi.Policy = phi.DEFAULT_POLICY,
 ) -> pa.Table:
-    """Ledger rows of ``entries`` (``(path, size, mtime_ns)``) read under ``archive``.
+    """Ledger rows of ``entries`` (``(path, size, mtime_ns)``) read under ``archive``,
+    identifying attributes judged by the PHI ``policy``.
 
     Each row's site follows the layout rule ``site_from`` (:mod:`ctcurate.index.site`).
 
@@ -44,8 +47,9 @@ def scan_chunk(
             dicom.init_worker(timeout_s)
     else:
         dicom.quiet_pydicom()
-    outcomes = dicom.scan_files(archive, entries, max_bytes, timeout_s)
-    return ledger_table(apply_site_rule(outcomes, site_from))
+    if site_from != DEFAULT_RULE:  # rows and per-site PHI rules follow the layout rule
+        policy = dataclasses.replace(policy, site_rule=partial(site_of, rule=site_from))
+    return ledger_table(dicom.scan_files(archive, entries, max_bytes, timeout_s, policy))
 
 
 def run_chunks(
@@ -56,13 +60,21 @@ def run_chunks(
     workers: int,
     scheduler: str | None,
     site_from: SiteRule = DEFAULT_RULE,
+    policy: phi.Policy = phi.DEFAULT_POLICY,
 ) -> Iterator[pa.Table]:
     """Yield :func:`scan_chunk` of every chunk, in completion order."""
     if scheduler is None and workers == 1:
-        yield from _run_here(chunks, archive, max_bytes, timeout_s, site_from)
+        yield from _run_here(chunks, archive, max_bytes, timeout_s, site_from, policy)
         return
     yield from executor.map_unordered(
-        partial(scan_chunk, archive, max_bytes=max_bytes, timeout_s=timeout_s, site_from=site_from),
+        partial(
+            scan_chunk,
+            archive,
+            max_bytes=max_bytes,
+            timeout_s=timeout_s,
+            site_from=site_from,
+            policy=policy,
+        ),
         chunks,
         workers=workers,
         scheduler=scheduler,
@@ -77,13 +89,14 @@ def _run_here(
     max_bytes: int,
     timeout_s: float,
     site_from: SiteRule,
+    policy: phi.Policy,
 ) -> Iterator[pa.Table]:
     """One worker: read in this process (no start-up cost), restoring its alarm handler."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGALRM) if main else None
     try:
         for chunk in chunks:
-            yield scan_chunk(archive, chunk, max_bytes, timeout_s, site_from)
+            yield scan_chunk(archive, chunk, max_bytes, timeout_s, site_from, policy)
     finally:
         if main:
             dicom.init_worker(0)

@@ -69,6 +69,11 @@ INSTANCE_SCHEMA = pa.schema(
         ("rescale_slope", _F64),
         ("rescale_intercept", _F64),
         ("burned_in_annotation", _STR),
+        ("patient_identity_removed", _STR),
+        ("deidentification_method", _STR),
+        ("deidentification_method_codes", pa.list_(_STR)),
+        ("longitudinal_temporal_information_modified", _STR),
+        ("phi_accepted", pa.list_(_STR)),
         ("flags", pa.list_(_STR)),
     ]
 )
@@ -93,6 +98,10 @@ SERIES_COPIED = (
     "pixel_spacing_row",
     "pixel_spacing_col",
     "slice_thickness",
+    "patient_identity_removed",
+    "deidentification_method",
+    "deidentification_method_codes",
+    "longitudinal_temporal_information_modified",
 )
 SERIES_SCHEMA = pa.schema(
     [
@@ -134,6 +143,38 @@ LEDGER_SCHEMA = pa.schema(
     ]
 )
 VIEWS = ("instances", "series", "quarantine", "skipped")
+#: The PHI census view of the catalog (over the ``instances`` and ``quarantine`` views).
+PHI_CENSUS_VIEW = "phi_census"
+#: Site of a quarantine row: the first folder of its path (as the instances' ``site``).
+_SITE_OF_PATH = "CASE WHEN contains(path, '/') THEN split_part(path, '/', 1) END"
+#: One attribute name of a ``phi_present`` detail (names joined by commas; a tag without
+#: keyword is written ``(gggg,eeee)``).
+_DETAIL_NAME_RE = r"(?:\([0-9A-F]{4},[0-9A-F]{4}\)|[^,])+"
+_PHI_CENSUS_SQL = (
+    "SELECT site, element, rule, count(*)::BIGINT AS files FROM ("
+    "SELECT site, regexp_replace(label, ':[a-z]+$', '') AS element, "
+    "regexp_extract(label, ':([a-z]+)$', 1) AS rule "
+    "FROM (SELECT site, unnest(phi_accepted) AS label FROM $instances) "
+    f"UNION ALL SELECT {_SITE_OF_PATH} AS site, "
+    f"unnest(regexp_extract_all(detail, '{_DETAIL_NAME_RE}')) AS element, 'phi' AS rule "
+    "FROM $quarantine WHERE reason = 'phi_present'"
+    ") GROUP BY site, element, rule ORDER BY site ASC NULLS LAST, element, rule"
+)
+
+
+def phi_census_sql(instances: str, quarantine: str) -> str:
+    """SQL of the PHI census over the relations ``instances`` and ``quarantine``.
+
+    Per site, identifying attribute and rule, the files whose attribute is not empty:
+    indexed files under the rule that accepted it (``phi_accepted``), files quarantined
+    ``phi_present`` under ``phi`` for each attribute their detail names. Tag names and
+    counts only, never values.
+    """
+    return _PHI_CENSUS_SQL.replace("$instances", instances).replace("$quarantine", quarantine)
+
+
+#: Key of the files without a site in the report's census.
+NO_SITE = "(no site)"
 #: Instance flag set by the duplicate rules (not by the header read).
 SHARED_FLAG = "uid_shared_across_sites"
 
@@ -450,11 +491,14 @@ def build_report(
     skip_reasons: Mapping[str, int],
     n_series: int,
     reader: str,
+    phi_census: Iterable[tuple[str | None, str, str, int]] = (),
 ) -> dict[str, Any]:
     """``report.json`` of one run; raises AccountingError if the files do not balance.
 
     ``reader`` is the fingerprint of the header reader whose rows the index holds (a later
-    run reuses rows only from an index with the same fingerprint).
+    run reuses rows only from an index with the same fingerprint). ``phi_census`` holds
+    the rows of :func:`phi_census_sql` (site, element, rule, files), reported as
+    ``{site: {element: {rule: files}}}``.
     """
     n_quarantined = sum(quarantine_reasons.values())
     n_skipped = sum(skip_reasons.values())
@@ -467,6 +511,7 @@ def build_report(
         "skip_reasons": dict(sorted(Counter(skip_reasons).items())),
         "series": n_series,
         "reader": reader,
+        "phi_census": census_tree(phi_census),
     }
     accounted = n_indexed + n_quarantined + n_skipped
     if accounted != files_seen:
@@ -476,3 +521,15 @@ def build_report(
         )
         raise AccountingError(msg)
     return report
+
+
+def census_tree(rows: Iterable[tuple[str | None, str, str, int]]) -> dict[str, Any]:
+    """``{site: {element: {rule: files}}}`` of census rows, keys sorted."""
+    tree: dict[str, dict[str, dict[str, int]]] = {}
+    for site, element, rule, files in rows:
+        rules = tree.setdefault(NO_SITE if site is None else site, {}).setdefault(element, {})
+        rules[rule] = rules.get(rule, 0) + int(files)
+    return {
+        site: {el: dict(sorted(r.items())) for el, r in sorted(elements.items())}
+        for site, elements in sorted(tree.items())
+    }

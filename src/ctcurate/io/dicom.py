@@ -6,8 +6,8 @@ any pixel:
 - it must be DICOM: a preamble with file meta, or else the core attributes
   (SOPInstanceUID, SeriesInstanceUID, Modality) with valid UIDs — ``dcmread(force=True)``
   alone accepts text and random bytes;
-- PHI-bearing attributes must be empty, also inside sequences (tag names are reported,
-  never values);
+- identifying attributes must pass the PHI policy (:mod:`ctcurate.io.phi`), also inside
+  sequences (tag names and rule names are reported, never values);
 - its transfer syntax must have an installed pixel decoder;
 - its pixel data must be all there: a length check from Rows, Columns, SamplesPerPixel,
   BitsAllocated and NumberOfFrames against the bytes after the PixelData tag (native
@@ -60,28 +60,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from ctcurate.io import archive_file
+from ctcurate.io import archive_file, phi
 
 Status = Literal["indexed", "quarantined", "skipped"]
 
-#: Attributes whose non-empty value means the file was not anonymized (keywords).
-PHI_KEYWORDS: tuple[str, ...] = (
-    "PatientName",
-    "PatientBirthDate",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "InstitutionName",
-    "InstitutionAddress",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy",
-    "RequestingPhysician",
-    "OperatorsName",
-)
+#: Identifying attributes judged by the PHI policy (keywords, :mod:`ctcurate.io.phi`).
+PHI_KEYWORDS: tuple[str, ...] = phi.ELEMENTS
 #: Attributes a file without preamble / file meta must carry to be accepted as DICOM.
 CORE_KEYWORDS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID", "Modality")
 
@@ -105,7 +89,6 @@ _MAX_SEQ_DEPTH = 16
 _HEAD_BYTES = 1 << 16
 _CHANGED = "changed_since_snapshot"
 _INT64_LIMIT = 1 << 63
-_EMPTY_CHARS = " \x00^="  # a PN made of separators only is empty
 _MIN_AXIS_NORM = 0.5  # ImageOrientationPatient row / column vectors shorter than this are bad
 
 PHI_TAG_NAMES = {int(BaseTag(pydicom.datadict.tag_for_keyword(k) or 0)): k for k in PHI_KEYWORDS}
@@ -251,8 +234,11 @@ def scan_files(
     entries: Sequence[tuple[str, int, int]],
     max_bytes: int,
     timeout_s: float | None = None,
+    policy: phi.Policy = phi.DEFAULT_POLICY,
 ) -> list[FileOutcome]:
     """Read every ``(path, size, mtime_ns)`` of ``entries`` under ``archive`` (worker task).
+
+    Identifying attributes are judged by ``policy`` (:mod:`ctcurate.io.phi`).
 
     Each file gets the per-file time cap ``timeout_s`` (default: the one set by
     :func:`init_worker` in this process; 0: none); a file exceeding it is quarantined
@@ -262,7 +248,10 @@ def scan_files(
     root = Path(archive)
     cap = _timeout_s if timeout_s is None else timeout_s
     if cap <= 0:
-        return [read_instance(root, p, size, mtime, max_bytes) for p, size, mtime in entries]
+        return [
+            read_instance(root, p, size, mtime, max_bytes, policy=policy)
+            for p, size, mtime in entries
+        ]
     alarm = (
         threading.current_thread() is threading.main_thread()
         and _timeout_s == cap
@@ -277,7 +266,7 @@ def scan_files(
                     signal.setitimer(signal.ITIMER_REAL, cap)
                 else:
                     dog.arm()
-                outcome = read_instance(root, path, size, mtime_ns, max_bytes)
+                outcome = read_instance(root, path, size, mtime_ns, max_bytes, policy=policy)
                 if dog is None:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                 else:
@@ -300,7 +289,14 @@ def scan_files(
 
 
 def read_instance(
-    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int, *, lean: bool = True
+    archive: Path,
+    path: str,
+    size: int,
+    mtime_ns: int,
+    max_bytes: int,
+    *,
+    lean: bool = True,
+    policy: phi.Policy = phi.DEFAULT_POLICY,
 ) -> FileOutcome:
     """Read and check one listed file; never raises for anything the file contains.
 
@@ -315,13 +311,15 @@ def read_instance(
     lean
         Try the lean reader (:mod:`ctcurate.io.lean`) first; ``False`` reads every file
         with pydicom (the reference the lean reader is tested against).
+    policy
+        The PHI policy identifying attributes are judged by.
     """
     if lean:
-        record = _read_lean_file(str(archive), path, size, mtime_ns, max_bytes)
+        record = _read_lean_file(str(archive), path, size, mtime_ns, max_bytes, policy)
         if record is not None:
             return FileOutcome(path, "indexed", record=record, size=size, mtime_ns=mtime_ns)
     try:
-        record = _read_checked(archive, path, size, mtime_ns, max_bytes)
+        record = _read_checked(archive, path, size, mtime_ns, max_bytes, policy)
     except Reject as rej:
         return FileOutcome(path, rej.status, rej.reason, rej.detail, None, size, mtime_ns)
     except OSError as exc:
@@ -356,7 +354,7 @@ def _plain_path(path: str) -> bool:
 
 
 def _read_lean_file(
-    archive: str, path: str, size: int, mtime_ns: int, max_bytes: int
+    archive: str, path: str, size: int, mtime_ns: int, max_bytes: int, policy: phi.Policy
 ) -> dict[str, Any] | None:
     """The row of a clean file by the lean reader, ``None`` to let :func:`_read_checked` read it.
 
@@ -383,11 +381,11 @@ def _read_lean_file(
                 data = archive_file.inflate(fp, max_bytes)
             return read_lean(None, data, path, size, mtime_ns, len(data), flags)
         if len(head) >= st.st_size:  # the whole file
-            return read_lean(None, head, path, size, mtime_ns, st.st_size, flags)
+            return read_lean(None, head, path, size, mtime_ns, st.st_size, flags, policy)
         if len(head) < _HEAD_BYTES:
             return None
         with open(fd, "rb", buffering=0, closefd=False) as fp:
-            return read_lean(fp, head, path, size, mtime_ns, st.st_size, flags)
+            return read_lean(fp, head, path, size, mtime_ns, st.st_size, flags, policy)
     except (OSError, archive_file.InflateError):
         return None
     finally:
@@ -395,7 +393,7 @@ def _read_lean_file(
 
 
 def _read_checked(
-    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int
+    archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int, policy: phi.Policy
 ) -> dict[str, Any]:
     full = _resolve(archive, path)
     try:
@@ -433,15 +431,26 @@ def _read_checked(
             check_core(ds, trusted=False)
         _check_complete(ds)
         check_core(ds, trusted=trusted)
-        phi = phi_tags(ds)
-        if phi:
-            raise Reject(reason="phi_present", detail=",".join(phi))
+        rules = policy.rules_for(policy.site_of(path))
+        offending, accepted = phi_verdict(ds, rules)
+        if offending:
+            raise Reject(reason="phi_present", detail=",".join(offending))
         ts = str(ds.file_meta.TransferSyntaxUID) if has_meta else None
         check_decoder(ts)
         _check_pixels(ds, ts, stream, stream_size)
         if not has_meta:
             flags.append("no_meta")
-        return instance_record(ds, path, size, mtime_ns, ts, flags)
+        return instance_record(
+            ds,
+            path,
+            size,
+            mtime_ns,
+            ts,
+            flags,
+            accepted,
+            deidentification_codes(ds),
+            site=policy.site_of(path),
+        )
 
 
 def _plain_stream(raw: BinaryIO, size: int, max_bytes: int) -> tuple[BinaryIO, int]:
@@ -606,29 +615,44 @@ def _tag_name(tag: int) -> str:
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+tag_name = _tag_name  # the name of a tag in details and census labels: keyword or (gggg,eeee)
+
+
 # --- PHI -----------------------------------------------------------------------------------
 
 
-def phi_tags(ds: Dataset) -> list[str]:
-    """Names of the non-empty PHI-bearing attributes of ``ds``, sorted, unique.
+def phi_verdict(ds: Dataset, rules: phi.Rules) -> tuple[list[str], list[str]]:
+    """``(offending, accepted)``: the identifying attributes of ``ds`` judged by ``rules``.
 
-    Attributes inside sequences are named by their path (``Seq>Attribute``). Values are
-    never returned.
+    ``offending`` names the attributes the policy rejects (sorted, unique); ``accepted``
+    the census labels (``Keyword:rule``) of the non-empty attributes it accepts. Attributes
+    inside sequences are named by their path (``Seq>Attribute``) and compared with the
+    file's PatientID too. Values are never returned.
     """
-    return sorted(set(_phi_walk(ds, "", 0)))
+    patient_id = _text(ds, "PatientID", [])
+    offending: set[str] = set()
+    accepted: set[str] = set()
+    for name, rule in _phi_walk(ds, rules, patient_id, "", 0):
+        if rule == "phi":
+            offending.add(name)
+        elif rule != "empty":
+            accepted.add(phi.accepted_label(name, rule))
+    return sorted(offending), sorted(accepted)
 
 
-def _phi_walk(ds: Dataset, prefix: str, depth: int) -> list[str]:
-    found: list[str] = []
+def _phi_walk(
+    ds: Dataset, rules: phi.Rules, patient_id: str | None, prefix: str, depth: int
+) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
     for tag in list(ds.keys()):
         itag = int(tag)
         if itag in PHI_TAG_NAMES:
+            keyword = PHI_TAG_NAMES[itag]
             try:
-                present = _non_empty(ds[tag].value)
+                texts = _phi_texts(ds[tag].value)
             except Exception:  # bytes that do not convert are still bytes: not empty
-                present = True
-            if present:
-                found.append(prefix + PHI_TAG_NAMES[itag])
+                texts = None
+            found.append((prefix + keyword, rules.judge(keyword, texts, patient_id)))
             continue
         if depth >= _MAX_SEQ_DEPTH or not _is_sequence(ds, tag):
             continue
@@ -638,8 +662,48 @@ def _phi_walk(ds: Dataset, prefix: str, depth: int) -> list[str]:
             continue
         if isinstance(items, DicomSequence):
             for item in items:
-                found += _phi_walk(item, f"{prefix}{_tag_name(itag)}>", depth + 1)
+                found += _phi_walk(
+                    item, rules, patient_id, f"{prefix}{_tag_name(itag)}>", depth + 1
+                )
     return found
+
+
+def _phi_texts(value: Any) -> list[str] | None:
+    """An identifying value as text values (``None``: not text, e.g. a non-empty sequence)."""
+    if value is None:
+        return []
+    if isinstance(value, DicomSequence):
+        return None if len(value) else []
+    if isinstance(value, bytes):
+        return None if value.strip(b" \x00") else []
+    if isinstance(value, (MultiValue, list, tuple)):
+        out: list[str] = []
+        for v in value:
+            texts = _phi_texts(v)
+            if texts is None:
+                return None
+            out += texts
+        return out
+    return [str(value)]
+
+
+def deidentification_codes(ds: Header) -> list[str]:
+    """The CodeValues of DeidentificationMethodCodeSequence, sorted and unique.
+
+    Unparsable items or values are left out (the column records, it does not judge).
+    """
+    try:
+        items = ds.get("DeidentificationMethodCodeSequence")
+    except Exception:  # an unparsable sequence records nothing
+        return []
+    if not isinstance(items, DicomSequence):
+        return []
+    codes: set[str] = set()
+    for item in items:
+        text = _text(item, "CodeValue", [])
+        if text is not None:
+            codes.add(text)
+    return sorted(codes)
 
 
 def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
@@ -653,18 +717,6 @@ def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
         except KeyError:
             return False
     return vr == "SQ" or isinstance(getattr(elem, "value", None), DicomSequence)
-
-
-def _non_empty(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, DicomSequence):
-        return len(value) > 0
-    if isinstance(value, (MultiValue, list, tuple)):
-        return any(_non_empty(v) for v in value)
-    if isinstance(value, bytes):
-        return value.strip(b" \x00") != b""
-    return str(value).strip(_EMPTY_CHARS) != ""
 
 
 # --- transfer syntax and pixel data ---------------------------------------------------------
@@ -833,12 +885,26 @@ def check_fragments(stream: BinaryIO, start: int, size: int, name: str) -> None:
 
 
 def instance_record(
-    ds: Header, path: str, size: int, mtime_ns: int, ts: str | None, flags: list[str]
+    ds: Header,
+    path: str,
+    size: int,
+    mtime_ns: int,
+    ts: str | None,
+    flags: list[str],
+    phi_accepted: Sequence[str] = (),
+    deid_codes: Sequence[str] = (),
+    site: str | bool | None = True,
 ) -> dict[str, Any]:
-    """The ``instances`` row of a checked dataset; unparsable values become null + a flag."""
+    """The ``instances`` row of a checked dataset; unparsable values become null + a flag.
+
+    ``phi_accepted`` are the census labels of the identifying attributes the PHI policy
+    accepted, ``deid_codes`` the CodeValues of DeidentificationMethodCodeSequence; ``site``
+    the file's site (``True``: its first folder).
+    """
     flags = list(flags)
-    parts = PurePosixPath(path).parts
-    site = parts[0] if len(parts) > 1 else None
+    if site is True:
+        site = phi.DEFAULT_POLICY.site_of(path)
+    site = site or None
     if site is None:
         flags.append("no_site")
     position = _floats(ds, "ImagePositionPatient", 3, flags)
@@ -882,6 +948,13 @@ def instance_record(
         "rescale_slope": _float(ds, "RescaleSlope", flags),
         "rescale_intercept": _float(ds, "RescaleIntercept", flags),
         "burned_in_annotation": _text(ds, "BurnedInAnnotation", flags),
+        "patient_identity_removed": _text(ds, "PatientIdentityRemoved", flags),
+        "deidentification_method": _text(ds, "DeidentificationMethod", flags),
+        "deidentification_method_codes": sorted(set(deid_codes)),
+        "longitudinal_temporal_information_modified": _text(
+            ds, "LongitudinalTemporalInformationModified", flags
+        ),
+        "phi_accepted": sorted(set(phi_accepted)),
         "flags": sorted(set(flags)),
     }
 

@@ -12,8 +12,12 @@ pydicom path decides. It gives up on anything it cannot prove clean:
   outside sequences and encapsulated pixel data, an element past the bytes read, nesting
   deeper than pydicom's PHI walk, a file meta that does not parse, a needed attribute
   seen twice;
-- a PHI-bearing attribute that is not empty, at any depth of any sequence (so the PHI
-  verdict and its detail always come from the pydicom path), and a non-empty top-level
+- an identifying attribute the PHI policy (:mod:`ctcurate.io.phi`) rejects (so a
+  ``phi_present`` verdict and its detail come from the pydicom path), a non-empty one whose
+  value is not plain printable ASCII, whose VR is not the dictionary's or whose length is
+  undefined, a non-empty identifying sequence. Accepted values, top-level and nested
+  (named by their sequence path), are judged once per distinct combination (cached) and
+  counted in ``phi_accepted``; and a non-empty top-level
   AnatomicRegionSequence (its code meanings are read by the pydicom path);
 - a needed value that is not plain printable ASCII, a DS/IS that does not match the
   strict grammar, a binary value of unexpected length, a needed value whose VR differs
@@ -50,7 +54,7 @@ from typing import Any, BinaryIO
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ctcurate.io import dicom
+from ctcurate.io import dicom, phi
 
 #: Attributes the record builder and the checks read (keywords).
 NEEDED_KEYWORDS: tuple[str, ...] = (
@@ -84,6 +88,9 @@ NEEDED_KEYWORDS: tuple[str, ...] = (
     "SamplesPerPixel",
     "NumberOfFrames",
     "PhotometricInterpretation",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "LongitudinalTemporalInformationModified",
 )
 _NEEDED: dict[int, tuple[str, str]] = {
     int(tag_for_keyword(k) or 0): (k, str(dictionary_VR(k))) for k in NEEDED_KEYWORDS
@@ -101,6 +108,7 @@ _VRS = frozenset(
 _LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _VR_INFO = {vr: (vr.decode(), vr in _LONG) for vr in _VRS}
 _ITEM, _ITEM_DELIM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_CODE_VALUE = 0x00080100
 _UNDEFINED = 0xFFFFFFFF
 _MAX_DEPTH = 16
 _STRIP = b" \x00"
@@ -216,10 +224,29 @@ def _check_phi(vr: str, buf: bytes, start: int, length: int) -> None:
 class _Walker:
     """Element walker over the bytes of one file (little endian)."""
 
-    def __init__(self, buf: bytes, implicit: bool) -> None:
+    def __init__(
+        self, buf: bytes, implicit: bool, codes: list[bytes] | None = None, seq: int = 0
+    ) -> None:
         self.buf, self.implicit = buf, implicit
         self.needed: dict[int, Any] = {}
         self.pixel_pos: int | None = None
+        self.codes = codes  # CodeValues of the items of the walked sequence, if not None
+        #: Tags of the sequences around the element being walked (``seq``: the outermost).
+        self.stack: list[int] = [seq] if seq else []
+        #: Non-empty identifying values found in the items: (sequence tags, tag, value).
+        self.nested: list[tuple[tuple[int, ...], int, bytes]] = []
+
+    def _phi(self, tag: int, vr: str, start: int, length: int) -> None:
+        """Keep a non-empty nested identifying value (the dictionary's VR, defined length)
+        for the PHI policy; give up on a non-empty sequence or any other VR."""
+        if vr == "SQ" or length == _UNDEFINED or vr != _PHI_VR_BY_TAG[tag] or not self.stack:
+            _check_phi(vr, self.buf, start, length)
+            return
+        if start + length > len(self.buf):
+            raise _GiveUp
+        value = self.buf[start : start + length]
+        if value.strip(_EMPTY_PHI):
+            self.nested.append((tuple(self.stack), tag, value))
 
     def dataset(self, pos: int, end: int, depth: int) -> int:
         """Walk a dataset from ``pos`` to ``end`` (or its item delimiter); return the end."""
@@ -261,17 +288,23 @@ class _Walker:
                     self.pixel_pos = pos
                     return pos
                 if tag in _PHI:
-                    _check_phi(vr, buf, start, length)
+                    self._phi(tag, vr, start, length)
             if vr == "SQ":
                 if depth + 1 > _MAX_DEPTH:
                     raise _GiveUp
+                self.stack.append(tag)
                 pos = self.sequence(start, length, depth + 1)
+                self.stack.pop()
                 continue
             if length == _UNDEFINED:
                 raise _GiveUp
             pos = start + length
             if pos > n:
                 raise _GiveUp
+            if tag == _CODE_VALUE and depth == 1 and self.codes is not None:
+                if vr != "SH" or b"\\" in buf[start:pos]:
+                    raise _GiveUp
+                self.codes.append(buf[start:pos])
             if top and tag in _NEEDED:
                 if vr != _NEEDED[tag][1]:
                     raise _GiveUp
@@ -388,19 +421,37 @@ def _le(tag: int) -> int:
     return (tag & 0xFFFF) << 16 | tag >> 16
 
 
-_NEED, _PHI_CHECK, _PIXEL = 1, 2, 3
+_NEED, _PHI_CHECK, _PIXEL, _CODES = 1, 2, 3, 4
+_CODE_SEQUENCE = int(tag_for_keyword("DeidentificationMethodCodeSequence") or 0)
 _ACTION: dict[int, int] = (
     dict.fromkeys(map(_le, _NEEDED), _NEED)
     | dict.fromkeys(map(_le, _PHI), _PHI_CHECK)
     | dict.fromkeys(map(_le, dicom.PIXEL_TAGS), _PIXEL)
+    | {_le(_CODE_SEQUENCE): _CODES}
 )
 #: A coded body region the pydicom path reads (its items are not walked for values here):
 #: gives up when not empty, as for a PHI-bearing attribute.
 _ACTION[_le(int(tag_for_keyword("AnatomicRegionSequence") or 0))] = _PHI_CHECK
 _NEEDED_VR = {_le(tag): vr for tag, (_, vr) in _NEEDED.items()}
+_PHI_VR = {_le(tag): str(dictionary_VR(tag)) for tag in _PHI}
+_PHI_VR_BY_TAG = {tag: str(dictionary_VR(tag)) for tag in _PHI}
 #: Plans: skip a short / long element, keep a needed value, check a PHI value (short,
-#: long, sequence), walk a sequence, stop at the pixel element (short, long header).
-_SKIP, _SKIP_LONG, _KEEP, _PHI_SHORT, _PHI_LONG, _PHI_SEQ, _SEQ, _PIX, _PIX_LONG = range(9)
+#: long, sequence), walk a sequence, stop at the pixel element (short, long header),
+#: keep a non-empty identifying value (short, the dictionary's VR) for the PHI policy,
+#: walk DeidentificationMethodCodeSequence keeping its CodeValues.
+(
+    _SKIP,
+    _SKIP_LONG,
+    _KEEP,
+    _PHI_SHORT,
+    _PHI_LONG,
+    _PHI_SEQ,
+    _SEQ,
+    _PIX,
+    _PIX_LONG,
+    _PHI_KEEP,
+    _CODE_SEQ,
+) = range(11)
 _TAG_VR = struct.Struct("<L2s")
 _KEY_LEN16 = struct.Struct("<6sH")
 _LE_TAG_LEN = struct.Struct("<LL")
@@ -425,9 +476,13 @@ def _plan(tag: int, vr: str, long: bool) -> int:
     if action == _PIXEL:
         return _PIX_LONG if long else _PIX
     if action == _PHI_CHECK:
-        return _PHI_SEQ if vr == "SQ" else _PHI_LONG if long else _PHI_SHORT
+        if vr == "SQ":
+            return _PHI_SEQ
+        if long:
+            return _PHI_LONG
+        return _PHI_KEEP if vr == _PHI_VR[tag] else _PHI_SHORT
     if vr == "SQ":
-        return _SEQ
+        return _CODE_SEQ if action == _CODES else _SEQ
     if action == _NEED:
         if vr != _NEEDED_VR[tag] or long:
             raise _GiveUp
@@ -456,19 +511,29 @@ def _implicit_plan(tag: int, length: int) -> int:
 
 _PIXEL_LE = frozenset(map(_le, dicom.PIXEL_TAGS))
 _IMPLICIT_KEYS = {tag: _key(tag, vr) for tag, vr in _NEEDED_VR.items()}
+_PHI_IMPLICIT_KEYS = {tag: _key(tag, vr) for tag, vr in _PHI_VR.items()}
+#: Keyword and VR of each identifying element by its key (tag and the dictionary's VR).
+_PHI_BY_KEY = {_key(_le(t), _PHI_VR[_le(t)]): (k, _PHI_VR[_le(t)]) for t, k in _PHI.items()}
 
 
-def walk_top(buf: bytes, pos: int, implicit: bool) -> tuple[dict[bytes, bytes], int]:
-    """The raw bytes of the needed top-level values and the offset of the pixel element.
+Raw = dict[bytes, bytes]
+
+
+def walk_top(buf: bytes, pos: int, implicit: bool) -> tuple[Raw, Raw, int]:
+    """The raw bytes of the needed top-level values, of the extra values and the offset of
+    the pixel element.
 
     The same walk as :class:`_Walker` at depth 0 (sequences are walked by it), keeping
     the undecoded values (keyed by their 6 bytes of tag and VR); raises _GiveUp where it
-    does, and on a needed tag seen twice.
+    does, and on a needed tag seen twice. The extra values are the non-empty top-level
+    identifying values (by their key) and the CodeValues of
+    DeidentificationMethodCodeSequence (joined by backslashes, key :data:`_CODES_KEY`).
     """
     if implicit:
         return _walk_implicit(buf, pos)
     n = len(buf)
-    raw: dict[bytes, bytes] = {}
+    raw: Raw = {}
+    extra: Raw = {}
     unpack = _KEY_LEN16.unpack_from
     plans = _explicit_plans
     while pos + 8 <= n:
@@ -487,11 +552,15 @@ def walk_top(buf: bytes, pos: int, implicit: bool) -> tuple[dict[bytes, bytes], 
         elif plan == _SKIP_LONG:  # an undefined length jumps past the end: gives up
             pos += 12 + _U32.unpack_from(buf, pos + 8)[0]
         elif plan == _PIX:
-            return raw, pos
+            return raw, extra, pos
         elif plan == _PIX_LONG:
             if pos + 12 > n:
                 raise _GiveUp
-            return raw, pos
+            return raw, extra, pos
+        elif plan == _PHI_KEEP:
+            start = pos + 8
+            pos = start + length
+            _keep_phi(extra, key, buf, start, pos)
         elif plan == _PHI_SHORT:
             if buf[pos + 8 : pos + 8 + length].strip(_EMPTY_PHI):
                 raise _GiveUp
@@ -505,14 +574,62 @@ def walk_top(buf: bytes, pos: int, implicit: bool) -> tuple[dict[bytes, bytes], 
                 continue
             if plan == _PHI_SEQ:
                 _check_phi("SQ", buf, start, length)
-            pos = _Walker(buf, implicit=False).sequence(start, length, 1)
+            elif plan == _CODE_SEQ:
+                pos = _walk_codes(extra, buf, start, length, implicit=False)
+                continue
+            pos = _walk_sequence(extra, buf, start, length, _le(_U32.unpack_from(key)[0]), False)
     raise _GiveUp  # no pixel element in the bytes read: the pydicom path decides
 
 
-def _walk_implicit(buf: bytes, pos: int) -> tuple[dict[bytes, bytes], int]:
+#: Key of the DeidentificationMethodCodeSequence CodeValues among the extra values.
+_CODES_KEY = b"codes"
+
+
+def _walk_sequence(
+    extra: Raw, buf: bytes, start: int, length: int, tag: int, implicit: bool
+) -> int:
+    """Walk a top-level sequence (``tag``); keep its nested identifying values in ``extra``
+    (keys :func:`_nested_key`); return its end."""
+    walker = _Walker(buf, implicit=implicit, seq=tag)
+    end = walker.sequence(start, length, 1)
+    for path, phi_tag, value in walker.nested:
+        extra[_nested_key(path, phi_tag, len(extra))] = value
+    return end
+
+
+def _nested_key(path: tuple[int, ...], tag: int, n: int) -> bytes:
+    """Key of a nested identifying value: a marker, the sequence tags, its tag, a number
+    that keeps two values of one path apart."""
+    return _NESTED + struct.pack(f"<{len(path) + 2}L", *path, tag, n)
+
+
+_NESTED = b"\xff"
+
+
+def _keep_phi(extra: Raw, key: bytes, buf: bytes, start: int, end: int) -> None:
+    """Keep a top-level identifying value for the PHI policy when it is not empty."""
+    if end > len(buf) or key in extra:
+        raise _GiveUp
+    value = buf[start:end]
+    if value.strip(_EMPTY_PHI):
+        extra[key] = value
+
+
+def _walk_codes(extra: Raw, buf: bytes, start: int, length: int, *, implicit: bool) -> int:
+    """Walk DeidentificationMethodCodeSequence keeping its CodeValues; return its end."""
+    if _CODES_KEY in extra:
+        raise _GiveUp
+    codes: list[bytes] = []
+    end = _Walker(buf, implicit=implicit, codes=codes).sequence(start, length, 1)
+    extra[_CODES_KEY] = b"\\".join(codes)
+    return end
+
+
+def _walk_implicit(buf: bytes, pos: int) -> tuple[Raw, Raw, int]:
     """:func:`walk_top` of an implicit VR little endian dataset."""
     n = len(buf)
-    raw: dict[bytes, bytes] = {}
+    raw: Raw = {}
+    extra: Raw = {}
     unpack = _LE_TAG_LEN.unpack_from
     plans = _implicit_plans
     while pos + 8 <= n:
@@ -530,15 +647,20 @@ def _walk_implicit(buf: bytes, pos: int) -> tuple[dict[bytes, bytes], int]:
                 raise _GiveUp
             raw[key] = buf[start:pos]
         elif plan == _PIX:
-            return raw, pos
+            return raw, extra, pos
+        elif plan == _PHI_KEEP:
+            pos = start + length
+            _keep_phi(extra, _PHI_IMPLICIT_KEYS[tag], buf, start, pos)
+        elif plan == _CODE_SEQ:
+            pos = _walk_codes(extra, buf, start, length, implicit=True)
         elif plan in {_PHI_SHORT, _PHI_SEQ}:
             _check_phi("SQ" if plan == _PHI_SEQ else "", buf, start, length)
             if plan == _PHI_SEQ:
-                pos = _Walker(buf, implicit=True).sequence(start, length, 1)
+                pos = _walk_sequence(extra, buf, start, length, _le(tag), True)
             else:
                 pos = start + length
         else:  # _SEQ (implicit VR elements are never "long")
-            pos = _Walker(buf, implicit=True).sequence(start, length, 1)
+            pos = _walk_sequence(extra, buf, start, length, _le(tag), True)
     raise _GiveUp
 
 
@@ -573,6 +695,13 @@ SHARED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("rescale_intercept", "RescaleIntercept", "float"),
     ("burned_in_annotation", "BurnedInAnnotation", "text"),
     ("image_orientation", "ImageOrientationPatient", "orientation"),
+    ("patient_identity_removed", "PatientIdentityRemoved", "text"),
+    ("deidentification_method", "DeidentificationMethod", "text"),
+    (
+        "longitudinal_temporal_information_modified",
+        "LongitudinalTemporalInformationModified",
+        "text",
+    ),
 )
 #: Attributes whose values are usually the same for every file of a series.
 _SHARED_KEYWORDS = (
@@ -701,16 +830,22 @@ def site_of(path: str) -> str | None:
 
 
 def lean_record(
-    raw: dict[bytes, bytes],
+    raw: Raw,
     meta_sop: str | None,
     path: str,
     size: int,
     mtime_ns: int,
     ts: str,
     flags: list[str],
+    extra: Raw | None = None,
+    policy: phi.Policy = phi.DEFAULT_POLICY,
 ) -> tuple[dict[str, Any], int]:
     """The ``instances`` row from the raw needed values (what ``instance_record`` gives)
-    and the native pixel bytes expected (-1 for an encapsulated syntax)."""
+    and the native pixel bytes expected (-1 for an encapsulated syntax).
+
+    ``extra`` holds the extra values of :func:`walk_top`, judged by ``policy``; gives up
+    when the policy does not accept them (the pydicom path names the tags).
+    """
     shared, shared_flags, expected = shared_columns(
         tuple(map(raw.get, _SHARED_TAGS)), meta_sop, ts in dicom.NATIVE_SYNTAXES
     )
@@ -719,7 +854,7 @@ def lean_record(
     record["path"] = path
     record["size"] = size
     record["mtime_ns"] = mtime_ns
-    site = record["site"] = site_of(path)
+    site = record["site"] = site_of(path) if policy.site_rule is None else policy.site_of(path)
     record["sop_instance_uid"] = sop_instance_uid(raw.get(_SOP_INSTANCE))
     record["image_position_x"] = position[0] if position else None
     record["image_position_y"] = position[1] if position else None
@@ -727,6 +862,17 @@ def lean_record(
     record["instance_number"] = instance_number(raw.get(_NUMBER))
     record["transfer_syntax_uid"] = ts
     record["anatomic_region"] = None  # a non-empty AnatomicRegionSequence gave up
+    accepted: tuple[str, ...] = ()
+    codes: tuple[str, ...] = ()
+    if extra:
+        codes_raw = extra.get(_CODES_KEY)
+        if codes_raw:
+            codes = _codes(codes_raw)
+        values = tuple(sorted(kv for kv in extra.items() if kv[0] != _CODES_KEY))
+        if values:
+            accepted = _accepted(policy.rules_for(site), values, record["patient_id"])
+    record["deidentification_method_codes"] = list(codes)
+    record["phi_accepted"] = list(accepted)
     if flags or shared_flags or position_flags or site is None:
         every = [*flags, *shared_flags, *position_flags]
         if site is None:
@@ -735,6 +881,48 @@ def lean_record(
     else:
         record["flags"] = []
     return record, expected
+
+
+@lru_cache(maxsize=256)
+def _codes(raw: bytes) -> tuple[str, ...]:
+    """The CodeValues joined by :func:`_walk_codes`, as ``deidentification_codes`` gives
+    them (sorted, unique, empty ones left out)."""
+    codes = set()
+    for part in raw.split(b"\\"):
+        value = convert("SH", part)
+        if value:
+            codes.add(value)
+    return tuple(sorted(codes))
+
+
+_UNSPLIT_VRS = frozenset({"LT", "ST", "UT"})  # single-valued: a backslash is text
+
+
+@lru_cache(maxsize=512)
+def _accepted(
+    rules: phi.Rules, values: tuple[tuple[bytes, bytes], ...], patient_id: str | None
+) -> tuple[str, ...]:
+    """Census labels of the non-empty identifying values (by key) ``rules`` accept; gives
+    up when it rejects one or a value is not plain printable ASCII."""
+    labels = []
+    for key, value in values:
+        if key[:1] == _NESTED:  # named by its path, judged as its attribute
+            *path, tag, _ = struct.unpack(f"<{(len(key) - 1) // 4}L", key[1:])
+            name, vr = _PHI[tag], _PHI_VR_BY_TAG[tag]
+            label = ">".join([*map(dicom.tag_name, path), name])
+        else:
+            name, vr = _PHI_BY_KEY[key]
+            label = name
+        text = value.rstrip(_STRIP)
+        if not _PRINTABLE_RE.match(text):
+            raise _GiveUp
+        parts = [text] if vr in _UNSPLIT_VRS else text.split(b"\\")
+        rule = rules.judge(name, [p.decode("ascii") for p in parts], patient_id)
+        if rule == "phi":
+            raise _GiveUp
+        if rule != "empty":
+            labels.append(phi.accepted_label(label, rule))
+    return tuple(sorted(set(labels)))
 
 
 def _check_pixels(
@@ -772,6 +960,7 @@ def read_lean(
     mtime_ns: int,
     file_size: int,
     flags: list[str],
+    policy: phi.Policy = phi.DEFAULT_POLICY,
 ) -> dict[str, Any] | None:
     """The ``instances`` row of a clean file, or ``None`` to let the pydicom path decide.
 
@@ -789,8 +978,10 @@ def read_lean(
         implicit = ts == ImplicitVRLittleEndian
         if implicit and _VR_LIKE.match(head[start + 4 : start + 6]):
             return None  # an explicit VR dataset under an implicit syntax: pydicom guesses
-        raw, pixel_pos = walk_top(head, start, implicit)
-        record, expected = lean_record(raw, meta_sop, path, size, mtime_ns, ts, flags)
+        raw, extra, pixel_pos = walk_top(head, start, implicit)
+        record, expected = lean_record(
+            raw, meta_sop, path, size, mtime_ns, ts, flags, extra, policy
+        )
         _check_pixels(fp, head, pixel_pos, file_size, implicit, expected)
     except Exception:  # _GiveUp, a Reject, or bytes that break a conversion: pydicom decides
         return None
