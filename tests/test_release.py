@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -823,3 +824,69 @@ def test_meta_tensor_samples_work_with_monai_spatial_transforms(
     plain = ctcurate.release.open(release, split="train")
     assert type(plain[0]["image"]).__name__ == "Tensor"  # the training path: plain tensors
     plain.close()
+
+
+HEAVY = (
+    "torch",
+    "monai",
+    "dvc",
+    "dask",
+    "duckdb",
+    "matplotlib",
+    "pydicom",
+    "scipy",
+    "typer",
+    "pydantic",
+    "pyarrow",
+    "highdicom",
+    "dvclive",
+    "fcntl",
+)
+
+
+def test_a_release_reads_and_verifies_with_h5py_hdf5plugin_and_numpy_only(release: Path) -> None:
+    # a consumer's environment: every heavy package (and POSIX-only fcntl) is missing
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {HEAVY!r}:\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import h5py, ctcurate.release as r\n"
+        "print(r.verify(sys.argv[1]))\n"
+        "m = r.read_manifest(sys.argv[1])\n"
+        "case = m['cases'][0]\n"
+        "with h5py.File(sys.argv[1] + '/shards/' + case['shard']) as h5:\n"
+        "    image, label, meta = r.read_case(h5, case['case_id'])\n"
+        "print(image.dtype, label.dtype, meta['case_id'] == case['case_id'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(release)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("int16 uint8 True")
+
+
+def test_core_dependencies_are_the_reader_s_and_the_cli_names_a_missing_extra() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    core = {re.split(r"[<>=\[]", d)[0] for d in project["project"]["dependencies"]}
+    assert core == {"h5py", "hdf5plugin", "numpy"}
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'typer':\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ctcurate.entry import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "ctcurate: error: the command line needs the 'build' extra (module typer is missing): "
+        "pip install 'ctcurate[build,train]'"
+    ]
