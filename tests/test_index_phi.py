@@ -306,3 +306,20 @@ def test_site_overrides_follow_the_site_layout_rule(tmp_path: Path) -> None:
     assert rows["dl-1/H02/a.dcm"]["site"] == "H02"
     quarantined = {r["path"]: r["detail"] for r in table(tmp_path / "out", "quarantine")}
     assert quarantined == {"dl-1/H03/b.dcm": "InstitutionName"}
+
+
+def test_census_sites_quarantined_files_by_the_layout_rule(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    save(deidentified(0), archive / "dl-1" / "H02" / "a.dcm")
+    save(ct_slice(1, PatientName="DOE^JOHN", PatientID="P123"), archive / "dl-1" / "H02" / "b.dcm")
+    out = tmp_path / "out"
+    report = run_index(archive, out, site_from={"path_component": -1})
+    assert report["phi_census"] == {"H02": {"PatientName": {"phi": 1, "pseudonym": 1}}}
+    assert report["site_from"] == {"path_component": -1}
+    (out / "catalog.duckdb").unlink()  # as after a dvc pull: query rebuilds it
+    text = query.run(
+        catalog=out / "catalog.duckdb",
+        sql="SELECT site, element, rule, files FROM phi_census ORDER BY ALL",
+        fmt="csv",
+    )
+    assert text.splitlines()[1:] == ["H02,PatientName,phi,1", "H02,PatientName,pseudonym,1"]

@@ -93,3 +93,31 @@ def test_real_tcia_layout_gives_the_collection_as_site() -> None:
     assert first == {"manifest-1675442780019"}  # the first folder is no site here
     for rule in (SiteRule(path_component=-4), SiteRule(path_regex=TCIA_REGEX)):
         assert {site_of(p, rule) for p in paths} == {"Lung-PET-CT-Dx"}
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"path_component": 0},
+        {"path_component": 1},
+        {"path_component": 3},
+        {"path_component": -1},
+        {"path_component": -2},
+        {"path_component": -4},
+        {"path_regex": r"^[^/]+/(?P<site>[^/]+)/"},
+        {"path_regex": r"(?P<site>Lung[^/]*)"},
+    ],
+)
+def test_site_sql_agrees_with_site_of(rule: dict[str, object]) -> None:
+    import duckdb
+
+    from ctcurate.index.site import site_sql
+
+    parsed = SiteRule.model_validate(rule)
+    paths = ["a.dcm", "H01/a.dcm", "H01/x/a.dcm", "m-1/Lung-X/p/s/a.dcm", "m-1//a.dcm", "a/b/c/d/e"]
+    con = duckdb.connect()
+    got = []
+    for path in sorted(paths):
+        row = con.execute(f"SELECT {site_sql(parsed)} FROM (SELECT ? AS path)", [path]).fetchone()
+        got.append((path, None if row is None else row[0]))
+    assert got == [(p, site_of(p, parsed)) for p in sorted(paths)]

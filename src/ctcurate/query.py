@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctcurate.errors import CtcurateError, InputError
 from ctcurate.io.atomic import dumps_json
+from ctcurate.params import SiteRule
 
 if TYPE_CHECKING:
     import duckdb
@@ -66,7 +67,7 @@ def connect(catalog: Path, temp_dir: Path | None = None) -> duckdb.DuckDBPyConne
     ):
         # an index without its catalog (DVC does not track it): views are cheap to rebuild
         try:
-            write_catalog(index_dir)
+            write_catalog(index_dir, _site_rule(index_dir))
         except (OSError, duckdb.Error) as exc:
             msg = f"{catalog}: cannot rebuild the catalog ({_first_line(exc)})"
             raise InputError(msg) from exc
@@ -253,3 +254,14 @@ def run(catalog: Path, sql: str, fmt: str) -> str:
     if fmt == "json":
         return format_json(names, rows)
     return format_table(names, rows)
+
+
+def _site_rule(index_dir: Path) -> SiteRule:
+    """The layout rule the index in ``index_dir`` was built with (its ``report.json``)."""
+    from ctcurate.index.site import DEFAULT_RULE
+
+    try:
+        recorded = json.loads((index_dir / "report.json").read_text(encoding="utf-8"))
+        return SiteRule.model_validate(recorded["site_from"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_RULE

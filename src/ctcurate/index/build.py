@@ -40,7 +40,7 @@ import pydicom
 
 from ctcurate.errors import AccountingError, InputError
 from ctcurate.index import scan
-from ctcurate.index.site import DEFAULT_RULE
+from ctcurate.index.site import DEFAULT_RULE, site_sql
 from ctcurate.index.tables import (
     INSTANCE_SCHEMA,
     LEDGER_SCHEMA,
@@ -169,8 +169,9 @@ def view_source(view: str) -> str:
     return f"{INSTANCES_DIR}/{SHARD_GLOB}" if view == INSTANCES_DIR else f"{view}.parquet"
 
 
-def write_catalog(folder: Path) -> None:
-    """``catalog.duckdb`` in ``folder``: views over the Parquet files, by relative path."""
+def write_catalog(folder: Path, site_from: SiteRule = DEFAULT_RULE) -> None:
+    """``catalog.duckdb`` in ``folder``: views over the Parquet files, by relative path;
+    the PHI census sites quarantined files by the layout rule ``site_from``."""
     import duckdb
 
     con = duckdb.connect(str(folder / CATALOG_FILE))
@@ -179,7 +180,7 @@ def write_catalog(folder: Path) -> None:
         for view in VIEWS:
             source = _sql_text(view_source(view))
             con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({source})")
-        census = phi_census_sql("instances", "quarantine")
+        census = phi_census_sql("instances", "quarantine", site_sql(site_from))
         con.execute(f"CREATE VIEW {PHI_CENSUS_VIEW} AS {census}")
         con.execute("CHECKPOINT")
     finally:
@@ -566,7 +567,9 @@ def _publish(
             )
         shards = _sql_text(str((tmp / INSTANCES_DIR / SHARD_GLOB).resolve()))
         quarantined = _sql_text(str((tmp / "quarantine.parquet").resolve()))
-        census = phi_census_sql(f"read_parquet({shards})", f"read_parquet({quarantined})")
+        census = phi_census_sql(
+            f"read_parquet({shards})", f"read_parquet({quarantined})", site_sql(params.site_from)
+        )
         report = build_report(
             files_seen,
             n_indexed,
@@ -576,7 +579,8 @@ def _publish(
             reader,
             con.execute(census).fetchall(),
         )
-        write_catalog(tmp)
+        report["site_from"] = params.site_from.model_dump(mode="json", exclude_none=True)
+        write_catalog(tmp, params.site_from)
         write_json(tmp / "report.json", report)
     return report
 

@@ -53,3 +53,20 @@ def apply_site_rule(outcomes: Sequence[FileOutcome], rule: SiteRule) -> list[Fil
         record = outcome.record | {"site": site, "flags": sorted(flags)}
         out.append(dataclasses.replace(outcome, record=record))
     return out
+
+
+def site_sql(rule: SiteRule, column: str = "path") -> str:
+    """A DuckDB expression giving the site of the archive path in ``column`` under ``rule``
+    (NULL: no site), as :func:`site_of` does; for tables that keep only the path (the
+    quarantine). A regex runs under DuckDB's RE2, which lacks look-around."""
+    if rule.path_regex is not None:
+        pattern = rule.path_regex.replace("'", "''")
+        return f"nullif(regexp_extract({column}, '{pattern}', ['site']).site, '')"
+    k = rule.path_component
+    parts = f"string_split({column}, '/')"
+    if k is None:  # pragma: no cover - the model requires one rule
+        return "NULL::VARCHAR"
+    if k >= 0:  # the (k+1)-th folder: the path needs k + 2 parts
+        return f"CASE WHEN len({parts}) >= {k + 2} THEN nullif({parts}[{k + 1}], '') END"
+    # folders = parts[:-1]; folders[k] is part len(parts) + k (1-based) when -k <= folders
+    return f"CASE WHEN len({parts}) - 1 >= {-k} THEN nullif({parts}[len({parts}) + {k}], '') END"

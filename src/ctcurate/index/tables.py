@@ -155,22 +155,27 @@ _PHI_CENSUS_SQL = (
     "SELECT site, regexp_replace(label, ':[a-z]+$', '') AS element, "
     "regexp_extract(label, ':([a-z]+)$', 1) AS rule "
     "FROM (SELECT site, unnest(phi_accepted) AS label FROM $instances) "
-    f"UNION ALL SELECT {_SITE_OF_PATH} AS site, "
+    "UNION ALL SELECT $site_of_path AS site, "
     f"unnest(regexp_extract_all(detail, '{_DETAIL_NAME_RE}')) AS element, 'phi' AS rule "
     "FROM $quarantine WHERE reason = 'phi_present'"
     ") GROUP BY site, element, rule ORDER BY site ASC NULLS LAST, element, rule"
 )
 
 
-def phi_census_sql(instances: str, quarantine: str) -> str:
+def phi_census_sql(instances: str, quarantine: str, site_of_path: str = _SITE_OF_PATH) -> str:
     """SQL of the PHI census over the relations ``instances`` and ``quarantine``.
 
     Per site, identifying attribute and rule, the files whose attribute is not empty:
     indexed files under the rule that accepted it (``phi_accepted``), files quarantined
     ``phi_present`` under ``phi`` for each attribute their detail names. Tag names and
-    counts only, never values.
+    counts only, never values. ``site_of_path``: the SQL giving a quarantined file's site
+    from its ``path`` (:func:`ctcurate.index.site.site_sql` of the index's layout rule).
     """
-    return _PHI_CENSUS_SQL.replace("$instances", instances).replace("$quarantine", quarantine)
+    return (
+        _PHI_CENSUS_SQL.replace("$instances", instances)
+        .replace("$quarantine", quarantine)
+        .replace("$site_of_path", site_of_path)
+    )
 
 
 #: Key of the files without a site in the report's census.
