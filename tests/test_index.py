@@ -158,6 +158,7 @@ def test_tiny_series_is_indexed_with_geometry(tmp_path: Path) -> None:
         "skip_reasons": {},
         "series": 1,
         "phi_census": {},
+        "site_from": {"path_component": 0},
     }
     inst = table(tmp_path / "out", "instances")
     assert [r["path"] for r in inst] == sorted(r["path"] for r in inst)
