@@ -234,7 +234,10 @@ def test_release_accounts_for_every_case(release: Path) -> None:
     assert report["cases_excluded"] == 5
     assert report["excluded_reasons"] == reasons
     assert "release_id" not in report  # the manifest hashes the report (and the card)
-    assert sorted(manifest["files"]) == ["card.md", "card/montage.png", "report.json"]
+    gallery = sorted(f"card/gallery/{c['case_id']}.png" for c in manifest["cases"])
+    assert sorted(manifest["files"]) == sorted(
+        ["card.html", "card.md", "card/montage.png", "report.json", *gallery]
+    )
     assert sorted(e["reason"] for e in manifest["excluded"]) == sorted(reasons)
     assert len(manifest["cases"]) == 9
     assert sorted(manifest["shards"]) == [f"shard-0000{i}.h5" for i in range(3)]

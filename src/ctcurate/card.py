@@ -1,4 +1,6 @@
-"""The dataset card shipped with every release: ``card.md`` and ``card/montage.png``.
+"""The dataset card shipped with every release: ``card.md``, ``card/montage.png`` and the
+same card as a page, ``card.html`` with its gallery ``card/gallery/*.png``
+(:mod:`ctcurate.card_html`).
 
 The card counts the cohort by site, era, vendor, label and slice thickness, and audits
 shortcuts: how well one acquisition attribute alone (site, vendor, study year) predicts the
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ctcurate import card_html
 from ctcurate.io.atomic import write_bytes
 from ctcurate.release import MetaValue
 
@@ -30,8 +33,15 @@ SHORTCUT_LIFT = 0.10
 MONTAGE_PER_LABEL = 4
 #: HU window of the montage (lung window).
 MONTAGE_WINDOW = (-1000.0, 400.0)
-#: Overlay colours of label values 1..3 (normal lung, GGO, consolidation).
+#: Overlay colours of label values 1..3 (normal lung, GGO, consolidation): the montage's
+#: and the gallery's.
 LABEL_COLOURS = ("#3b82f6", "#f59e0b", "#dc2626")
+#: Cases in the gallery of ``card.html`` unless the pack params say otherwise.
+GALLERY_MAX_CASES = 500
+LABEL_NOTE = (
+    "Label: typical = 1 for consensus RSNA grades 1-2 (typical / indeterminate), "
+    "0 for grades 3-4 (atypical / negative)."
+)
 
 Rows = Sequence[Mapping[str, MetaValue]]
 LoadCase = Callable[[str], tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]]
@@ -99,14 +109,28 @@ def shortcut_audit(rows: Rows, key: str) -> dict[str, Any]:
     }
 
 
+def summary_line(rows: Rows, excluded: Sequence[Mapping[str, str]]) -> str:
+    """The card's first sentence: cases packed (by label) and excluded."""
+    typical = sum(1 for r in rows if r.get("typical") == 1)
+    return (
+        f"{len(rows)} cases packed "
+        f"({typical} typical, {len(rows) - typical} non-typical), {len(excluded)} excluded."
+    )
+
+
+def label_table(rows: Rows) -> list[tuple[str, int, int, int]]:
+    """(label, non-typical, typical, total) rows of the cases by label."""
+    typical = sum(1 for r in rows if r.get("typical") == 1)
+    other = len(rows) - typical
+    return [("non-typical (0)", other, 0, other), ("typical (1)", 0, typical, typical)]
+
+
 def render_card(rows: Rows, excluded: Sequence[Mapping[str, str]]) -> str:
     """The markdown text of the dataset card."""
-    typical = sum(1 for r in rows if r.get("typical") == 1)
     lines = [
         "# Dataset card",
         "",
-        f"{len(rows)} cases packed "
-        f"({typical} typical, {len(rows) - typical} non-typical), {len(excluded)} excluded.",
+        summary_line(rows, excluded),
         "The release id and this card's sha256 are in `manifest.json`.",
         "",
         "Label: `typical` = 1 for consensus RSNA grades 1-2 (typical / indeterminate),",
@@ -199,10 +223,86 @@ def write_card(
     rows: Rows,
     excluded: Sequence[Mapping[str, str]],
     load_case: LoadCase,
+    gallery_max_cases: int = GALLERY_MAX_CASES,
 ) -> None:
-    """Write ``card.md`` and ``card/montage.png`` into ``release_dir``."""
+    """Write ``card.md``, ``card/montage.png``, ``card.html`` and the gallery thumbnails
+    ``card/gallery/*.png`` (at most ``gallery_max_cases``, see
+    :func:`ctcurate.card_html.gallery_cases`) into ``release_dir``."""
     release_dir = Path(release_dir)
     write_bytes(release_dir / CARD, render_card(rows, excluded).encode("utf-8"))
     typical = {str(r["case_id"]): 1 if r.get("typical") == 1 else 0 for r in rows}
     shown = [(cid, typical[cid], *load_case(cid)) for cid in montage_cases(rows)]
     write_bytes(release_dir / CARD_DIR / MONTAGE, render_montage(shown))
+    by_id = {str(r["case_id"]): r for r in rows}
+    tiles = [
+        _write_thumbnail(release_dir, by_id[cid], *load_case(cid))
+        for cid in card_html.gallery_cases(rows, gallery_max_cases)
+    ]
+    page = render_html(rows, excluded, tiles)
+    write_bytes(release_dir / card_html.HTML, page.encode("utf-8"))
+
+
+def _spacing_yx(row: Mapping[str, MetaValue]) -> tuple[float, float]:
+    spacing = row.get("spacing_mm")
+    if isinstance(spacing, list) and len(spacing) == 3:
+        return float(spacing[1]), float(spacing[2])
+    return 1.0, 1.0
+
+
+def _write_thumbnail(
+    release_dir: Path,
+    row: Mapping[str, MetaValue],
+    image: npt.NDArray[np.int16],
+    label: npt.NDArray[np.uint8],
+) -> card_html.Tile:
+    """Write one case's gallery thumbnail; its :class:`~ctcurate.card_html.Tile`."""
+    case_id = str(row["case_id"])
+    z = card_html.gallery_slice(label)
+    rgb = card_html.render_thumbnail(
+        image, label, z, _spacing_yx(row), MONTAGE_WINDOW, LABEL_COLOURS
+    )
+    src = f"{CARD_DIR}/{card_html.GALLERY_DIR}/{card_html.thumbnail_name(case_id)}"
+    write_bytes(release_dir / src, card_html.png_bytes(rgb))
+    return card_html.Tile(
+        case_id=case_id,
+        site=group_value(row.get("site")),
+        split=group_value(row.get("split")),
+        typical=1 if row.get("typical") == 1 else 0,
+        slice_index=z,
+        src=src,
+        height=int(rgb.shape[0]),
+        width=int(rgb.shape[1]),
+    )
+
+
+def render_html(
+    rows: Rows, excluded: Sequence[Mapping[str, str]], tiles: Sequence[card_html.Tile]
+) -> str:
+    """The text of ``card.html``: what ``card.md`` holds, the label counts and the gallery."""
+    audits = []
+    for name, key in SHORTCUTS:
+        audit = shortcut_audit(rows, key)
+        audits.append(
+            card_html.Audit(
+                name=name,
+                groups=int(audit["groups"]),
+                accuracy=float(audit["accuracy"]),
+                baseline=float(audit["baseline"]),
+                lift=float(audit["lift"]),
+                flagged=audit["lift"] > SHORTCUT_LIFT,
+            )
+        )
+    sections = [card_html.Section("label", label_table(rows))]
+    sections += [card_html.Section(h, count_table(rows, key)) for h, key in GROUPINGS]
+    return card_html.render_html(
+        summary=summary_line(rows, excluded),
+        label_note=LABEL_NOTE,
+        lift_threshold=SHORTCUT_LIFT,
+        audits=audits,
+        sections=sections,
+        excluded=dict(Counter(e["reason"] for e in excluded)),
+        tiles=tiles,
+        packed=len(rows),
+        colours=LABEL_COLOURS,
+        montage=f"{CARD_DIR}/{MONTAGE}",
+    )

@@ -57,7 +57,7 @@ from ctcurate.volume import REASONS, ExcludedSeries, VolumeGeometry, series_to_v
 REPORT = "report.json"
 #: The stage name (its output folder's marker) and what it writes into that folder.
 STAGE = "pack"
-OWN_FILES = (SHARD_DIR, MANIFEST, REPORT, "card.md", "card")
+OWN_FILES = (SHARD_DIR, MANIFEST, REPORT, "card.md", "card.html", "card")
 #: Why a case is not packed: its own reasons, then those of the series assembly.
 EXCLUSION_REASONS = (
     "unlabeled",
@@ -414,7 +414,8 @@ def run(
     the same paths); the release is the same bytes either way.
 
     Writes ``out/shards/shard-*.h5``, ``out/manifest.json``, ``out/report.json``,
-    ``out/card.md`` and ``out/card/montage.png``; the folder is published atomically (a
+    ``out/card.md``, ``out/card/montage.png``, ``out/card.html`` and ``out/card/gallery/``;
+    the folder is published atomically (a
     crash leaves the previous release or none). A lock file beside ``out`` keeps a second
     build of the same folder from running at the same time: it fails fast instead.
 
@@ -499,6 +500,7 @@ def _build(
                 np.load(scratch / f"{cid}.image.npy"),
                 np.load(scratch / f"{cid}.label.npy"),
             ),
+            gallery_max_cases=params.card_gallery_max_cases,
         )
         shutil.rmtree(scratch)
         manifest = build_manifest(

@@ -224,6 +224,9 @@ class PackParams(Section):
     # each case carries a keyed pseudonym of (site, patient id); the key comes from the
     # environment (ctcurate.pack.PSEUDONYM_KEY_ENV) and pack fails without it
     patient_pseudonyms: bool = False
+    # cases shown in card.html's gallery (one thumbnail each; beyond it, a sample per site
+    # and label); 0: no gallery
+    card_gallery_max_cases: Annotated[int, Field(ge=0)] = 500
     # local processes building the volumes (not part of the release: left out of its manifest)
     workers: PositiveInt = 2
 
