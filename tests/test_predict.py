@@ -303,6 +303,37 @@ def test_a_foreign_output_folder_is_refused(world: World, tmp_path: Path) -> Non
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_a_duplicate_slice_is_represented_by_its_twin(world: World, tmp_path: Path) -> None:
+    """An identical duplicate instance is dropped as pack drops it (the first of the two by
+    SOPInstanceUID is kept); highdicom refuses two frames at one position, so the SEG
+    references the kept one only."""
+    import pydicom
+
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    for path in sorted((world.archive / SITE / "s0").iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+    ds = pydicom.dcmread(sorted(folder.iterdir())[7])
+    twin = str(ds.SOPInstanceUID)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
+    ds.save_as(folder / "ZZ0001")
+    content = predict.run_series(folder, world.models, tmp_path / "out", PACK, EVAL)
+    assert content["n_instances"] == SHAPE[0] + 1
+    assert content["duplicates_dropped"] == 1
+    seg = pydicom.dcmread(tmp_path / "out" / predict.SEG_FILE)
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
+    assert len(referenced) == SHAPE[0]
+    assert len(referenced & {twin, "1.2.3.4.5.6.7"}) == 1  # the first by SOPInstanceUID
+    single = predict.run_series(
+        world.archive / SITE / "s0", world.models, tmp_path / "o2", PACK, EVAL
+    )
+    assert content["volumes_ml"] == single["volumes_ml"]
+
+
 def _broken_copy(world: World, tmp_path: Path, how: str) -> Path:
     import pydicom
 

@@ -88,6 +88,10 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _READ_ERRORS = (OSError, EOFError, ValueError, TypeError, AttributeError)
 
 
+class SegWriteError(InputError):
+    """highdicom refused to derive a SEG from a series' instances."""
+
+
 @dataclass(frozen=True)
 class Models:
     """A loaded models folder and what prediction needs from its card."""
@@ -209,6 +213,7 @@ def summary(
         "model": {"id": models.model_id, "release_id": models.card.get("release_id")},
         "series_instance_uid": series_uid,
         "n_instances": len(prediction.instance_labels),
+        "duplicates_dropped": len(prediction.instance_labels) - len(prediction.stack.kept),
         "typicality": {
             "probability": p,
             "label": TYPICAL if prediction.probability >= threshold else OTHER,
@@ -270,9 +275,28 @@ def write_outputs(
     models: Models,
     threshold: float,
 ) -> dict[str, Any]:
-    """Write ``seg.dcm``, ``prediction.json`` and ``overlay.png`` into ``folder``."""
+    """Write ``seg.dcm``, ``prediction.json`` and ``overlay.png`` into ``folder``.
+
+    The SEG is derived from the instances at distinct positions: an identical duplicate
+    slice (dropped by the assembly, as pack drops it) is represented by its twin.
+
+    Raises
+    ------
+    SegWriteError
+        When highdicom refuses to derive a SEG from the instances.
+    """
     uid = str(datasets[0].get("SeriesInstanceUID", ""))
-    write_seg(folder / SEG_FILE, datasets, prediction.instance_labels, algorithm=algorithm(models))
+    kept = list(prediction.stack.kept)
+    try:
+        write_seg(
+            folder / SEG_FILE,
+            [datasets[i] for i in kept],
+            prediction.instance_labels[kept],
+            algorithm=algorithm(models),
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        msg = f"the SEG could not be derived from the instances ({type(exc).__name__})"
+        raise SegWriteError(msg) from exc
     content = summary(prediction, models, threshold, uid)
     (folder / JSON_FILE).write_text(dumps_json(content), encoding="utf-8")
     (folder / PNG_FILE).write_bytes(overlay(prediction, threshold))
@@ -377,8 +401,12 @@ def run_series(
     except ExcludedSeries as exc:
         msg = f"{series}: cannot assemble the series: {exc.reason} ({_one_line(exc.detail)})"
         raise InputError(msg) from exc
-    with publish_dir(out, STAGE, inputs=inputs, own=OWN_FILES) as tmp:
-        content = write_outputs(tmp, datasets, prediction, models, params.threshold)
+    try:
+        with publish_dir(out, STAGE, inputs=inputs, own=OWN_FILES) as tmp:
+            content = write_outputs(tmp, datasets, prediction, models, params.threshold)
+    except SegWriteError as exc:
+        msg = f"{series}: {exc}"
+        raise InputError(msg) from exc
     log.info(
         "predicted 1 series of %d instances on %s: typicality %.3f, lesion %.1f mL of %.1f mL",
         len(datasets),
@@ -450,10 +478,9 @@ def _predict_task(task: _Task) -> dict[str, Any]:
     folder.mkdir()
     try:
         content = write_outputs(folder, datasets, prediction, models, task.params.threshold)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom refuses
+    except SegWriteError as exc:
         shutil.rmtree(folder)
-        detail = f"the SEG could not be written ({type(exc).__name__})"
-        return {**row, "status": "failed", "reason": "seg_unwritable", "detail": detail}
+        return {**row, "status": "failed", "reason": "seg_unwritable", "detail": str(exc)}
     return {
         **row,
         "status": "predicted",
