@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -142,6 +143,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         PACK,
     )
     return World(root, root / "models", archive, root / "index", root / "release", uids)
+
+
+def _write_params(path: Path) -> Path:
+    """A params.yaml with the pack grid of :data:`PACK` and the evaluate section of EVAL."""
+    path.write_text(
+        "pack:\n  spacing_mm: [4.0, 4.0, 4.0]\n  shape: [16, 16, 16]\n"
+        "evaluate:\n  device: cpu\n  threads: 1\n"
+    )
+    return path
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -377,11 +387,7 @@ def test_a_broken_series_is_one_error_naming_why(
 
 def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path: Path) -> None:
     folder = _broken_copy(world, tmp_path, "not_ct")
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        "pack:\n  spacing_mm: [4.0, 4.0, 4.0]\n  shape: [16, 16, 16]\n"
-        "evaluate:\n  device: cpu\n  threads: 1\n"
-    )
+    params = _write_params(tmp_path / "params.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(
         [
@@ -407,8 +413,10 @@ def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path:
 
 
 def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) -> None:
-    """Five selected series (one with a truncated instance, one not indexed) and one not
-    selected: three predicted, two failed with their reasons, the other one not seen."""
+    """Six selected series (one with a truncated instance, one not indexed, one a second
+    site's copy of a series UID) and one not selected: three predicted, three failed with
+    their reasons, the other one not seen."""
+    import pyarrow.parquet as pq
     import pydicom
 
     archive = tmp_path / "archive"
@@ -421,27 +429,39 @@ def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) 
     ds = pydicom.dcmread(broken)
     ds.PixelData = ds.PixelData[:64]
     ds.save_as(broken)
+    instances = pq.read_table(world.index / "instances" / "part-00000.parquet").to_pylist()
+    copies = [r | {"site": "H02"} for r in instances if r["series_instance_uid"] == world.uids[1]]
+    write_parquet(
+        tmp_path / "index" / "instances" / "part-00000.parquet",
+        pa.Table.from_pylist(instances + copies),
+    )
     rows = [
         {"site": SITE, "series_instance_uid": uid, "selected": k != 4}
         for k, uid in enumerate(world.uids)
     ]
     rows.append({"site": SITE, "series_instance_uid": "1.2.3.404", "selected": True})
+    rows.append({"site": "H02", "series_instance_uid": world.uids[1], "selected": True})
     write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
     out = tmp_path / "out"
     report = predict.run_batch(
-        tmp_path / "series.parquet", world.index, archive, world.models, out, PACK, EVAL
+        tmp_path / "series.parquet", tmp_path / "index", archive, world.models, out, PACK, EVAL
     )
-    assert report["series_seen"] == 5
+    assert report["series_seen"] == 6
     assert report["series_predicted"] == 3
-    assert report["series_failed"] == 2
-    assert report["failed_reasons"] == {"no_instances": 1, "pixel_data": 1}
-    outcome = {r["series_instance_uid"]: r["status"] for r in report["series"]}
+    assert report["series_failed"] == 3
+    assert report["failed_reasons"] == {
+        "duplicate_series_uid": 1,
+        "no_instances": 1,
+        "pixel_data": 1,
+    }
+    outcome = {(r["site"], r["series_instance_uid"]): r["status"] for r in report["series"]}
     assert outcome == {
-        world.uids[0]: "predicted",
-        world.uids[1]: "predicted",
-        world.uids[2]: "predicted",
-        world.uids[3]: "failed",
-        "1.2.3.404": "failed",
+        (SITE, world.uids[0]): "predicted",
+        (SITE, world.uids[1]): "predicted",
+        (SITE, world.uids[2]): "predicted",
+        (SITE, world.uids[3]): "failed",
+        (SITE, "1.2.3.404"): "failed",
+        ("H02", world.uids[1]): "failed",
     }
     assert json.loads((out / predict.REPORT).read_text()) == report
     for uid in world.uids[:3]:
@@ -454,3 +474,56 @@ def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) 
     single = _hashes(tmp_path / "one")
     batch = _hashes(out / world.uids[0])
     assert {k: v for k, v in single.items() if not k.startswith(".")} == batch
+
+
+@pytest.mark.slow  # two pool processes each import torch and MONAI: ~25 s on 2 CPU cores
+def test_cli_batch_on_a_local_pool_logs_progress(world: World, tmp_path: Path) -> None:
+    """The CLI's batch on a pool of 2 workers: progress lines, no UIDs in the log, and the
+    bytes of an in-process single-series run."""
+    rows = [{"site": SITE, "series_instance_uid": uid, "selected": True} for uid in world.uids[:2]]
+    write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
+    params = _write_params(tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "ctcurate", "predict", "--selected", "series.parquet"),
+            *("--index", str(world.index), "--archive", str(world.archive)),
+            *("--models", str(world.models), "--out", "out", "--workers", "2"),
+            *("--params", str(params)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ctcurate.predict: predict: done, 2 series" in proc.stderr
+    assert "predicted 2 of 2 selected series (0 failed: none)" in proc.stderr
+    for uid in world.uids[:2]:
+        assert uid not in proc.stderr  # logs carry counts, never header values
+    report = json.loads((tmp_path / "out" / predict.REPORT).read_text())
+    assert report["series_predicted"] == 2
+    predict.run_series(world.archive / SITE / "s1", world.models, tmp_path / "one", PACK, EVAL)
+    one = (tmp_path / "one" / predict.SEG_FILE).read_bytes()
+    assert (tmp_path / "out" / world.uids[1] / predict.SEG_FILE).read_bytes() == one
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], r"give either --series DIR or --selected F"),
+        (["--series", "s", "--selected", "f"], r"give either --series DIR or --selected F"),
+        (["--selected", "f"], r"--selected needs --index and --archive"),
+    ],
+)
+def test_cli_needs_one_input(tmp_path: Path, args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from ctcurate.cli import app
+
+    result = CliRunner().invoke(
+        app, ["predict", "--models", str(tmp_path), "--out", str(tmp_path / "o"), *args]
+    )
+    assert isinstance(result.exception, InputError)
+    assert re.search(message, str(result.exception))

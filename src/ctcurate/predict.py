@@ -556,17 +556,18 @@ def run_batch(
         workers = 1
     series = _selected_series(Path(selected))
     paths = _instance_paths(Path(index_dir), Path(archive))
-    uid_counts = Counter(uid for _, uid in series)
     with publish_dir(out, STAGE, inputs=inputs, own=OWN_FILES) as tmp:
-        tasks = []
-        for site, uid in series:
+        tasks, named = [], set()
+        for site, uid in series:  # sorted by (site, uid)
             failure = None
             if not _UID.match(uid) or len(uid) > 64:
                 failure = "bad_uid"
-            elif uid_counts[uid] > 1:
+            elif uid in named:  # its folder holds the first site's prediction
                 failure = "duplicate_series_uid"
             elif not paths.get((site, uid)):
                 failure = "no_instances"
+            if failure is None:
+                named.add(uid)
             origin = origins.get((site, uid))
             tasks.append(
                 _Task(
