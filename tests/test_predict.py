@@ -23,7 +23,7 @@ from test_release import _case_id, _write_cases
 from test_train import make_case, make_release, tiny_params
 
 import ctcurate.release
-from ctcurate import evaluate, pack, predict, train
+from ctcurate import evaluate, pack, predict, predict_batch, train
 from ctcurate.errors import InputError, OutputError, ParamsError
 from ctcurate.io.atomic import dumps_json
 from ctcurate.io.seg import LABELS, read_seg_labels, write_seg
@@ -443,7 +443,7 @@ def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) 
     rows.append({"site": "H02", "series_instance_uid": world.uids[1], "selected": True})
     write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
     out = tmp_path / "out"
-    report = predict.run_batch(
+    report = predict_batch.run_batch(
         tmp_path / "series.parquet", tmp_path / "index", archive, world.models, out, PACK, EVAL
     )
     assert report["series_seen"] == 6

@@ -439,6 +439,7 @@ def predict(
 ) -> None:
     """Apply the trained models to one CT series or to the selected series: SEG, JSON, PNG."""
     from ctcurate import predict as tool
+    from ctcurate import predict_batch
     from ctcurate.errors import InputError
 
     pack_params = _section_or_default(params, "pack", PackParams)
@@ -452,7 +453,7 @@ def predict(
     if selected is None or index is None or archive is None:
         msg = "predict: --selected needs --index and --archive"
         raise InputError(msg)
-    tool.run_batch(
+    predict_batch.run_batch(
         selected,
         index,
         archive,

@@ -11,19 +11,15 @@ index (``--selected``) go through the same preprocessing as ``pack``
 pixel grid (the inverse resampling, nearest neighbour; 0 outside the release grid) and
 written as a DICOM SEG whose frames reference their CT instances.
 
-Per series: ``seg.dcm``, ``prediction.json`` (canonical JSON) and ``overlay.png``; in batch
-mode under ``<out>/<series uid>/`` with a ``report.json`` accounting for every selected
-series (``seen == predicted + failed``).
+Per series: ``seg.dcm``, ``prediction.json`` (canonical JSON) and ``overlay.png``; batch mode
+(:mod:`ctcurate.predict_batch`) writes them under ``<out>/<series uid>/`` with a
+``report.json`` accounting for every selected series (``seen == predicted + failed``).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import re
-import shutil
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ctcurate import __version__, executor
-from ctcurate.errors import AccountingError, InputError, ParamsError
+from ctcurate import __version__
+from ctcurate.errors import InputError, ParamsError
 from ctcurate.evaluate import (
     OTHER,
     TYPICAL,
@@ -44,8 +40,6 @@ from ctcurate.evaluate import (
 from ctcurate.io.atomic import dumps_json
 from ctcurate.io.outputs import check_output_dir, publish_dir
 from ctcurate.io.seg import LABELS, SegAlgorithm, write_seg
-from ctcurate.io.shards import read_shards
-from ctcurate.io.tables import read_parquet
 from ctcurate.log import get_logger
 from ctcurate.lungmask import threshold_lung_mask
 from ctcurate.nets import CONSOLIDATION, GGO, NORMAL, LogisticModel
@@ -76,16 +70,8 @@ DECIMALS = 6
 ML_DECIMALS = 3
 #: Files of a series folder that are not instances.
 IGNORED_NAMES = frozenset({"DICOMDIR", "THUMBS.DB", "DESKTOP.INI"})
-#: Why a selected series is not predicted (batch), besides the series assembly's reasons.
-FAILURE_REASONS = (
-    "bad_uid",
-    "duplicate_series_uid",
-    "no_instances",
-    "unreadable",
-    "seg_unwritable",
-)
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, AttributeError)
+#: What reading an instance file may raise besides InvalidDicomError.
+READ_ERRORS = (OSError, EOFError, ValueError, TypeError, AttributeError)
 
 
 class SegWriteError(InputError):
@@ -333,7 +319,7 @@ def read_series_dir(folder: Path) -> list[Any]:
     for path in files:
         try:
             datasets.append(pydicom.dcmread(path))
-        except (pydicom.errors.InvalidDicomError, *_READ_ERRORS) as exc:
+        except (pydicom.errors.InvalidDicomError, *READ_ERRORS) as exc:
             msg = f"{path}: not a readable DICOM file ({type(exc).__name__})"
             raise InputError(msg) from exc
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
@@ -361,7 +347,8 @@ def release_origins(release: Path) -> tuple[PackParams, dict[tuple[str, str], li
     return pack, origins
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space."""
     return " ".join(str(text).split())
 
 
@@ -399,7 +386,7 @@ def run_series(
     try:
         prediction = predict_series(datasets, models, pack, origin)
     except ExcludedSeries as exc:
-        msg = f"{series}: cannot assemble the series: {exc.reason} ({_one_line(exc.detail)})"
+        msg = f"{series}: cannot assemble the series: {exc.reason} ({one_line(exc.detail)})"
         raise InputError(msg) from exc
     try:
         with publish_dir(out, STAGE, inputs=inputs, own=OWN_FILES) as tmp:
@@ -416,191 +403,3 @@ def run_series(
         content["volumes_ml"]["lung"],
     )
     return content
-
-
-# --------------------------------------------------------------------------- batch
-
-
-@dataclass(frozen=True)
-class _Task:
-    """One selected series for :func:`_predict_task` (picklable)."""
-
-    site: str
-    uid: str
-    paths: tuple[Path, ...]
-    out: Path
-    models: Path
-    model_id: str
-    pack: PackParams
-    params: EvaluateParams
-    device: str
-    origin: tuple[float, ...] | None
-    failure: str | None = None
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_models(
-    models: Path, model_id: str, spacing_mm: tuple[float, ...], device: str, threads: int
-) -> Models:
-    """The models of a worker process, loaded once per process and ``model.json`` hash."""
-    torch.set_num_threads(threads)
-    loaded = load(models, spacing_mm, torch.device(device))
-    if loaded.model_id != model_id:
-        msg = f"{models}: the models changed while the batch ran"
-        raise InputError(msg)
-    return loaded
-
-
-def _predict_task(task: _Task) -> dict[str, Any]:
-    """Predict one selected series into ``task.out``; its report row."""
-    import pydicom
-
-    row: dict[str, Any] = {"series_instance_uid": task.uid, "site": task.site}
-    if task.failure is not None:
-        return {**row, "status": "failed", "reason": task.failure}
-    models = _worker_models(
-        task.models, task.model_id, tuple(task.pack.spacing_mm), task.device, task.params.threads
-    )
-    try:
-        datasets = []
-        for path in task.paths:
-            try:
-                datasets.append(pydicom.dcmread(path))
-            except (pydicom.errors.InvalidDicomError, *_READ_ERRORS) as exc:
-                raise ExcludedSeries(
-                    reason="unreadable",
-                    detail=f"an instance could not be read ({type(exc).__name__})",
-                ) from exc
-        prediction = predict_series(datasets, models, task.pack, task.origin)
-    except ExcludedSeries as exc:
-        return {**row, "status": "failed", "reason": exc.reason, "detail": _one_line(exc.detail)}
-    folder = task.out / task.uid
-    folder.mkdir()
-    try:
-        content = write_outputs(folder, datasets, prediction, models, task.params.threshold)
-    except SegWriteError as exc:
-        shutil.rmtree(folder)
-        return {**row, "status": "failed", "reason": "seg_unwritable", "detail": str(exc)}
-    return {
-        **row,
-        "status": "predicted",
-        "probability": content["typicality"]["probability"],
-        "label": content["typicality"]["label"],
-    }
-
-
-def _selected_series(selected: Path) -> list[tuple[str, str]]:
-    table = read_parquet(Path(selected), columns=["site", "series_instance_uid", "selected"])
-    rows = [r for r in table.to_pylist() if r["selected"]]
-    return sorted({(str(r["site"]), str(r["series_instance_uid"])) for r in rows})
-
-
-def _instance_paths(index_dir: Path, archive: Path) -> dict[tuple[str, str], list[Path]]:
-    table = read_shards(
-        Path(index_dir) / "instances", columns=["path", "site", "series_instance_uid"]
-    )
-    out: dict[tuple[str, str], list[Path]] = {}
-    for r in sorted(table.to_pylist(), key=lambda r: str(r["path"])):
-        key = (str(r["site"]), str(r["series_instance_uid"]))
-        out.setdefault(key, []).append(Path(archive) / str(r["path"]))
-    return out
-
-
-def batch_report(seen: int, rows: Sequence[Mapping[str, Any]], model_id: str) -> dict[str, Any]:
-    """``report.json``: counts, reasons, and every series with its outcome."""
-    failed = [r for r in rows if r["status"] == "failed"]
-    return {
-        "code_version": __version__,
-        "model_id": model_id,
-        "series_seen": seen,
-        "series_predicted": sum(1 for r in rows if r["status"] == "predicted"),
-        "series_failed": len(failed),
-        "failed_reasons": dict(sorted(Counter(str(r["reason"]) for r in failed).items())),
-        "series": sorted(rows, key=lambda r: (str(r["site"]), str(r["series_instance_uid"]))),
-    }
-
-
-def run_batch(
-    selected: Path,
-    index_dir: Path,
-    archive: Path,
-    models_dir: Path,
-    out: Path,
-    pack: PackParams,
-    params: EvaluateParams,
-    release: Path | None = None,
-    workers: int = 1,
-    scheduler: str | None = None,
-) -> dict[str, Any]:
-    """Predict every selected series into ``out/<series uid>/``; ``out/report.json`` lists
-    each one as predicted or failed with a reason.
-
-    Raises
-    ------
-    InputError
-        When a table or the models folder is unusable.
-    AccountingError
-        When seen series do not balance predicted + failed.
-    """
-    out = Path(out)
-    inputs = [Path(selected), Path(index_dir), Path(archive), Path(models_dir)]
-    inputs += [Path(release)] if release else []
-    check_output_dir(out, STAGE, inputs, OWN_FILES)
-    origins: dict[tuple[str, str], list[float]] = {}
-    if release is not None:
-        pack, origins = release_origins(Path(release))
-    device = resolve_device(params.device, section="evaluate")
-    models = load(Path(models_dir), pack.spacing_mm, torch.device("cpu"))  # fail fast
-    if device.type == "cuda" and workers > 1:
-        log.info("device cuda: the series are predicted one at a time in this process")
-        workers = 1
-    series = _selected_series(Path(selected))
-    paths = _instance_paths(Path(index_dir), Path(archive))
-    with publish_dir(out, STAGE, inputs=inputs, own=OWN_FILES) as tmp:
-        tasks, named = [], set()
-        for site, uid in series:  # sorted by (site, uid)
-            failure = None
-            if not _UID.match(uid) or len(uid) > 64:
-                failure = "bad_uid"
-            elif uid in named:  # its folder holds the first site's prediction
-                failure = "duplicate_series_uid"
-            elif not paths.get((site, uid)):
-                failure = "no_instances"
-            if failure is None:
-                named.add(uid)
-            origin = origins.get((site, uid))
-            tasks.append(
-                _Task(
-                    site,
-                    uid,
-                    tuple(paths.get((site, uid), [])),
-                    tmp,
-                    Path(models_dir).resolve(),
-                    models.model_id,
-                    pack,
-                    params,
-                    device.type,
-                    None if origin is None else tuple(origin),
-                    failure,
-                )
-            )
-        rows = executor.map_ordered(
-            _predict_task,
-            tasks,
-            workers=workers,
-            scheduler=scheduler,
-            progress_to=(log, "predict", "series"),
-        )
-        report = batch_report(len(series), rows, models.model_id)
-        if report["series_seen"] != report["series_predicted"] + report["series_failed"]:
-            msg = f"{selected}: series seen != predicted + failed"
-            raise AccountingError(msg)
-        (tmp / REPORT).write_text(dumps_json(report), encoding="utf-8")
-    log.info(
-        "predicted %d of %d selected series (%d failed: %s)",
-        report["series_predicted"],
-        report["series_seen"],
-        report["series_failed"],
-        ", ".join(f"{k}={v}" for k, v in report["failed_reasons"].items()) or "none",
-    )
-    return report
