@@ -239,8 +239,10 @@ def test_predict_equals_evaluate_on_a_released_case(world: World, tmp_path: Path
     content = predict.run_series(series, world.models, out, PACK, EVAL, release=world.release)
     assert content["grid"]["centred_on"] == "release_case"
     assert content["typicality"]["probability"] == pytest.approx(expected_p, abs=1e-5)
-    verdict = evaluate.TYPICAL if expected_p >= EVAL.threshold else evaluate.OTHER
-    assert content["typicality"]["label"] == verdict
+    # and the evaluate stage itself called the case the same way
+    evaluate.run(world.release, world.models, tmp_path / "eval.json", tmp_path / "plots", EVAL)
+    confusion = json.loads((tmp_path / "plots" / "confusion.json").read_text())["confusion"]
+    assert [row["predicted"] for row in confusion] == [content["typicality"]["label"]]
     test_set.close()
 
 
@@ -469,6 +471,8 @@ def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) 
             [predict.JSON_FILE, predict.PNG_FILE, predict.SEG_FILE]
         )
     assert not (out / world.uids[3]).exists()
+    grid = json.loads((out / world.uids[0] / predict.JSON_FILE).read_text())["grid"]
+    assert grid["centred_on"] == "lung_estimate"
     # the batch gives the bytes of a single-series run
     predict.run_series(archive / SITE / "s0", world.models, tmp_path / "one", PACK, EVAL)
     single = _hashes(tmp_path / "one")
@@ -527,3 +531,26 @@ def test_cli_needs_one_input(tmp_path: Path, args: list[str], message: str) -> N
     )
     assert isinstance(result.exception, InputError)
     assert re.search(message, str(result.exception))
+
+
+def test_batch_on_a_release_uses_its_recorded_grids(world: World, tmp_path: Path) -> None:
+    manifest = json.loads((world.release / "manifest.json").read_text())
+    origins = {c["series_instance_uid"]: c["origin_mm"] for c in manifest["cases"]}
+    rows = [{"site": SITE, "series_instance_uid": uid, "selected": True} for uid in world.uids[:2]]
+    write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
+    report = predict_batch.run_batch(
+        tmp_path / "series.parquet",
+        world.index,
+        world.archive,
+        world.models,
+        tmp_path / "out",
+        PackParams(),  # the release's own pack params are used instead
+        EVAL,
+        release=world.release,
+    )
+    assert report["series_predicted"] == 2
+    for uid in world.uids[:2]:
+        grid = json.loads((tmp_path / "out" / uid / predict.JSON_FILE).read_text())["grid"]
+        assert grid["centred_on"] == "release_case"
+        assert grid["origin_mm"] == origins[uid]
+        assert grid["shape"] == list(PACK.shape)
