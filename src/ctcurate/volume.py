@@ -9,6 +9,12 @@ excluded with a reason code by raising :class:`ExcludedSeries`.
 
 The output grid is axis-aligned with the DICOM patient frame (LPS): axis order (z, y, x),
 voxel ``[k, j, i]`` at ``origin_mm + (i * sx, j * sy, k * sz)``, ``spacing_mm = (sz, sy, sx)``.
+
+:func:`series_to_volume` is :func:`assemble_series` (checks, sort, de-duplication,
+orientation), :func:`centred_grid` (the release grid around the labelled lung) and
+:func:`resample_image` / :func:`resample_label`; ``predict`` runs the same steps on series
+without labels and maps its labels back with :func:`label_to_stack` and
+:meth:`SeriesStack.unorient`.
 """
 
 from __future__ import annotations
