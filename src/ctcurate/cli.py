@@ -473,6 +473,70 @@ def evaluate(
     )
 
 
+@app.command()
+def predict(
+    models: Annotated[
+        Path, typer.Option("--models", help="Models folder from `train`.", file_okay=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write.", file_okay=False)],
+    series: Annotated[
+        Path | None,
+        typer.Option("--series", help="Folder of one DICOM CT series.", file_okay=False),
+    ] = None,
+    selected: Annotated[
+        Path | None,
+        typer.Option("--selected", help="series.parquet from `select` (batch).", dir_okay=False),
+    ] = None,
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", help="Index folder from `index` (batch).", file_okay=False),
+    ] = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option("--archive", help="Archive root folder (batch).", file_okay=False),
+    ] = None,
+    release: Annotated[
+        Path | None,
+        typer.Option(
+            "--release",
+            help="Release whose recorded grid (and pack params) to use for its cases.",
+            file_okay=False,
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes (batch).", min=1)] = 1,
+    scheduler: SchedulerOpt = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Apply the trained models to one CT series or to the selected series: SEG, JSON, PNG."""
+    from ctcurate import predict as tool
+    from ctcurate import predict_batch
+    from ctcurate.errors import InputError
+
+    pack_params = _section_or_default(params, "pack", PackParams)
+    eval_params = _section_or_default(params, "evaluate", EvaluateParams)
+    if (series is None) == (selected is None):
+        msg = "predict: give either --series DIR or --selected F (with --index and --archive)"
+        raise InputError(msg)
+    if series is not None:
+        tool.run_series(series, models, out, pack_params, eval_params, release)
+        return
+    if selected is None or index is None or archive is None:
+        msg = "predict: --selected needs --index and --archive"
+        raise InputError(msg)
+    predict_batch.run_batch(
+        selected,
+        index,
+        archive,
+        models,
+        out,
+        pack_params,
+        eval_params,
+        release=release,
+        workers=workers,
+        scheduler=scheduler,
+    )
+
+
 def main() -> None:
     """Console entry point: user errors become one line and a non-zero exit."""
     try:

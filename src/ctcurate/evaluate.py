@@ -57,6 +57,7 @@ from ctcurate.metrics import (
 from ctcurate.nets import (
     CONSOLIDATION,
     GGO,
+    LogisticModel,
     predict_labels,
     remove_small_lesions,
     typicality_features,
@@ -236,13 +237,12 @@ def _rgba(label: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
     return out
 
 
-def overlay_png(
-    image_hu: npt.NDArray[np.floating[Any]],
-    truth: npt.NDArray[np.uint8],
-    pred: npt.NDArray[np.uint8],
+def overlay_panels_png(
+    panels: Sequence[tuple[npt.NDArray[Any], npt.NDArray[np.uint8], str]],
     title: str,
+    width_in: float = 6.4,
 ) -> bytes:
-    """PNG bytes: reference and predicted labels over one axial slice, side by side.
+    """PNG bytes: labels over axial slices, one panel per (HU slice, label slice, name).
 
     Deterministic: Agg canvas, fixed size and dpi, no ``Software`` metadata.
     """
@@ -250,14 +250,13 @@ def overlay_png(
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    k = overlay_slice(truth)
-    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    fig = Figure(figsize=(width_in, 3.6), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     lo, hi = OVERLAY_WINDOW
-    for ax, label, name in ((axes[0], truth, "reference"), (axes[1], pred, "predicted")):
-        ax.imshow(image_hu[k], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-        ax.imshow(_rgba(label[k]), interpolation="nearest")
+    for ax, (hu, label, name) in zip(axes, panels, strict=True):
+        ax.imshow(hu, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.imshow(_rgba(label), interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
     handles = [
@@ -265,10 +264,44 @@ def overlay_png(
         for v, n in ((1, "normal lung"), (2, "GGO"), (3, "consolidation"))
     ]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"{title} (slice {k})", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
+
+
+def overlay_png(
+    image_hu: npt.NDArray[np.floating[Any]],
+    truth: npt.NDArray[np.uint8],
+    pred: npt.NDArray[np.uint8],
+    title: str,
+) -> bytes:
+    """PNG bytes: reference and predicted labels over one axial slice, side by side."""
+    k = overlay_slice(truth)
+    panels = [(image_hu[k], truth[k], "reference"), (image_hu[k], pred[k], "predicted")]
+    return overlay_panels_png(panels, f"{title} (slice {k})")
+
+
+def lesion_cut_mm3(card: Mapping[str, Any]) -> float:
+    """The lesion size cut (mm^3) that train chose, from ``model.json`` (0 when absent)."""
+    return float(card.get("postprocess", {}).get("min_lesion_mm3", 0.0))
+
+
+def predict_case(
+    net: torch.nn.Module,
+    classifier: LogisticModel,
+    image_hu: torch.Tensor,
+    roi: Sequence[int],
+    device: torch.device,
+    min_lesion_mm3: float,
+    spacing_mm: tuple[float, float, float],
+) -> tuple[npt.NDArray[np.uint8], float]:
+    """One case's post-processed label volume (z, y, x) and typicality probability from its
+    HU image (1, z, y, x) on the release grid: what evaluate scores."""
+    pred = predict_labels(net, image_hu[None], roi, device)[0]
+    pred = remove_small_lesions(pred, min_lesion_mm3, spacing_mm)
+    feats = typicality_features(pred, spacing_mm)
+    return pred, float(classifier.predict_proba(feats[None])[0])
 
 
 def run(release: Path, models: Path, metrics: Path, plots: Path, params: EvaluateParams) -> None:
@@ -282,7 +315,7 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
     net, classifier, card = load_models(models)
     net = net.to(device)
     roi = [int(s) for s in card["input"]["shape"]]
-    min_lesion_mm3 = float(card.get("postprocess", {}).get("min_lesion_mm3", 0.0))
+    min_lesion_mm3 = lesion_cut_mm3(card)
     test_set = ctcurate.release.open(release, split="test")
     release_id = test_set.manifest.get("release_id")
     if card.get("release_id") != release_id:
@@ -293,12 +326,11 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
         sample = test_set[i]
         image = sample["image"]
         meta: Mapping[str, Any] = sample["meta"]
-        pred = predict_labels(net, image[None], roi, device)[0]
-        pred = remove_small_lesions(pred, min_lesion_mm3, spacing_of(meta))
+        pred, prob = predict_case(
+            net, classifier, image, roi, device, min_lesion_mm3, spacing_of(meta)
+        )
         truth = sample["label"][0].numpy().astype(np.uint8)
         hu = image[0].numpy()
-        feats = typicality_features(pred, spacing_of(meta))
-        prob = float(classifier.predict_proba(feats[None])[0])
         result = evaluate_case(
             sample["case_id"],
             str(meta.get("site") or "unknown"),

@@ -9,12 +9,18 @@ excluded with a reason code by raising :class:`ExcludedSeries`.
 
 The output grid is axis-aligned with the DICOM patient frame (LPS): axis order (z, y, x),
 voxel ``[k, j, i]`` at ``origin_mm + (i * sx, j * sy, k * sz)``, ``spacing_mm = (sz, sy, sx)``.
+
+:func:`series_to_volume` is :func:`assemble_series` (checks, sort, de-duplication,
+orientation), :func:`centred_grid` (the release grid around the labelled lung) and
+:func:`resample_image` / :func:`resample_label`; ``predict`` runs the same steps on series
+without labels and maps its labels back with :func:`label_to_stack` and
+:meth:`SeriesStack.unorient`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,6 +283,156 @@ def _resample(
     return out
 
 
+def _orient(
+    slices: npt.NDArray[Any] | Mapping[int, npt.NDArray[Any]],
+    kept: Sequence[int],
+    transposed: bool,
+    flips: tuple[bool, bool, bool],
+) -> npt.NDArray[Any]:
+    volume = np.stack([slices[i] for i in kept])
+    if transposed:
+        volume = volume.transpose(0, 2, 1)
+    for axis, flip in enumerate(flips):
+        if flip:
+            volume = np.flip(volume, axis=axis)
+    return np.ascontiguousarray(volume)
+
+
+@dataclass(frozen=True)
+class SeriesStack:
+    """A sorted, de-duplicated CT series on the axis-aligned LPS axes, and how to map
+    per-instance slices onto it and back.
+
+    ``image`` is float64 HU (z, y, x); ``origin_mm`` and ``spacing_mm`` are (z, y, x).
+    ``kept`` lists the instance indices of the distinct positions in normal order, and
+    ``slot`` gives, per instance, the index in ``kept`` of its position (a dropped duplicate
+    shares its twin's).
+    """
+
+    image: npt.NDArray[np.float64]
+    origin_mm: npt.NDArray[np.float64]
+    spacing_mm: npt.NDArray[np.float64]
+    kept: tuple[int, ...]
+    slot: tuple[int, ...]
+    transposed: bool
+    flips: tuple[bool, bool, bool]
+
+    def orient(self, slices: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Per-instance slices (n_instances, rows, cols) as a (z, y, x) volume of the stack."""
+        return _orient(slices, self.kept, self.transposed, self.flips)
+
+    def unorient(self, volume: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """The inverse of :meth:`orient`: per-instance slices (n_instances, rows, cols)."""
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                volume = np.flip(volume, axis=axis)
+        if self.transposed:
+            volume = volume.transpose(0, 2, 1)
+        return np.ascontiguousarray(np.stack([volume[k] for k in self.slot]))
+
+
+@dataclass(frozen=True)
+class ReleaseGrid:
+    """The grid of a packed volume: (z, y, x) origin of voxel [0, 0, 0], spacing and shape."""
+
+    origin_mm: npt.NDArray[np.float64]
+    spacing_mm: npt.NDArray[np.float64]
+    shape: tuple[int, int, int]
+
+
+def assemble_series(datasets: Sequence[Any]) -> SeriesStack:
+    """Check, sort, de-duplicate and orient one CT series: the first half of ``pack``.
+
+    Raises
+    ------
+    ExcludedSeries
+        When the series cannot be assembled; its ``reason`` says why.
+    """
+    if len(datasets) < MIN_SLICES:
+        raise ExcludedSeries(reason="too_few_slices", detail=f"{len(datasets)} instances")
+    _check_kind(datasets)
+    rows, cols, row_spacing, col_spacing = _check_plane(datasets)
+    order, along, normal = sort_slices(datasets)
+    orientation = _floats(datasets[order[0]], "ImageOrientationPatient", 6)
+    transposed, x_sign, y_sign = _axis_map(orientation[:3], orientation[3:])
+    hu = {i: _hu_slice(datasets[i]) for i in order}
+    if any(h.shape != (rows, cols) for h in hu.values()):
+        raise ExcludedSeries(reason="pixel_data", detail="pixel data does not match Rows / Columns")
+    kept, along_kept = _dedupe(order, along, hu)
+    if len(kept) < MIN_SLICES:
+        raise ExcludedSeries(reason="too_few_slices", detail=f"{len(kept)} distinct positions")
+    positions = np.stack([_floats(datasets[i], "ImagePositionPatient", 3) for i in kept])
+    _check_tilt(positions, normal)
+    sz = _check_spacing(along_kept)
+    # every instance's slot: the kept position nearest its own (its twin for a duplicate)
+    all_along = np.empty(len(datasets), dtype=np.float64)
+    all_along[order] = along
+    slot = tuple(int(np.argmin(np.abs(along_kept - a))) for a in all_along)
+
+    # Bring the stack onto the LPS axes: k along +z, j along +y, i along +x.
+    sx, sy = col_spacing, row_spacing
+    if transposed:
+        sx, sy = row_spacing, col_spacing
+    z_values = positions[:, 2]
+    flips = (bool(z_values[-1] < z_values[0]), y_sign < 0, x_sign < 0)
+    image = _orient(hu, kept, transposed, flips)
+    _, ny, nx = image.shape
+    x0 = positions[0, 0] - (nx - 1) * sx if x_sign < 0 else positions[0, 0]
+    y0 = positions[0, 1] - (ny - 1) * sy if y_sign < 0 else positions[0, 1]
+    z0 = float(np.min(z_values))
+    origin = np.array([z0, y0, x0], dtype=np.float64)  # (z, y, x)
+    spacing = np.array([sz, sy, sx], dtype=np.float64)
+    return SeriesStack(image, origin, spacing, tuple(kept), slot, transposed, flips)
+
+
+def centred_grid(
+    stack: SeriesStack, centre_idx: npt.NDArray[np.float64], params: PackParams
+) -> ReleaseGrid:
+    """The grid of ``params`` (spacing, shape) centred on the stack's voxel ``centre_idx``
+    (fractional (z, y, x) index); the origin is rounded to :data:`GEOMETRY_DECIMALS`."""
+    centre = stack.origin_mm + centre_idx * stack.spacing_mm
+    out_spacing = np.asarray(params.spacing_mm, dtype=np.float64)
+    out_shape = tuple(int(s) for s in params.shape)
+    out_origin = centre - (np.asarray(out_shape, dtype=np.float64) - 1) / 2.0 * out_spacing
+    out_origin = np.round(out_origin, GEOMETRY_DECIMALS)
+    return ReleaseGrid(out_origin, out_spacing, (out_shape[0], out_shape[1], out_shape[2]))
+
+
+def resample_image(
+    stack: SeriesStack, grid: ReleaseGrid, params: PackParams
+) -> npt.NDArray[np.int16]:
+    """The stack's HU on ``grid``: trilinear, padded with ``hu_min``, clipped, int16."""
+    scale = grid.spacing_mm / stack.spacing_mm
+    offset = (grid.origin_mm - stack.origin_mm) / stack.spacing_mm
+    resampled = _resample(
+        stack.image, scale, offset, grid.shape, order=1, cval=float(params.hu_min)
+    )
+    packed: npt.NDArray[np.int16] = np.rint(
+        np.clip(resampled, params.hu_min, params.hu_max)
+    ).astype(np.int16)
+    return packed
+
+
+def resample_label(
+    stack: SeriesStack, grid: ReleaseGrid, label: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """A label volume of the stack on ``grid``: nearest neighbour, padded with 0."""
+    scale = grid.spacing_mm / stack.spacing_mm
+    offset = (grid.origin_mm - stack.origin_mm) / stack.spacing_mm
+    return _resample(label, scale, offset, grid.shape, order=0, cval=0.0).astype(np.uint8)
+
+
+def label_to_stack(
+    stack: SeriesStack, grid: ReleaseGrid, label: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """The inverse of :func:`resample_label`: a label volume on ``grid`` brought back onto
+    the stack's own (z, y, x) grid, nearest neighbour, 0 outside ``grid``."""
+    scale = stack.spacing_mm / grid.spacing_mm
+    offset = (stack.origin_mm - grid.origin_mm) / grid.spacing_mm
+    shape = (int(stack.image.shape[0]), int(stack.image.shape[1]), int(stack.image.shape[2]))
+    return _resample(label, scale, offset, shape, order=0, cval=0.0).astype(np.uint8)
+
+
 def series_to_volume(
     datasets: Sequence[Any], labels: npt.NDArray[np.uint8], params: PackParams
 ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8], VolumeGeometry]:
@@ -308,71 +464,37 @@ def series_to_volume(
     if len(datasets) < MIN_SLICES:
         raise ExcludedSeries(reason="too_few_slices", detail=f"{len(datasets)} instances")
     _check_kind(datasets)
-    rows, cols, row_spacing, col_spacing = _check_plane(datasets)
+    rows, cols, _, _ = _check_plane(datasets)
     if labels.shape != (len(datasets), rows, cols):
         raise ExcludedSeries(
             reason="label_mismatch",
             detail=f"labels {labels.shape} do not match {(len(datasets), rows, cols)}",
         )
-    order, along, normal = sort_slices(datasets)
-    orientation = _floats(datasets[order[0]], "ImageOrientationPatient", 6)
-    transposed, x_sign, y_sign = _axis_map(orientation[:3], orientation[3:])
-    hu = {i: _hu_slice(datasets[i]) for i in order}
-    if any(h.shape != (rows, cols) for h in hu.values()):
-        raise ExcludedSeries(reason="pixel_data", detail="pixel data does not match Rows / Columns")
-    kept, along = _dedupe(order, along, hu)
-    if len(kept) < MIN_SLICES:
-        raise ExcludedSeries(reason="too_few_slices", detail=f"{len(kept)} distinct positions")
-    positions = np.stack([_floats(datasets[i], "ImagePositionPatient", 3) for i in kept])
-    _check_tilt(positions, normal)
-    sz = _check_spacing(along)
-
-    image = np.stack([hu[i] for i in kept])
-    label = np.stack([labels[i] for i in kept]).astype(np.uint8, copy=False)
-    # Bring the stack onto the LPS axes: k along +z, j along +y, i along +x.
-    sx, sy = col_spacing, row_spacing
-    if transposed:
-        image, label = image.transpose(0, 2, 1), label.transpose(0, 2, 1)
-        sx, sy = row_spacing, col_spacing
-    z_values = positions[:, 2]
-    flips = (z_values[-1] < z_values[0], y_sign < 0, x_sign < 0)
-    for axis, flip in enumerate(flips):
-        if flip:
-            image, label = np.flip(image, axis=axis), np.flip(label, axis=axis)
-    image, label = np.ascontiguousarray(image), np.ascontiguousarray(label)
-    nz, ny, nx = image.shape
-    x0 = positions[0, 0] - (nx - 1) * sx if x_sign < 0 else positions[0, 0]
-    y0 = positions[0, 1] - (ny - 1) * sy if y_sign < 0 else positions[0, 1]
-    z0 = float(np.min(z_values))
-    src_origin = np.array([z0, y0, x0], dtype=np.float64)  # (z, y, x)
-    src_spacing = np.array([sz, sy, sx], dtype=np.float64)
-
+    stack = assemble_series(datasets)
+    label = stack.orient(labels.astype(np.uint8, copy=False))
     lung = np.argwhere(label > 0)
     if len(lung):
         centre_idx = (lung.min(axis=0) + lung.max(axis=0)) / 2.0
     else:
-        centre_idx = (np.asarray(image.shape, dtype=np.float64) - 1) / 2.0
-    centre = src_origin + centre_idx * src_spacing
-    out_spacing = np.asarray(params.spacing_mm, dtype=np.float64)
-    out_shape = tuple(int(s) for s in params.shape)
-    out_origin = centre - (np.asarray(out_shape, dtype=np.float64) - 1) / 2.0 * out_spacing
-    out_origin = np.round(out_origin, GEOMETRY_DECIMALS)
-    scale = out_spacing / src_spacing
-    offset = (out_origin - src_origin) / src_spacing
-    shape3 = (out_shape[0], out_shape[1], out_shape[2])
-    resampled = _resample(image, scale, offset, shape3, order=1, cval=float(params.hu_min))
-    packed_image = np.rint(np.clip(resampled, params.hu_min, params.hu_max)).astype(np.int16)
-    packed_label = _resample(label, scale, offset, shape3, order=0, cval=0.0).astype(np.uint8)
-
+        centre_idx = (np.asarray(stack.image.shape, dtype=np.float64) - 1) / 2.0
+    grid = centred_grid(stack, centre_idx, params)
+    packed_image = resample_image(stack, grid, params)
+    packed_label = resample_label(stack, grid, label)
+    sz, sy, sx = (float(v) for v in stack.spacing_mm)
+    nz, ny, nx = stack.image.shape
     geometry = VolumeGeometry(
-        spacing_mm=(float(out_spacing[0]), float(out_spacing[1]), float(out_spacing[2])),
-        origin_mm=(float(out_origin[2]), float(out_origin[1]), float(out_origin[0])),
+        spacing_mm=(
+            float(grid.spacing_mm[0]),
+            float(grid.spacing_mm[1]),
+            float(grid.spacing_mm[2]),
+        ),
+        origin_mm=(float(grid.origin_mm[2]), float(grid.origin_mm[1]), float(grid.origin_mm[0])),
         source_spacing_mm=(
             round(sz, GEOMETRY_DECIMALS),
             round(sy, GEOMETRY_DECIMALS),
             round(sx, GEOMETRY_DECIMALS),
         ),
         source_shape=(nz, ny, nx),
-        duplicates_dropped=len(order) - len(kept),
+        duplicates_dropped=len(datasets) - len(stack.kept),
     )
     return packed_image, packed_label, geometry

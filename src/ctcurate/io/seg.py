@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,6 @@ LABELS: dict[int, str] = {1: "normal lung", 2: "ground-glass opacity", 3: "conso
 """Segment number → label; the segment number is the label value in a label volume."""
 
 _MANUFACTURER = "ctcurate"
-_MODEL = "ctcurate synthetic truth"
 _SOFTWARE = "ctcurate"
 _SERIAL = "0"
 _SEG_SERIES_NUMBER = 900
@@ -41,6 +41,32 @@ _CONTENT_TIME = "000000"
 
 # Local coding scheme for a concept without a widely used SNOMED CT code here.
 _LOCAL_SCHEME = "99CTCURATE"
+
+
+@dataclass(frozen=True)
+class SegAlgorithm:
+    """Who made a SEG's segments: the algorithm identification and what it changes.
+
+    ``uid_salt`` enters every derived UID (empty for the synthetic truth), so a predicted
+    SEG of a series never shares a UID with its reference SEG or with another model's.
+    """
+
+    name: str
+    version: str
+    family: tuple[str, str, str]  # (code value, coding scheme, meaning)
+    automatic: bool
+    series_description: str
+    uid_salt: str = ""
+
+
+#: The synthetic archive's reference masks.
+TRUTH = SegAlgorithm(
+    name="ctcurate synthetic truth",
+    version="1",
+    family=("123109", "DCM", "Manual Processing"),
+    automatic=False,
+    series_description="lesion segmentation",
+)
 
 
 def _segment_codes() -> dict[int, tuple[Code, Code]]:
@@ -94,7 +120,18 @@ def _pin_clock_and_uids(seg: pydicom.Dataset, series_uid: str, date: str) -> Non
             item.DimensionOrganizationUID = dim_uid
 
 
-def write_seg(path: Path, source: Sequence[pydicom.Dataset], labels: np.ndarray) -> None:
+def _uid(kind: str, series_uid: str, salt: str, *more: str) -> str:
+    sources = [f"ctcurate-seg-{kind}", series_uid, *more, *([salt] if salt else [])]
+    return str(generate_uid(entropy_srcs=sources))
+
+
+def write_seg(
+    path: Path,
+    source: Sequence[pydicom.Dataset],
+    labels: np.ndarray,
+    *,
+    algorithm: SegAlgorithm = TRUTH,
+) -> None:
     """Write a label volume as a BINARY DICOM SEG derived from ``source``.
 
     Parameters
@@ -106,6 +143,8 @@ def write_seg(path: Path, source: Sequence[pydicom.Dataset], labels: np.ndarray)
     labels
         uint8 label volume (n_slices, rows, cols): 0 background, 1 normal lung,
         2 ground-glass opacity, 3 consolidation.
+    algorithm
+        The segments' algorithm identification (default: the synthetic truth, manual).
 
     Raises
     ------
@@ -120,14 +159,18 @@ def write_seg(path: Path, source: Sequence[pydicom.Dataset], labels: np.ndarray)
     labels = labels.astype(np.uint8, copy=False)
     first = source[0]
     ct_series_uid = str(first.SeriesInstanceUID)
-    seg_series_uid = generate_uid(entropy_srcs=["ctcurate-seg-series", ct_series_uid])
-    seg_sop_uid = generate_uid(entropy_srcs=["ctcurate-seg-instance", ct_series_uid])
+    salt = algorithm.uid_salt
+    seg_series_uid = _uid("series", ct_series_uid, salt)
+    seg_sop_uid = _uid("instance", ct_series_uid, salt)
     date = str(first.get("StudyDate", "") or _DEFAULT_DATE)
 
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="ctcurate synthetic truth",
-        version="1",
-        family=Code("123109", "DCM", "Manual Processing"),
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name, version=algorithm.version, family=Code(*algorithm.family)
+    )
+    algorithm_type = (
+        hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        if algorithm.automatic
+        else hd.seg.SegmentAlgorithmTypeValues.MANUAL
     )
     descriptions = [
         hd.seg.SegmentDescription(
@@ -135,11 +178,9 @@ def write_seg(path: Path, source: Sequence[pydicom.Dataset], labels: np.ndarray)
             segment_label=LABELS[number],
             segmented_property_category=category,
             segmented_property_type=prop_type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-            algorithm_identification=algorithm,
-            tracking_uid=generate_uid(
-                entropy_srcs=["ctcurate-seg-tracking", ct_series_uid, str(number)]
-            ),
+            algorithm_type=algorithm_type,
+            algorithm_identification=identification,
+            tracking_uid=_uid("tracking", ct_series_uid, salt, str(number)),
             tracking_id=LABELS[number],
         )
         for number, (category, prop_type) in sorted(_segment_codes().items())
@@ -154,11 +195,11 @@ def write_seg(path: Path, source: Sequence[pydicom.Dataset], labels: np.ndarray)
         sop_instance_uid=seg_sop_uid,
         instance_number=1,
         manufacturer=_MANUFACTURER,
-        manufacturer_model_name=_MODEL,
+        manufacturer_model_name=algorithm.name,
         software_versions=_SOFTWARE,
         device_serial_number=_SERIAL,
         omit_empty_frames=bool(labels.any()),
-        series_description="lesion segmentation",
+        series_description=algorithm.series_description,
     )
     _pin_clock_and_uids(seg, seg_series_uid, date)
     with atomic_path(Path(path)) as tmp:

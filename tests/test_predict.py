@@ -1,0 +1,557 @@
+"""Tests of ``ctcurate predict``: the models on DICOM CT series, one or a batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pytest
+import torch
+from test_pack import make_ct, make_series
+from test_release import _case_id, _write_cases
+from test_train import make_case, make_release, tiny_params
+
+import ctcurate.release
+from ctcurate import evaluate, pack, predict, predict_batch, train
+from ctcurate.errors import InputError, OutputError, ParamsError
+from ctcurate.io.atomic import dumps_json
+from ctcurate.io.seg import LABELS, read_seg_labels, write_seg
+from ctcurate.io.tables import write_parquet
+from ctcurate.params import EvaluateParams, PackParams
+from ctcurate.volume import (
+    assemble_series,
+    centred_grid,
+    label_to_stack,
+    resample_image,
+    resample_label,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The release grid of the tiny models (make_release: 16^3 voxels of 4 mm).
+# the salt puts the five phantom patients into train / val / test as 3 / 1 / 1
+PACK = PackParams(spacing_mm=(4.0, 4.0, 4.0), shape=(16, 16, 16), workers=1, split_salt="predict-0")
+EVAL = EvaluateParams(device="cpu", threads=1)
+#: Phantom series: 32 slices of 32 x 32 pixels of 2 mm, i.e. make_case's 16^3 at 4 mm.
+SHAPE = (32, 32, 32)
+SPACING = 2.0
+PATTERNS = ("typical", "atypical", "negative", "typical", "atypical")
+SITE = "H01"
+
+
+def write_phantom(
+    folder: Path, uid: str, pattern: str, seed: int
+) -> tuple[list[Any], npt.NDArray[np.uint8]]:
+    """A chest phantom (test_train.make_case) as one DICOM CT series folder, files in
+    reverse slice order; its instances and per-instance labels."""
+    hu, label = make_case(np.random.default_rng(seed), SHAPE, pattern)
+    half = (SHAPE[1] - 1) * SPACING / 2
+    datasets = [
+        make_ct(
+            (hu[k].astype(np.int32) + 1024).astype(np.int16),
+            (-half, -half, k * SPACING),
+            series_uid=uid,
+            index=k,
+            spacing=(SPACING, SPACING),
+            patient_id=f"P{seed}",
+        )
+        for k in range(SHAPE[0])
+    ]
+    folder.mkdir(parents=True)
+    for k, ds in enumerate(datasets):
+        ds.save_as(folder / f"IM{SHAPE[0] - k:04d}", enforce_file_format=True)
+    return datasets, label
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    models: Path
+    archive: Path
+    index: Path
+    release: Path
+    uids: list[str]
+
+
+def _uid(k: int) -> str:
+    return f"1.2.826.0.1.3680043.77.{k + 1}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """Tiny models, an archive of five phantom series with their SEGs, an index and a
+    release packed from it (splits 3 / 1 / 1)."""
+    root = tmp_path_factory.mktemp("predict")
+    train_release = make_release(root / "train_release", n_cases=8)
+    train.run(train_release, root / "models", root / "live", tiny_params(epochs=3))
+    archive, seg_dir = root / "archive", root / "annotations" / "seg"
+    seg_dir.mkdir(parents=True)
+    instances, cases, uids = [], [], []
+    for k, pattern in enumerate(PATTERNS):
+        uid = _uid(k)
+        uids.append(uid)
+        datasets, label = write_phantom(archive / SITE / f"s{k}", uid, pattern, seed=k)
+        write_seg(seg_dir / f"{uid}.dcm", datasets, label)
+        instances += [
+            {
+                "path": f"{SITE}/s{k}/IM{SHAPE[0] - i:04d}",
+                "site": SITE,
+                "series_instance_uid": uid,
+                "sop_instance_uid": str(ds.SOPInstanceUID),
+                "manufacturer": "ACME",
+                "slice_thickness": 2.0,
+            }
+            for i, ds in enumerate(datasets)
+        ]
+        typical = int(pattern == "typical")
+        cases.append(
+            {
+                "case_id": _case_id(SITE, uid),
+                "series_instance_uid": uid,
+                "study_instance_uid": f"1.2.826.0.2.{k}",
+                "patient_id": f"P{k}",
+                "site": SITE,
+                "study_date": dt.date(2020, 3, 1),
+                "era": "pandemic",
+                "cohort": "covid",
+                "exclusion": None,
+                "pcr": "positive" if typical else "negative",
+                "consensus_grade": 1 if typical else 3,
+                "typical": typical,
+            }
+        )
+    _write_cases(root / "cases.parquet", sorted(cases, key=lambda c: str(c["case_id"])))
+    write_parquet(
+        root / "index" / "instances" / "part-00000.parquet",
+        pa.Table.from_pylist(sorted(instances, key=lambda r: str(r["path"]))),
+    )
+    pack.run(
+        root / "cases.parquet",
+        root / "index",
+        archive,
+        root / "annotations",
+        root / "release",
+        PACK,
+    )
+    return World(root, root / "models", archive, root / "index", root / "release", uids)
+
+
+def _write_params(path: Path) -> Path:
+    """A params.yaml with the pack grid of :data:`PACK` and the evaluate section of EVAL."""
+    path.write_text(
+        "pack:\n  spacing_mm: [4.0, 4.0, 4.0]\n  shape: [16, 16, 16]\n  split_salt: predict-0\n"
+        "evaluate:\n  device: cpu\n  threads: 1\n"
+    )
+    return path
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@pytest.mark.parametrize(
+    "orientation", [(1, 0, 0, 0, 1, 0), (-1, 0, 0, 0, -1, 0), (0, 1, 0, 1, 0, 0)]
+)
+def test_labels_map_back_onto_every_instance(orientation: tuple[int, ...]) -> None:
+    """On a release grid equal to the series grid the round trip instance → grid →
+    instance is exact, whatever the orientation, file order and duplicate slices."""
+    datasets, labels, _ = make_series(6, 8, orientation=orientation)
+    labels[2, 1, 5] = 3  # break the symmetry
+    datasets = [*reversed(datasets), datasets[2]]  # shuffled, one duplicate
+    labels = np.concatenate([labels[::-1], labels[2:3]])
+    stack = assemble_series(datasets)
+    assert len(stack.kept) == 6
+    params = PackParams(spacing_mm=(2.0, 2.0, 2.0), shape=(6, 8, 8))
+    grid = centred_grid(stack, (np.asarray(stack.image.shape) - 1) / 2.0, params)
+    np.testing.assert_array_equal(grid.origin_mm, stack.origin_mm)
+    on_grid = resample_label(stack, grid, stack.orient(labels))
+    back = stack.unorient(label_to_stack(stack, grid, on_grid))
+    np.testing.assert_array_equal(back, labels)
+    image = resample_image(stack, grid, params)
+    hu = np.stack([ds.pixel_array.astype(np.int16) - 1024 for ds in datasets])
+    np.testing.assert_array_equal(stack.unorient(image), hu)
+
+
+def test_labels_outside_the_release_grid_are_background() -> None:
+    datasets, _, _ = make_series(6, 8)
+    stack = assemble_series(datasets)
+    params = PackParams(spacing_mm=(2.0, 2.0, 2.0), shape=(2, 8, 8))  # 2 of the 6 slices
+    grid = centred_grid(stack, np.array([0.5, 3.5, 3.5]), params)
+    back = label_to_stack(stack, grid, np.full(grid.shape, 2, dtype=np.uint8))
+    assert back[:2].min() == 2
+    assert not back[2:].any()
+
+
+def test_lung_centre_finds_the_phantom_lungs(tmp_path: Path) -> None:
+    datasets, label = write_phantom(tmp_path / "s", "1.2.3.9", "negative", seed=3)
+    stack = assemble_series(datasets)
+    lung = np.argwhere(label > 0)
+    truth = (lung.min(axis=0) + lung.max(axis=0)) / 2.0
+    assert np.abs(predict.lung_centre(stack, PACK) - truth).max() <= 2.0  # one 4 mm step
+
+
+# --------------------------------------------------------------------------- one series
+
+
+def test_predict_equals_evaluate_on_a_released_case(world: World, tmp_path: Path) -> None:
+    """On the grid the release recorded, predict builds the release's image bit for bit
+    and gives evaluate's labels and probability (JSON rounds it to 1e-6)."""
+    test_set = ctcurate.release.open(world.release, split="test")
+    sample = test_set[0]
+    uid = str(sample["meta"]["series_instance_uid"])
+    net, classifier, card = train.load_models(world.models)
+    expected_label, expected_p = evaluate.predict_case(
+        net,
+        classifier,
+        sample["image"],
+        card["input"]["shape"],
+        torch.device("cpu"),
+        evaluate.lesion_cut_mm3(card),
+        train.spacing_of(sample["meta"]),
+    )
+    series = world.archive / SITE / f"s{world.uids.index(uid)}"
+    models = predict.load(world.models, PACK.spacing_mm, torch.device("cpu"))
+    pack_params, origins = predict.release_origins(world.release)
+    got = predict.predict_series(
+        predict.read_series_dir(series), models, pack_params, origins[(SITE, uid)]
+    )
+    np.testing.assert_array_equal(got.grid_image, sample["image"][0].numpy().astype(np.int16))
+    np.testing.assert_array_equal(got.grid_label, expected_label)
+    assert got.probability == pytest.approx(expected_p, abs=1e-5)
+
+    out = tmp_path / "out"
+    content = predict.run_series(series, world.models, out, PACK, EVAL, release=world.release)
+    assert content["grid"]["centred_on"] == "release_case"
+    assert content["typicality"]["probability"] == pytest.approx(expected_p, abs=1e-5)
+    # and the evaluate stage itself called the case the same way
+    evaluate.run(world.release, world.models, tmp_path / "eval.json", tmp_path / "plots", EVAL)
+    confusion = json.loads((tmp_path / "plots" / "confusion.json").read_text())["confusion"]
+    assert [row["predicted"] for row in confusion] == [content["typicality"]["label"]]
+    test_set.close()
+
+
+def test_outputs_seg_json_png(world: World, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    series = world.archive / SITE / "s0"
+    out = tmp_path / "out"
+    content = predict.run_series(series, world.models, out, PACK, EVAL)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".ctcurate-output", predict.SEG_FILE, predict.JSON_FILE, predict.PNG_FILE]
+    )
+    assert (out / predict.JSON_FILE).read_text() == dumps_json(content)  # canonical
+    assert json.loads(dumps_json(content)) == content
+    model_json = (world.models / "model.json").read_bytes()
+    assert content["model"]["id"] == hashlib.sha256(model_json).hexdigest()
+    assert content["code_version"] == ctcurate.__version__
+    assert content["grid"]["centred_on"] == "lung_estimate"
+    assert 0.0 <= content["typicality"]["probability"] <= 1.0
+    volumes = content["volumes_ml"]
+    assert volumes["lung"] == pytest.approx(
+        volumes["normal_lung"] + volumes["ground_glass_opacity"] + volumes["consolidation"],
+        abs=1e-2,
+    )
+    assert volumes["lung"] > 0
+
+    # the SEG read back with highdicom: segments, frames, referenced instances
+    seg = hd.seg.segread(out / predict.SEG_FILE)
+    descriptions = {n: seg.get_segment_description(n).segment_label for n in seg.segment_numbers}
+    assert descriptions == LABELS
+    datasets = predict.read_series_dir(series)
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    labels = read_seg_labels(out / predict.SEG_FILE, uids)
+    assert labels.any()
+    present = sum(int((labels == s).any(axis=(1, 2)).sum()) for s in LABELS)
+    assert int(seg.NumberOfFrames) == present  # empty frames are left out
+    referenced = {sop for _, _, sop in seg.get_source_image_uids()}
+    assert referenced == set(uids)
+    assert (seg.Rows, seg.Columns) == (datasets[0].Rows, datasets[0].Columns)
+    assert str(seg.SeriesInstanceUID) != str(datasets[0].SeriesInstanceUID)
+    truth = hd.seg.segread(world.root / "annotations" / "seg" / f"{world.uids[0]}.dcm")
+    assert str(seg.SeriesInstanceUID) != str(truth.SeriesInstanceUID)
+    voxel_ml = SPACING**3 / 1000
+    assert volumes["lung"] == pytest.approx(float((labels > 0).sum()) * voxel_ml, abs=1e-3)
+    assert (out / predict.PNG_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_is_deterministic(world: World, tmp_path: Path) -> None:
+    series = world.archive / SITE / "s1"
+    for name in ("a", "b"):
+        predict.run_series(series, world.models, tmp_path / name, PACK, EVAL)
+    first = _hashes(tmp_path / "a")
+    assert first == _hashes(tmp_path / "b")
+    assert predict.SEG_FILE in first
+
+
+def test_models_of_another_spacing_are_refused(world: World, tmp_path: Path) -> None:
+    other = PackParams(spacing_mm=(2.0, 2.0, 2.0), shape=(16, 16, 16))
+    with pytest.raises(ParamsError, match=r"model\.json: trained at spacing \[4\.0, 4\.0, 4\.0\]"):
+        predict.run_series(world.archive / SITE / "s0", world.models, tmp_path / "o", other, EVAL)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_foreign_output_folder_is_refused(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match=r"did not write"):
+        predict.run_series(world.archive / SITE / "s0", world.models, out, PACK, EVAL)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_duplicate_slice_is_represented_by_its_twin(world: World, tmp_path: Path) -> None:
+    """An identical duplicate instance is dropped as pack drops it (the first of the two by
+    SOPInstanceUID is kept); highdicom refuses two frames at one position, so the SEG
+    references the kept one only."""
+    import pydicom
+
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    for path in sorted((world.archive / SITE / "s0").iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+    ds = pydicom.dcmread(sorted(folder.iterdir())[7])
+    twin = str(ds.SOPInstanceUID)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
+    ds.save_as(folder / "ZZ0001")
+    content = predict.run_series(folder, world.models, tmp_path / "out", PACK, EVAL)
+    assert content["n_instances"] == SHAPE[0] + 1
+    assert content["duplicates_dropped"] == 1
+    seg = pydicom.dcmread(tmp_path / "out" / predict.SEG_FILE)
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
+    assert len(referenced) == SHAPE[0]
+    assert len(referenced & {twin, "1.2.3.4.5.6.7"}) == 1  # the first by SOPInstanceUID
+    single = predict.run_series(
+        world.archive / SITE / "s0", world.models, tmp_path / "o2", PACK, EVAL
+    )
+    assert content["volumes_ml"] == single["volumes_ml"]
+
+
+def _broken_copy(world: World, tmp_path: Path, how: str) -> Path:
+    import pydicom
+
+    folder = tmp_path / how
+    folder.mkdir()
+    for path in sorted((world.archive / SITE / "s2").iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+    victim = sorted(folder.iterdir())[5]
+    if how == "not_ct":
+        ds = pydicom.dcmread(victim)
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+        ds.save_as(victim)
+    elif how == "pixels":
+        ds = pydicom.dcmread(victim)
+        ds.PixelData = ds.PixelData[:100]
+        ds.save_as(victim)
+    elif how == "few":
+        for path in sorted(folder.iterdir())[2:]:
+            path.unlink()
+    elif how == "text":
+        victim.write_text("not dicom")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("pixels", r"cannot assemble the series: pixel_data \(pixel data"),
+        ("few", r"cannot assemble the series: too_few_slices \(2 instances\)"),
+        ("text", r"IM\d{4}: not a readable DICOM file \(InvalidDicomError\)"),
+    ],
+)
+def test_a_broken_series_is_one_error_naming_why(
+    world: World, tmp_path: Path, how: str, message: str
+) -> None:
+    folder = _broken_copy(world, tmp_path, how)
+    with pytest.raises(InputError, match=message):
+        predict.run_series(folder, world.models, tmp_path / "out", PACK, EVAL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path: Path) -> None:
+    folder = _broken_copy(world, tmp_path, "not_ct")
+    params = _write_params(tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "ctcurate", "predict", "--series", str(folder)),
+            *("--models", str(world.models), "--out", str(tmp_path / "out")),
+            *("--params", str(params)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == InputError.exit_code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"ctcurate: error: {folder}: cannot assemble the series: ")
+    assert "not_ct_image" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- batch
+
+
+def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) -> None:
+    """Six selected series (one with a truncated instance, one not indexed, one a second
+    site's copy of a series UID) and one not selected: three predicted, three failed with
+    their reasons, the other one not seen."""
+    import pyarrow.parquet as pq
+    import pydicom
+
+    archive = tmp_path / "archive"
+    for path in sorted(world.archive.rglob("*")):
+        if path.is_file():
+            target = archive / path.relative_to(world.archive)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    broken = sorted((archive / SITE / "s3").iterdir())[4]
+    ds = pydicom.dcmread(broken)
+    ds.PixelData = ds.PixelData[:64]
+    ds.save_as(broken)
+    instances = pq.read_table(world.index / "instances" / "part-00000.parquet").to_pylist()
+    copies = [r | {"site": "H02"} for r in instances if r["series_instance_uid"] == world.uids[1]]
+    write_parquet(
+        tmp_path / "index" / "instances" / "part-00000.parquet",
+        pa.Table.from_pylist(instances + copies),
+    )
+    rows = [
+        {"site": SITE, "series_instance_uid": uid, "selected": k != 4}
+        for k, uid in enumerate(world.uids)
+    ]
+    rows.append({"site": SITE, "series_instance_uid": "1.2.3.404", "selected": True})
+    rows.append({"site": "H02", "series_instance_uid": world.uids[1], "selected": True})
+    write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
+    out = tmp_path / "out"
+    report = predict_batch.run_batch(
+        tmp_path / "series.parquet", tmp_path / "index", archive, world.models, out, PACK, EVAL
+    )
+    assert report["series_seen"] == 6
+    assert report["series_predicted"] == 3
+    assert report["series_failed"] == 3
+    assert report["failed_reasons"] == {
+        "duplicate_series_uid": 1,
+        "no_instances": 1,
+        "pixel_data": 1,
+    }
+    outcome = {(r["site"], r["series_instance_uid"]): r["status"] for r in report["series"]}
+    assert outcome == {
+        (SITE, world.uids[0]): "predicted",
+        (SITE, world.uids[1]): "predicted",
+        (SITE, world.uids[2]): "predicted",
+        (SITE, world.uids[3]): "failed",
+        (SITE, "1.2.3.404"): "failed",
+        ("H02", world.uids[1]): "failed",
+    }
+    assert json.loads((out / predict.REPORT).read_text()) == report
+    for uid in world.uids[:3]:
+        assert sorted(p.name for p in (out / uid).iterdir()) == sorted(
+            [predict.JSON_FILE, predict.PNG_FILE, predict.SEG_FILE]
+        )
+    assert not (out / world.uids[3]).exists()
+    grid = json.loads((out / world.uids[0] / predict.JSON_FILE).read_text())["grid"]
+    assert grid["centred_on"] == "lung_estimate"
+    # the batch gives the bytes of a single-series run
+    predict.run_series(archive / SITE / "s0", world.models, tmp_path / "one", PACK, EVAL)
+    single = _hashes(tmp_path / "one")
+    batch = _hashes(out / world.uids[0])
+    assert {k: v for k, v in single.items() if not k.startswith(".")} == batch
+
+
+@pytest.mark.slow  # two pool processes each import torch and MONAI: ~25 s on 2 CPU cores
+def test_cli_batch_on_a_local_pool_logs_progress(world: World, tmp_path: Path) -> None:
+    """The CLI's batch on a pool of 2 workers: progress lines, no UIDs in the log, and the
+    bytes of an in-process single-series run."""
+    rows = [{"site": SITE, "series_instance_uid": uid, "selected": True} for uid in world.uids[:2]]
+    write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
+    params = _write_params(tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "ctcurate", "predict", "--selected", "series.parquet"),
+            *("--index", str(world.index), "--archive", str(world.archive)),
+            *("--models", str(world.models), "--out", "out", "--workers", "2"),
+            *("--params", str(params)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ctcurate.predict: predict: done, 2 series" in proc.stderr
+    assert "predicted 2 of 2 selected series (0 failed: none)" in proc.stderr
+    for uid in world.uids[:2]:
+        assert uid not in proc.stderr  # logs carry counts, never header values
+    report = json.loads((tmp_path / "out" / predict.REPORT).read_text())
+    assert report["series_predicted"] == 2
+    predict.run_series(world.archive / SITE / "s1", world.models, tmp_path / "one", PACK, EVAL)
+    one = (tmp_path / "one" / predict.SEG_FILE).read_bytes()
+    assert (tmp_path / "out" / world.uids[1] / predict.SEG_FILE).read_bytes() == one
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], r"give either --series DIR or --selected F"),
+        (["--series", "s", "--selected", "f"], r"give either --series DIR or --selected F"),
+        (["--selected", "f"], r"--selected needs --index and --archive"),
+    ],
+)
+def test_cli_needs_one_input(tmp_path: Path, args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from ctcurate.cli import app
+
+    result = CliRunner().invoke(
+        app, ["predict", "--models", str(tmp_path), "--out", str(tmp_path / "o"), *args]
+    )
+    assert isinstance(result.exception, InputError)
+    assert re.search(message, str(result.exception))
+
+
+def test_batch_on_a_release_uses_its_recorded_grids(world: World, tmp_path: Path) -> None:
+    manifest = json.loads((world.release / "manifest.json").read_text())
+    origins = {c["series_instance_uid"]: c["origin_mm"] for c in manifest["cases"]}
+    rows = [{"site": SITE, "series_instance_uid": uid, "selected": True} for uid in world.uids[:2]]
+    write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
+    report = predict_batch.run_batch(
+        tmp_path / "series.parquet",
+        world.index,
+        world.archive,
+        world.models,
+        tmp_path / "out",
+        PackParams(),  # the release's own pack params are used instead
+        EVAL,
+        release=world.release,
+    )
+    assert report["series_predicted"] == 2
+    for uid in world.uids[:2]:
+        grid = json.loads((tmp_path / "out" / uid / predict.JSON_FILE).read_text())["grid"]
+        assert grid["centred_on"] == "release_case"
+        assert grid["origin_mm"] == origins[uid]
+        assert grid["shape"] == list(PACK.shape)
