@@ -552,3 +552,34 @@ def test_segment_label_values() -> None:
         ]
     )
     assert got == {1: 1, 2: 2, 5: 1}
+
+
+def test_pack_keeps_a_labelmap_seg_and_records_a_mismatch(tmp_path: Path) -> None:
+    import highdicom as hd
+
+    from ctcurate import pack
+    from ctcurate.volume import ExcludedSeries
+
+    if not hasattr(hd.seg.SegmentationTypeValues, "LABELMAP"):
+        pytest.skip("this highdicom writes no LABELMAP SEG")
+    source = make_ct_series()
+    rows = []
+    for i, ds in enumerate(source):
+        ds.save_as(tmp_path / f"ct{i}.dcm", enforce_file_format=True)
+        rows.append({"path": f"ct{i}.dcm"})
+    labelmap = np.zeros((N_SLICES, ROWS, COLS), np.uint8)
+    labelmap[1:4, 2:6, 2:8] = 4  # Normal_Lung
+    labelmap[2, 3:5, 3:5] = 1  # Lesion A: consolidation
+    seg_path = tmp_path / "seg.dcm"
+    write_other_seg(seg_path, source, labelmap, "LABELMAP")
+    _, labels = pack._load_series(tmp_path, seg_path, rows)
+    expected = np.where(labelmap == 4, 1, np.where(labelmap == 1, 3, 0))
+    np.testing.assert_array_equal(labels, expected)
+
+    other = make_ct_series()
+    for ds in other:
+        ds.SOPInstanceUID = generate_uid()
+    write_other_seg(seg_path, other, labelmap, "LABELMAP")
+    with pytest.raises(ExcludedSeries, match="no frame matches") as info:
+        pack._load_series(tmp_path, seg_path, rows)
+    assert info.value.reason == "seg_mismatch"
