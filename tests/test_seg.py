@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -18,7 +19,13 @@ from pydicom.uid import (
 
 from ctcurate.errors import InputError
 from ctcurate.io import seg as seg_module
-from ctcurate.io.seg import _scan_frame_references, read_seg_labels, write_seg
+from ctcurate.io.seg import (
+    SegError,
+    _scan_frame_references,
+    read_seg_labels,
+    segment_label_values,
+    write_seg,
+)
 
 N_SLICES, ROWS, COLS = 5, 8, 10
 SPACING_Z = 2.5
@@ -184,7 +191,7 @@ def test_read_rejects_a_broken_seg(tmp_path: Path) -> None:
         read_seg_labels(broken, [str(s.SOPInstanceUID) for s in source])
 
 
-# -- the numpy reader against highdicom's -----------------------------------------------------
+# -- the shortcut for write_seg's own files against highdicom ----------------------------
 
 
 def highdicom_labels(path: Path, uids: list[str]) -> np.ndarray:
@@ -221,7 +228,7 @@ def random_labels(seed: int, n: int, rows: int, cols: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("n", "rows", "cols"), [(5, 8, 10), (7, 5, 3), (12, 16, 16)])
-def test_numpy_reader_equals_highdicom(tmp_path: Path, n: int, rows: int, cols: int) -> None:
+def test_shortcut_equals_highdicom(tmp_path: Path, n: int, rows: int, cols: int) -> None:
     # odd frame sizes put frame boundaries inside bytes of the bit-packed pixel data
     source = make_ct_series(n, rows, cols)
     labels = random_labels(n * rows, n, rows, cols)
@@ -233,6 +240,9 @@ def test_numpy_reader_equals_highdicom(tmp_path: Path, n: int, rows: int, cols: 
     got = read_seg_labels(path, asked)
     np.testing.assert_array_equal(got, highdicom_labels(path, asked))
     np.testing.assert_array_equal(got[:n], labels[order])
+    with pytest.MonkeyPatch.context() as patch:
+        no_shortcut(patch)
+        np.testing.assert_array_equal(read_seg_labels(path, asked), got)
 
 
 def test_byte_scan_equals_parsed_references(tmp_path: Path) -> None:
@@ -246,10 +256,7 @@ def test_byte_scan_equals_parsed_references(tmp_path: Path) -> None:
     parsed = [
         (
             int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber),
-            [
-                str(s.ReferencedSOPInstanceUID)
-                for s in item.DerivationImageSequence[0].SourceImageSequence
-            ],
+            str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID),
         )
         for item in ds.PerFrameFunctionalGroupsSequence
     ]
@@ -257,7 +264,12 @@ def test_byte_scan_equals_parsed_references(tmp_path: Path) -> None:
     assert _scan_frame_references(raw, int(ds.NumberOfFrames) + 1) is None
 
 
-def test_reader_falls_back_to_parsed_sequences(
+def no_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every read go through highdicom."""
+    monkeypatch.setattr(seg_module, "_read_own", lambda *args: None)
+
+
+def test_other_layouts_are_read_by_highdicom(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source, labels = make_ct_series(), make_labels()
@@ -269,11 +281,11 @@ def test_reader_falls_back_to_parsed_sequences(
     ds.save_as(implicit)
     assert pydicom.dcmread(implicit).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
 
-    def no_scan(raw: bytes, n_frames: int) -> None:
-        msg = "the byte scan is for Explicit VR Little Endian only"
+    def refuse(raw: bytes, n_frames: int) -> None:
+        msg = "the byte scan is for write_seg's own files only"
         raise AssertionError(msg)
 
-    monkeypatch.setattr(seg_module, "_scan_frame_references", no_scan)
+    monkeypatch.setattr(seg_module, "_scan_frame_references", refuse)
     uids = [str(s.SOPInstanceUID) for s in source]
     np.testing.assert_array_equal(read_seg_labels(implicit, uids), labels)
 
@@ -309,3 +321,265 @@ def test_fractional_seg_reads_at_half_maximum(tmp_path: Path) -> None:
     frac_path = tmp_path / "fractional.dcm"
     ds.save_as(frac_path)
     np.testing.assert_array_equal(read_seg_labels(frac_path, uids), labels)
+
+
+# -- SEGs of other tools -------------------------------------------------------------------
+
+DATA = Path(__file__).parent / "data" / "seg"
+
+
+def segment(number: int, label: str, code: Code) -> object:
+    import highdicom as hd
+
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=Code("49755003", "SCT", "Morphologically Altered Structure"),
+        segmented_property_type=code,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+
+
+#: Another tool's numbering: consolidation first, an organ we do not know, GGO by its DICOM
+#: code under a free-text label, normal lung by its label under an unknown code.
+OTHER_SEGMENTS = [
+    (1, "Lesion A", Code("95436008", "SCT", "Lung consolidation"), 3),
+    (2, "Heart", Code("80891009", "SCT", "Heart"), 0),
+    (3, "lesion b", Code("112120", "DCM", "Ground glass opacity"), 2),
+    (4, "Normal_Lung", Code("T-0001", "99OTHER", "Parenchyma"), 1),
+]
+
+
+def write_other_seg(
+    path: Path, source: list[Dataset], pixels: np.ndarray, seg_type: str, **kwargs: object
+) -> None:
+    """A SEG the way another highdicom-based tool might write it (not write_seg's layout)."""
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation(
+        source_images=source,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues[seg_type],
+        segment_descriptions=[segment(n, label, code) for n, label, code, _ in OTHER_SEGMENTS],
+        series_instance_uid=generate_uid(),
+        series_number=7,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="Other",
+        manufacturer_model_name="Other model",
+        software_versions="1",
+        device_serial_number="1",
+        **kwargs,
+    )
+    seg.save_as(path)
+
+
+def expected_from_other(masks: np.ndarray) -> np.ndarray:
+    """Label values of per-segment masks (n, rows, cols, 4); the higher label wins."""
+    out = np.zeros(masks.shape[:3], np.uint8)
+    for (_, _, _, value), i in sorted(
+        ((seg, i) for i, seg in enumerate(OTHER_SEGMENTS)), key=lambda t: t[0][3]
+    ):
+        if value:
+            out[masks[..., i]] = value
+    return out
+
+
+def other_masks(n: int = N_SLICES) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    masks = rng.random((n, ROWS, COLS, len(OTHER_SEGMENTS))) < 0.3
+    masks[n // 2] = False
+    return masks
+
+
+def test_labelmap_seg_of_another_tool(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import highdicom as hd
+
+    if not hasattr(hd.seg.SegmentationTypeValues, "LABELMAP"):
+        pytest.skip("this highdicom writes no LABELMAP SEG")
+    source = make_ct_series()
+    masks = other_masks()
+    labelmap = np.zeros(masks.shape[:3], np.uint8)  # one segment per pixel in a LABELMAP
+    for i in range(len(OTHER_SEGMENTS)):
+        labelmap[masks[..., i]] = i + 1
+    path = tmp_path / "labelmap.dcm"
+    write_other_seg(path, source[::-1], labelmap[::-1], "LABELMAP")  # frames in reverse order
+    assert pydicom.dcmread(path).SegmentationType == "LABELMAP"
+    one_hot = np.stack([labelmap == i + 1 for i in range(len(OTHER_SEGMENTS))], axis=-1)
+    uids = [str(ds.SOPInstanceUID) for ds in source]
+    with caplog.at_level("INFO", logger="seg"):
+        got = read_seg_labels(path, uids)
+    np.testing.assert_array_equal(got, expected_from_other(one_hot))
+    assert set(np.unique(got)) == {0, 1, 2, 3}
+    assert "1 of 4 segments not recognised" in caplog.text
+    assert uids[0] not in caplog.text
+
+
+def test_binary_seg_of_another_tool_with_overlaps(tmp_path: Path) -> None:
+    source = make_ct_series()
+    masks = other_masks()
+    path = tmp_path / "binary.dcm"
+    write_other_seg(path, source, masks.astype(np.uint8), "BINARY")
+    uids = [str(ds.SOPInstanceUID) for ds in source]
+    got = read_seg_labels(path, uids[::-1])
+    np.testing.assert_array_equal(got, expected_from_other(masks)[::-1])
+
+
+def test_fractional_seg_of_another_tool_thresholds_at_half(tmp_path: Path) -> None:
+    source = make_ct_series()
+    rng = np.random.default_rng(5)
+    fractions = rng.integers(0, 5, (N_SLICES, ROWS, COLS, len(OTHER_SEGMENTS))) / 4.0
+    path = tmp_path / "fractional.dcm"
+    write_other_seg(
+        path,
+        source,
+        fractions.astype(np.float32),
+        "FRACTIONAL",
+        max_fractional_value=4,
+    )
+    uids = [str(ds.SOPInstanceUID) for ds in source]
+    got = read_seg_labels(path, uids)
+    np.testing.assert_array_equal(got, expected_from_other(fractions >= 0.5))
+    assert (fractions == 0.5).any()  # the threshold itself is set
+    assert ((fractions > 0) & (fractions < 0.5)).any()  # below it is not
+
+
+def third_party(name: str, labels: dict[int, str]) -> Dataset:
+    """A highdicom test file with its segments given our labels (their codes are unknown)."""
+    ds = pydicom.dcmread(DATA / name)
+    for item in ds.SegmentSequence:
+        item.SegmentLabel = labels[int(item.SegmentNumber)]
+    return ds
+
+
+def referenced_uids(ds: Dataset) -> list[str]:
+    return [
+        str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for item in ds.PerFrameFunctionalGroupsSequence
+    ]
+
+
+def test_highdicom_test_file_with_overlapping_segments(tmp_path: Path) -> None:
+    import highdicom as hd
+
+    ds = third_party("seg_image_ct_binary_overlap.dcm", {1: "lung", 2: "Consolidation"})
+    path = tmp_path / "overlap.dcm"
+    ds.save_as(path)
+    uids = list(dict.fromkeys(referenced_uids(ds)))[::-1]
+    got = read_seg_labels(path, [*uids, "1.2.3.4"])
+    seg = hd.seg.segread(DATA / "seg_image_ct_binary_overlap.dcm")
+    per_segment = seg.get_pixels_by_source_instance(uids, ignore_spatial_locations=True)
+    expected = np.where(per_segment[..., 1] > 0, 3, np.where(per_segment[..., 0] > 0, 1, 0))
+    assert (per_segment[..., 0] & per_segment[..., 1]).any()  # the file does overlap
+    np.testing.assert_array_equal(got[:-1], expected)
+    assert not got[-1].any()
+
+
+def test_highdicom_test_file_fractional(tmp_path: Path) -> None:
+    import highdicom as hd
+
+    ds = third_party("seg_image_ct_true_fractional.dcm", {1: "ground-glass opacity"})
+    path = tmp_path / "fractional.dcm"
+    ds.save_as(path)
+    uids = referenced_uids(ds)
+    seg = hd.seg.segread(DATA / "seg_image_ct_true_fractional.dcm")
+    fractions = seg.get_pixels_by_source_instance(uids, ignore_spatial_locations=True)[..., 0]
+    assert ((fractions > 0) & (fractions < 0.5)).any()
+    np.testing.assert_array_equal(
+        read_seg_labels(path, uids), np.where(fractions >= 0.5, 2, 0).astype(np.uint8)
+    )
+
+
+def test_unknown_segments_read_as_zeros(caplog: pytest.LogCaptureFixture) -> None:
+    path = DATA / "seg_image_ct_binary_overlap.dcm"  # segments Bone and Spine
+    uids = referenced_uids(pydicom.dcmread(path))
+    with caplog.at_level("INFO", logger="seg"):
+        got = read_seg_labels(path, uids)
+    assert not got.any()
+    assert "2 of 2 segments not recognised" in caplog.text
+
+
+def test_seg_of_another_series_is_a_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "seg.dcm"
+    write_seg(path, make_ct_series(), make_labels())
+    with pytest.raises(SegError, match=r"seg\.dcm: no frame matches any of the series' 2") as info:
+        read_seg_labels(path, ["1.2.3", "1.2.4"])
+    assert info.value.reason == "seg_mismatch"
+    with pytest.raises(SegError, match="no frame matches") as info:
+        read_seg_labels(DATA / "seg_image_ct_true_fractional.dcm", ["1.2.3"])
+    assert info.value.reason == "seg_mismatch"
+
+
+def test_frames_without_references_match_by_position(tmp_path: Path) -> None:
+    source = make_ct_series()
+    masks = other_masks()
+    path = tmp_path / "binary.dcm"
+    write_other_seg(path, source, masks.astype(np.uint8), "BINARY")
+    ds = pydicom.dcmread(path)
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.DerivationImageSequence
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare)
+    order = [4, 1, 0, 3, 2]
+    uids = [str(source[i].SOPInstanceUID) for i in order]
+    positions = [[float(v) for v in source[i].ImagePositionPatient] for i in order]
+    positions[0][2] += 0.01  # within the tolerance
+    got = read_seg_labels(bare, uids, positions=positions)
+    np.testing.assert_array_equal(got, expected_from_other(masks)[order])
+    with pytest.raises(SegError, match="no frame matches") as info:
+        read_seg_labels(bare, uids)
+    assert info.value.reason == "seg_mismatch"
+    far = [[x, y, z + 1.0] for x, y, z in positions]  # between two frames
+    with pytest.raises(SegError, match="no frame matches"):
+        read_seg_labels(bare, uids, positions=far)
+
+
+def test_segment_label_values() -> None:
+    def item(number: int, label: str, scheme: str, value: str) -> Dataset:
+        ds = Dataset()
+        ds.SegmentNumber, ds.SegmentLabel = number, label
+        code = Dataset()
+        code.CodingSchemeDesignator, code.CodeValue, code.CodeMeaning = scheme, value, "x"
+        ds.SegmentedPropertyTypeCodeSequence = [code]
+        return ds
+
+    got = segment_label_values(
+        [
+            item(1, "whatever", "SCT", "39607008"),  # Lung by code
+            item(2, "GROUND_GLASS opacity", "99X", "1"),  # by label
+            item(5, "consolidation", "SCT", "39607008"),  # the code wins over the label
+            item(7, "Heart", "SCT", "80891009"),  # neither
+        ]
+    )
+    assert got == {1: 1, 2: 2, 5: 1}
+
+
+def test_pack_keeps_a_labelmap_seg_and_records_a_mismatch(tmp_path: Path) -> None:
+    import highdicom as hd
+
+    from ctcurate import pack
+    from ctcurate.volume import ExcludedSeries
+
+    if not hasattr(hd.seg.SegmentationTypeValues, "LABELMAP"):
+        pytest.skip("this highdicom writes no LABELMAP SEG")
+    source = make_ct_series()
+    rows = []
+    for i, ds in enumerate(source):
+        ds.save_as(tmp_path / f"ct{i}.dcm", enforce_file_format=True)
+        rows.append({"path": f"ct{i}.dcm"})
+    labelmap = np.zeros((N_SLICES, ROWS, COLS), np.uint8)
+    labelmap[1:4, 2:6, 2:8] = 4  # Normal_Lung
+    labelmap[2, 3:5, 3:5] = 1  # Lesion A: consolidation
+    seg_path = tmp_path / "seg.dcm"
+    write_other_seg(seg_path, source, labelmap, "LABELMAP")
+    _, labels = pack._load_series(tmp_path, seg_path, rows)
+    expected = np.where(labelmap == 4, 1, np.where(labelmap == 1, 3, 0))
+    np.testing.assert_array_equal(labels, expected)
+
+    other = make_ct_series()
+    for ds in other:
+        ds.SOPInstanceUID = generate_uid()
+    write_other_seg(seg_path, other, labelmap, "LABELMAP")
+    with pytest.raises(ExcludedSeries, match="no frame matches") as info:
+        pack._load_series(tmp_path, seg_path, rows)
+    assert info.value.reason == "seg_mismatch"

@@ -268,7 +268,7 @@ def _load_series(
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from ctcurate.io.seg import read_seg_labels
+    from ctcurate.io.seg import SegError, read_seg_labels
 
     datasets = []
     for row in rows:
@@ -281,7 +281,12 @@ def _load_series(
     uids = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
     try:
         header = pydicom.dcmread(seg_path, stop_before_pixels=True)
-        labels = read_seg_labels(seg_path, uids)
+        positions = [ds.get("ImagePositionPatient") for ds in datasets]
+        labels = read_seg_labels(
+            seg_path, uids, positions=positions if None not in positions else None
+        )
+    except SegError as exc:
+        raise ExcludedSeries(reason=exc.reason, detail=str(exc)) from exc
     except (InputError, InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise ExcludedSeries(reason="seg_unreadable", detail=str(exc)) from exc
     referenced = {
