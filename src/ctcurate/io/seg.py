@@ -393,8 +393,7 @@ def _scan_frame_references(raw: bytes, n_frames: int) -> list[tuple[int, str]] |
 def _read_own(ds: pydicom.Dataset, uids: list[str], values: dict[int, int]) -> np.ndarray | None:
     """Label slices of a SEG written by :func:`write_seg`; ``None`` for any other SEG."""
     own = (
-        str(ds.get("Manufacturer", "")) == _MANUFACTURER
-        and str(ds.get("ManufacturerModelName", "")) == _MODEL
+        str(ds.get("Manufacturer", "")) == _MANUFACTURER  # the truth's or predict's SEGs
         and str(ds.get("SegmentationType", "")) == "BINARY"
         and ds.file_meta.get("TransferSyntaxUID") == ExplicitVRLittleEndian
         and _PER_FRAME_TAG in ds
