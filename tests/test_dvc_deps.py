@@ -1,0 +1,144 @@
+"""The declared build cannot go stale: every source file a stage's command imports is a dep.
+
+Each ``dvc.yaml`` stage runs one ``ctcurate`` subcommand. The test finds the function of that
+subcommand in ``cli.py``, follows every ``ctcurate`` import it makes (at module level and
+inside functions, so lazy imports count) through the package, and requires each reached file
+to be listed in the stage's ``deps`` — itself or a folder above it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = SRC / "ctcurate"
+STAGES: dict[str, dict[str, object]] = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of the ``ctcurate`` module ``name``; ``None`` outside the package."""
+    if name != "ctcurate" and not name.startswith("ctcurate."):
+        return None
+    base = SRC.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(node: ast.AST, current: str) -> set[str]:
+    """Names of the modules imported anywhere under ``node`` of the module ``current``."""
+    found: set[str] = set()
+    is_package = (module_file(current) or Path()).name == "__init__.py"
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Import):
+            found.update(alias.name for alias in sub.names)
+        elif isinstance(sub, ast.ImportFrom):
+            if sub.level:
+                parts = current.split(".")
+                base = parts if is_package else parts[:-1]
+                base = base[: len(base) - (sub.level - 1)]
+                module = ".".join([*base, *([sub.module] if sub.module else [])])
+            else:
+                module = sub.module or ""
+            found.add(module)
+            # ``from ctcurate import select`` imports the module ctcurate.select
+            found.update(f"{module}.{alias.name}" for alias in sub.names)
+    return {m for m in found if module_file(m) is not None}
+
+
+def with_parents(name: str) -> set[str]:
+    """``name`` and every package above it (importing a.b.c runs a/__init__ and a/b/__init__)."""
+    parts = name.split(".")
+    return {".".join(parts[: i + 1]) for i in range(len(parts))}
+
+
+def closure(start: set[str]) -> set[Path]:
+    """Every source file reached from the modules ``start``."""
+    todo = set().union(*(with_parents(m) for m in start))
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = module_file(name)
+        assert path is not None
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for module in imported_modules(tree, name):
+            todo |= with_parents(module) - seen
+    return {p for m in seen if (p := module_file(m)) is not None}
+
+
+def command_function(name: str) -> ast.FunctionDef:
+    """The ``cli.py`` function registered as the subcommand ``name``."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for deco in node.decorator_list:
+            if isinstance(deco, ast.Call) and getattr(deco.func, "attr", "") == "command":
+                given = deco.args[0].value if deco.args else None  # type: ignore[attr-defined]
+                if (given or node.name.replace("_", "-")) == name:
+                    return node
+    msg = f"no cli.py function for the subcommand {name}"
+    raise AssertionError(msg)
+
+
+def command_files(subcommand: str) -> set[Path]:
+    """Every source file the ``ctcurate <subcommand>`` process imports."""
+    cli_tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    top_level = [n for n in cli_tree.body if not isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    start: set[str] = set()
+    for node in top_level:
+        start |= imported_modules(node, "ctcurate.cli")
+    start |= imported_modules(command_function(subcommand), "ctcurate.cli")
+    # cli.py itself, but only what this subcommand's function imports from it
+    start.discard("ctcurate.cli")
+    return closure(start) | {PACKAGE / "cli.py"}
+
+
+def declared(stage: dict[str, object]) -> list[Path]:
+    deps = stage.get("deps", [])
+    assert isinstance(deps, list)
+    return [ROOT / (d if isinstance(d, str) else next(iter(d))) for d in deps]
+
+
+def covered(path: Path, deps: list[Path]) -> bool:
+    return any(path == d or d in path.parents for d in deps)
+
+
+@pytest.mark.parametrize("stage_name", sorted(STAGES))
+def test_every_imported_source_file_is_a_dep(stage_name: str) -> None:
+    stage = STAGES[stage_name]
+    cmd = str(stage["cmd"]).split()
+    assert cmd[0] == "ctcurate", f"{stage_name}: the command is not a ctcurate subcommand"
+    files = command_files(cmd[1])
+    deps = declared(stage)
+    missing = sorted(p.relative_to(ROOT).as_posix() for p in files if not covered(p, deps))
+    assert not missing, f"{stage_name}: dvc.yaml misses deps {missing}"
+
+
+def test_the_import_walk_sees_lazy_and_relative_imports() -> None:
+    # ``pack`` imports the card module inside a function; cli imports stages lazily
+    files = {p.relative_to(PACKAGE).as_posix() for p in command_files("pack")}
+    assert {"cli.py", "pack.py", "card.py", "release.py", "errors.py", "__init__.py"} <= files
+    assert "train.py" not in files
+
+
+def test_the_archive_is_one_edit_away() -> None:
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    names = {k for entry in raw["vars"] for k in entry}
+    assert names == {"archive", "annotations", "audit_list"}
+    for name, stage in STAGES.items():
+        if name == "synth":
+            continue
+        text = yaml.safe_dump(stage)
+        for literal in ("data/synth/archive", "data/synth/annotations"):
+            assert literal not in text, f"{name}: {literal} instead of its var"
+    assert {"pneumonia-ct-release", "pneumonia-ct-models"} <= set(raw["artifacts"])
