@@ -113,8 +113,10 @@ def build_chest(grid: Grid, fov_mm: float, rng: np.random.Generator) -> Chest:
     spine = np.broadcast_to(spine_d <= spine_r, grid.shape)
 
     # ribs: small bony cross-sections on a ring in the chest wall, drifting with z
-    rib_ring_a, rib_ring_b = a_z - fat - wall / 2, b_z - fat - wall / 2
+    # (ribs lie just outside the parietal pleura, the big muscles outside them)
     rib_r = rng.uniform(3.5, 5.5)
+    rib_gap = rib_r + rng.uniform(0.5, 2.0)
+    rib_ring_a, rib_ring_b = a_z - fat - wall + rib_gap, b_z - fat - wall + rib_gap
     n_ribs = int(rng.integers(7, 11))
     phase = rng.uniform(0.0, 2 * np.pi)
     pitch = rng.uniform(28.0, 40.0)  # mm of z per rib spacing along the ring
@@ -122,8 +124,10 @@ def build_chest(grid: Grid, fov_mm: float, rng: np.random.Generator) -> Chest:
         for side in (-1.0, 1.0):
             ang = 0.25 * np.pi + 0.5 * np.pi * k / (n_ribs - 1)  # from front to back, lateral
             ang_z = ang + 0.18 * np.sin(phase + 2 * np.pi * grid.z / pitch)
-            cx = side * np.sin(ang_z) * rib_ring_a[:, 0, 0]
-            cy = y_body - np.cos(ang_z) * rib_ring_b[:, 0, 0]
+            # a point of the superellipse (the cavity's shape) at this angle
+            sin, cos = np.sin(ang_z), np.cos(ang_z)
+            cx = side * np.abs(sin) ** (2 / p_body) * rib_ring_a[:, 0, 0]
+            cy = y_body - np.sign(cos) * np.abs(cos) ** (2 / p_body) * rib_ring_b[:, 0, 0]
             d2 = (x - cx[:, None, None]) ** 2 + (y - cy[:, None, None]) ** 2
             hu[d2 <= rib_r**2] = BONE_HU
 
@@ -154,13 +158,18 @@ def build_chest(grid: Grid, fov_mm: float, rng: np.random.Generator) -> Chest:
     # lungs: two superquadrics of their own proportions, a diaphragm dome underneath
     lung = np.zeros(grid.shape, dtype=bool)
     side_of = np.zeros(grid.shape, dtype=np.int8)
-    ax_right = rng.uniform(0.30, 0.40) * a_body
+    # the lungs fill the pleural cavity against the chest wall: each superquadric reaches
+    # past the cavity laterally, in front and behind, and is cut by it; its own rounded
+    # shape (and the heart) bounds it medially
+    cav_a, cav_b = a_body - fat - wall, b_body - fat - wall
     extent = z_hi - z_lo
     for label, side in ((1, -1.0), (2, 1.0)):
-        ax = ax_right * (1.0 if side < 0 else rng.uniform(0.80, 0.95))
-        ay = rng.uniform(0.62, 0.80) * b_body
-        cx = side * (med_half + ax * rng.uniform(0.95, 1.15))
-        cy = y_body + rng.uniform(0.0, 0.12) * b_body
+        medial = med_half + rng.uniform(0.0, 12.0) + (0.0 if side < 0 else rng.uniform(0, 10))
+        lateral = cav_a * rng.uniform(1.03, 1.15)
+        ax = 0.5 * (lateral - medial)
+        cx = side * (medial + ax)
+        ay = cav_b * rng.uniform(1.02, 1.15)
+        cy = y_body + rng.uniform(-0.03, 0.06) * b_body
         p = rng.uniform(2.0, 2.8)
         base = z_lo + rng.uniform(0.02, 0.08) * extent + (rng.uniform(5.0, 20.0) if side < 0 else 0)
         apex = z_lo + rng.uniform(0.90, 0.98) * extent
@@ -202,7 +211,9 @@ def build_chest(grid: Grid, fov_mm: float, rng: np.random.Generator) -> Chest:
     trees = _vessel_trees(grid, lung, side_of, rng)
     if trees is not None:
         radius_map, dist = trees
-        occupancy = np.clip((radius_map - dist) / max(dy, 0.5) + 0.5, 0.0, 1.0)
+        # partial volume: a vessel thinner than a pixel fills only pi r^2 / pixel^2 of it
+        thin = np.minimum(np.pi * radius_map**2 / max(dy, 0.5) ** 2, 1.0)
+        occupancy = np.clip((radius_map - dist) / max(dy, 0.5) + 0.5, 0.0, 1.0) * thin
         occupancy[~lung] = 0.0
         hu = np.where(occupancy > 0, hu * (1 - occupancy) + VESSEL_HU * occupancy, hu)
         vessel_radius[occupancy > 0.5] = radius_map[occupancy > 0.5]

@@ -31,6 +31,7 @@ class Lesions:
     hu: F32
     labels: npt.NDArray[np.uint8]
     variant: str  # e.g. "peripheral", "lobar", "nodules", "diffuse", "central", "none"
+    atelectasis: bool  # a dependent dense band (not pneumonia, labelled normal lung)
 
 
 def _field(grid: Grid, sigma_mm: float, rng: np.random.Generator) -> F32:
@@ -101,7 +102,8 @@ def paint(
     texture = _field(grid, 1.2, rng)
 
     # dependent atelectasis (any pattern, not pneumonia): a thin dense band at the back
-    if rng.random() < 0.35 and chest.lung.any():
+    atelectasis = bool(rng.random() < 0.35 and chest.lung.any())
+    if atelectasis:
         y_back = float(y[chest.lung].max())
         band = chest.lung & (depth < rng.uniform(3.0, 7.0)) & (y > y_back - rng.uniform(30, 60))
         band &= height < 0.6
@@ -165,13 +167,10 @@ def paint(
                 cons = lobe & (field > thr)
                 alpha = np.where(lobe, _ramp(field, thr, 0.15), 0.0).astype(np.float32)
                 _blend(hu, alpha, rng.uniform(*CONSOLIDATION_HU) + 15.0 * texture, lobe)
-                halo = ndimage.binary_dilation(cons, iterations=1) & lobe & ~cons
-                _blend(hu, np.full(hu.shape, 0.6, np.float32), rng.uniform(*GGO_HU), halo)
-                labels[halo] = GGO
                 labels[cons] = CONSOLIDATION
         else:
             _nodules(hu, labels, chest, grid, depth, height, side, severity, rng)
-    return Lesions(hu=hu, labels=labels, variant=variant)
+    return Lesions(hu=hu, labels=labels, variant=variant, atelectasis=atelectasis)
 
 
 def _nodules(
