@@ -65,6 +65,14 @@ def ratio(num: int, den: int) -> float | None:
     return round(num / den, 3) if den else None
 
 
+def auc(pos: list[float], neg: list[float]) -> float | None:
+    """Area under the ROC curve of the pneumonia score (ties count half)."""
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return round(wins / (len(pos) * len(neg)), 3)
+
+
 def score(series_path: Path, truth_path: Path, report_path: Path) -> dict[str, Any]:
     """Precision / recall of pneumonia-series selection against the phantom truth."""
     truth = {r["series_instance_uid"]: r for r in pq.read_table(truth_path).to_pylist()}
@@ -73,6 +81,7 @@ def score(series_path: Path, truth_path: Path, report_path: Path) -> dict[str, A
     surv_tp = surv_fp = surv_fn = 0
     rule_rejected: Counter[str] = Counter()
     by_pattern: dict[str, list[int]] = {}
+    scores: dict[bool, list[float]] = {True: [], False: []}
     for r in rows:
         t = truth[r["series_instance_uid"]]
         positive, picked = bool(t["pneumonia"]), bool(r["selected"])
@@ -84,10 +93,14 @@ def score(series_path: Path, truth_path: Path, report_path: Path) -> dict[str, A
             rule_rejected[f"{r['rule_reason']} ({'pneumonia' if positive else 'negative'})"] += 1
         else:
             flagged = bool(r.get("pneumonia"))
+            if r.get("pneumonia_score") is not None:
+                scores[positive].append(float(r["pneumonia_score"]))
             surv_tp += positive and flagged
             surv_fp += (not positive) and flagged
             surv_fn += positive and not flagged
         key = f"{t['pattern']}/{t['variant']}"
+        if t["pattern"] == "negative":
+            key += " with atelectasis" if t["atelectasis"] else " without atelectasis"
         hit = by_pattern.setdefault(key, [0, 0])
         hit[0] += picked
         hit[1] += 1
@@ -102,6 +115,7 @@ def score(series_path: Path, truth_path: Path, report_path: Path) -> dict[str, A
             "precision": ratio(surv_tp, surv_tp + surv_fp),
             "recall": ratio(surv_tp, surv_tp + surv_fn),
             "counts": {"tp": surv_tp, "fp": surv_fp, "fn": surv_fn},
+            "auc": auc(scores[True], scores[False]),
         },
         "rule_rejections": dict(sorted(rule_rejected.items())),
         "selected_by_pattern": {k: f"{v[0]}/{v[1]}" for k, v in sorted(by_pattern.items())},
