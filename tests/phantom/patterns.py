@@ -60,9 +60,11 @@ def _per_lung_threshold(score: F32, region: BOOL, share: float) -> float | None:
     return float(np.quantile(vals, 1.0 - min(share, 0.98)))
 
 
-def _coords(grid: Grid) -> tuple[F32, F32, F32]:
-    z, y, x = np.meshgrid(grid.z, grid.y, grid.x, indexing="ij")
-    return z.astype(np.float32), y.astype(np.float32), x.astype(np.float32)
+def _coords(grid: Grid) -> tuple[F32, F32]:
+    """z and y of every voxel (read-only broadcast views, no copies)."""
+    z = np.broadcast_to(grid.z[:, None, None], grid.shape)
+    y = np.broadcast_to(grid.y[None, :, None], grid.shape)
+    return z, y
 
 
 def _thresholded(
@@ -96,7 +98,7 @@ def paint(
     labels = np.where(chest.lung, LUNG, BACKGROUND).astype(np.uint8)
     dz, dy, dx = grid.spacing
     depth = ndimage.distance_transform_edt(chest.lung, sampling=(dz, dy, dx)).astype(np.float32)
-    z, y, _ = _coords(grid)
+    z, y = _coords(grid)
     span = max(chest.lung_top_mm - chest.lung_bottom_mm, 1.0)
     height = np.clip((z - chest.lung_bottom_mm) / span, 0.0, 1.0)  # 0 base .. 1 apex
     texture = _field(grid, 1.2, rng)
