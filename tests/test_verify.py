@@ -140,6 +140,12 @@ def test_splits_that_disagree_with_the_cases_fail(release: Path) -> None:
         ctcurate.release.verify(release)
 
 
+def test_an_empty_split_is_listed_and_verifies(release: Path) -> None:
+    # pack lists train, val and test always; a small release can leave one empty
+    _rewrite(release, lambda m: m["splits"].update(holdout=[]))
+    assert "verified" in ctcurate.release.verify(release)
+
+
 def test_case_dropped_from_the_manifest_but_left_in_its_shard_fails(release: Path) -> None:
     def drop(m: Manifest) -> None:
         m["cases"] = [c for c in m["cases"] if c["case_id"] != "case3"]

@@ -67,7 +67,8 @@ def _check_splits(manifest: Mapping[str, Any], path: Path) -> None:
     derived: dict[str, list[str]] = {}
     for case in sorted(manifest["cases"], key=lambda c: str(c["case_id"])):
         derived.setdefault(str(case.get("split", "all")), []).append(str(case["case_id"]))
-    listed = {k: sorted(v) for k, v in manifest["splits"].items()}
+    # every split is listed, an empty one too (pack lists train, val and test always)
+    listed = {k: sorted(v) for k, v in manifest["splits"].items() if v}
     if listed != derived:
         msg = f"{path}: splits do not list the cases of each split attribute"
         raise VerifyError(msg)
