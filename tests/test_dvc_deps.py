@@ -142,3 +142,34 @@ def test_the_archive_is_one_edit_away() -> None:
         for literal in ("data/synth/archive", "data/synth/annotations"):
             assert literal not in text, f"{name}: {literal} instead of its var"
     assert {"pneumonia-ct-release", "pneumonia-ct-models"} <= set(raw["artifacts"])
+
+
+#: Stages that read a whole params section (the others read the keys they list).
+WHOLE_SECTION = {
+    "synth": "synth",
+    "snapshot": "snapshot",
+    "index": "index",
+    "select": "select",
+    "annotate_join": "annotate_join",
+    "pack": "pack",
+    "train": "train",
+    "evaluate": "evaluate",
+}
+
+
+@pytest.mark.parametrize("stage_name", sorted(STAGES))
+def test_stages_track_content_params_not_execution_knobs(stage_name: str) -> None:
+    from ctcurate.params import Params
+
+    sections = {name: field.annotation for name, field in Params.model_fields.items()}
+    listed = [p for p in STAGES[stage_name].get("params", []) if isinstance(p, str)]  # type: ignore[union-attr]
+    for key in listed:
+        section, _, name = key.partition(".")
+        model = sections[section]
+        assert name in model.model_fields, f"{stage_name}: no param {key}"  # type: ignore[union-attr]
+        assert name not in model.EXECUTION, f"{stage_name}: {key} is an execution knob"  # type: ignore[union-attr]
+    if stage_name in WHOLE_SECTION:
+        section = WHOLE_SECTION[stage_name]
+        model = sections[section]
+        wanted = {f"{section}.{k}" for k in model.model_fields if k not in model.EXECUTION}  # type: ignore[union-attr]
+        assert set(listed) == wanted, f"{stage_name}: params listed differ from the section"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -52,6 +52,9 @@ class Section(BaseModel):
     """Base of every params section: frozen, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    #: Execution knobs: how the stage runs, not what it writes. They stay out of the
+    #: stage's DVC params (changing one reruns nothing) and out of release manifests.
+    EXECUTION: ClassVar[frozenset[str]] = frozenset()
 
 
 class SynthParams(Section):
@@ -167,6 +170,8 @@ class PhiPolicy(SitePhiPolicy):
 class IndexParams(Section):
     """``index``: the header scan."""
 
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({"workers", "chunk_files", "duckdb_memory_mb"})
+
     site_from: SiteRule = SiteRule(path_component=0)
 
     workers: PositiveInt = 2
@@ -181,6 +186,8 @@ class IndexParams(Section):
 
 class SelectParams(Section):
     """``select``: rules over the catalog and the era split."""
+
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({"workers"})
 
     pandemic_start: dt.date = dt.date(2020, 1, 1)
     min_slices: PositiveInt = 16
@@ -212,6 +219,8 @@ class AnnotateJoinParams(Section):
 
 class PackParams(Section):
     """``pack``: volumes, splits and shards of a release."""
+
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({"workers"})
 
     spacing_mm: tuple[SpacingMm, SpacingMm, SpacingMm] = (4.0, 4.0, 4.0)
     shape: tuple[Side, Side, Side] = (48, 64, 64)
@@ -259,6 +268,8 @@ class TrainParams(Section):
     measurements.
     """
 
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({"device", "threads"})
+
     seed: Annotated[int, Field(ge=0)] = 0
     epochs: PositiveInt = 45
     batch_size: PositiveInt = 4
@@ -298,6 +309,8 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     """``evaluate``: metrics on the release's test split."""
+
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({"device", "threads"})
 
     threshold: Fraction = 0.5
     hu_lung_max: Hu = -400
