@@ -511,7 +511,7 @@ def _build(
         manifest = build_manifest(
             release,
             entries,
-            params.model_dump(mode="json", exclude={"workers"}),  # not part of the content
+            params.model_dump(mode="json", exclude=set(params.EXECUTION)),  # not content
             __version__,
             extra={
                 "counts": counts,
