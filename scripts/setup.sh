@@ -50,5 +50,5 @@ case "$variant" in
 esac
 
 echo "setup: installing ctcurate and its dependencies into .venv"
-pip install -q -e ".[dev]"
+pip install -q -c requirements.lock -e ".[dev]"   # the pinned environment (provenance)
 .venv/bin/ctcurate --version

@@ -893,3 +893,9 @@ def test_core_dependencies_are_the_reader_s_and_the_cli_names_a_missing_extra() 
         "ctcurate: error: the command line needs the 'build' extra (module typer is missing): "
         "pip install 'ctcurate[build,train]'"
     ]
+
+
+def test_the_manifest_names_its_code_and_environment(release: Path) -> None:
+    from ctcurate.provenance import provenance
+
+    assert _manifest(release)["provenance"] == provenance("ctcurate.pack")

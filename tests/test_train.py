@@ -177,6 +177,9 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert card["architecture"]["channels"] == [4, 8]
     assert card["release_id"] == json.loads((release / "manifest.json").read_text())["release_id"]
     assert card["n_train"] == 4
+    from ctcurate.provenance import provenance
+
+    assert card["provenance"] == provenance("ctcurate.train")
     assert card["n_val"] == 2
     assert card["training_patch"] == [16, 16, 16]  # train.patch clipped to the volume
     assert card["checkpoint"]["epoch"] in (1, 2)

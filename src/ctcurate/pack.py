@@ -43,6 +43,7 @@ from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import PackParams
+from ctcurate.provenance import provenance
 from ctcurate.release import (
     MANIFEST,
     SHARD_DIR,
@@ -515,6 +516,7 @@ def _build(
             __version__,
             extra={
                 "counts": counts,
+                "provenance": provenance("ctcurate.pack"),
                 "excluded": sorted(excluded, key=lambda e: e["case_id"]),
                 **({} if key is None else {"pseudonym_key_id": pseudonym_key_id(key)}),
                 **({} if rule_files is None else {"rules": rule_files}),

@@ -63,6 +63,7 @@ from ctcurate.nets import (
     unet_config,
 )
 from ctcurate.params import TrainParams
+from ctcurate.provenance import provenance
 
 log = get_logger("train")
 
@@ -626,6 +627,7 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
         dvclive.summary["best_epoch"] = trained.best_epoch
     card = model_card(params, roi, patch, manifest, trained, len(train_set), n_val)
     card["postprocess"] = lesion_filter.to_json()
+    card["provenance"] = provenance("ctcurate.train")
     weights = state_dict_bytes(net)
     with publish_dir(out, STAGE, inputs=[release], own=OWN_FILES) as tmp:
         (tmp / SEG_FILE).write_bytes(weights)

@@ -1,0 +1,87 @@
+"""What built an output: the source files of the stage's code and the environment lock.
+
+A release's manifest and a model card name the code that wrote them by content, not by
+commit: ``code_sha256`` hashes every ``ctcurate`` source file the stage's module imports
+(followed through the package, lazy imports included: the files ``dvc.yaml`` lists as the
+stage's deps), and ``environment_lock_sha256`` hashes ``requirements.lock``, the pinned
+environment ``scripts/setup.sh`` installs. Same code and lock → same fingerprint, on any
+machine and after any unrelated commit; a changed file a stage imports → another one.
+(A git commit id would change the release bytes with every commit, docs included, and
+say nothing of a working tree with local changes.)
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+#: The package's source root (``src/`` in a checkout, ``site-packages`` when installed).
+_SRC = Path(__file__).resolve().parents[1]
+#: The environment lock beside ``src/`` in a checkout (absent from an installed wheel).
+LOCK_FILE = _SRC.parent / "requirements.lock"
+
+
+def _module_file(name: str) -> Path | None:
+    if name != "ctcurate" and not name.startswith("ctcurate."):
+        return None
+    base = _SRC.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(tree: ast.AST, current: str, is_package: bool) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = current.split(".")
+                base = parts if is_package else parts[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {m for m in found if _module_file(m) is not None}
+
+
+def source_files(modules: Iterable[str]) -> list[Path]:
+    """Every ``ctcurate`` source file reached from ``modules``, sorted."""
+    todo: set[str] = set()
+    for name in modules:
+        parts = name.split(".")
+        todo |= {".".join(parts[: i + 1]) for i in range(len(parts))}
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for module in _imports(tree, name, path.name == "__init__.py"):
+            parts = module.split(".")
+            todo |= {".".join(parts[: i + 1]) for i in range(len(parts))} - seen
+    return sorted(p for m in seen if (p := _module_file(m)) is not None)
+
+
+def code_sha256(modules: Iterable[str]) -> str:
+    """sha256 over the relative path and bytes of each of :func:`source_files`."""
+    digest = hashlib.sha256()
+    for path in source_files(modules):
+        digest.update(path.relative_to(_SRC).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def provenance(*modules: str) -> dict[str, str | None]:
+    """``{"code_sha256", "environment_lock_sha256"}`` of a stage whose code is ``modules``
+    (the lock's hash is ``None`` where no lock file is beside the sources)."""
+    lock = hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest() if LOCK_FILE.is_file() else None
+    return {"code_sha256": code_sha256(modules), "environment_lock_sha256": lock}
