@@ -23,7 +23,7 @@ TINY = {
 
 
 def _project_copy(dest: Path) -> Path:
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "requirements.lock"):
         shutil.copy2(ROOT / name, dest / name)
     for name in ("src", "stages"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
