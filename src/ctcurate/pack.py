@@ -308,12 +308,13 @@ def _load_series(
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from ctcurate.io.paths import read_dicom
     from ctcurate.io.seg import read_seg_labels
 
     datasets = []
     for row in rows:
         try:
-            datasets.append(pydicom.dcmread(archive / str(row["path"])))
+            datasets.append(read_dicom(archive / str(row["path"])))  # never a FIFO
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
             raise ExcludedSeries(
                 reason="unreadable", detail=f"an instance could not be read ({exc})"

@@ -480,16 +480,16 @@ def score_series(task: ScoreTask) -> ScoreResult:
     Never raises for a bad series: the result's ``error`` names the reason
     (``unreadable``, ``pixel_data``, ``geometry``, ``no_lung``).
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from ctcurate.io.paths import read_dicom
     from ctcurate.volume import PIXEL_ERRORS, ExcludedSeries
 
     def failed(reason: str) -> ScoreResult:
         return ScoreResult(task.site, task.series_instance_uid, None, reason)
 
-    try:
-        datasets = [pydicom.dcmread(p) for p in task.paths]
+    try:  # never a FIFO, device or symlink (an archive file replaced since the index)
+        datasets = [read_dicom(p) for p in task.paths]
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
         return failed("unreadable")
     try:

@@ -60,6 +60,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from ctcurate.io.paths import NotRegularFileError, irregular, open_regular
+
 Status = Literal["indexed", "quarantined", "skipped"]
 
 #: Attributes whose non-empty value means the file was not anonymized (keywords).
@@ -102,6 +104,7 @@ UID_MAX_CHARS = 64
 _MAX_SEQ_DEPTH = 16
 _HEAD_BYTES = 1 << 16
 _CHANGED = "changed_since_snapshot"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _INT64_LIMIT = 1 << 63
 _EMPTY_CHARS = " \x00^="  # a PN made of separators only is empty
 _MIN_AXIS_NORM = 0.5  # ImageOrientationPatient row / column vectors shorter than this are bad
@@ -365,8 +368,10 @@ def _read_lean_file(
         return None
     from ctcurate.io.lean import read_lean
 
-    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is not read)
-        fd = os.open(f"{archive}/{path}", os.O_RDONLY | os.O_NONBLOCK)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (it is not read); O_NOFOLLOW:
+    # a symbolic link is left to _read_checked, which quarantines it unread
+    try:
+        fd = os.open(f"{archive}/{path}", os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
     except (OSError, ValueError):
         return None
     try:
@@ -391,17 +396,24 @@ def _read_checked(
     archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int
 ) -> dict[str, Any]:
     full = _resolve(archive, path)
+    if (odd := irregular(archive, path)) is not None:
+        raise Reject(reason=odd[0], detail=odd[1])
     try:
-        st = full.stat()
+        fh = open_regular(full)
     except FileNotFoundError:
         msg = "file vanished since the snapshot"
         raise Reject(reason="unreadable", detail=msg) from None
+    except NotRegularFileError as exc:  # replaced since the lstat above
+        raise Reject(reason="not_regular_file", detail=exc.strerror or "") from None
     except OSError as exc:
-        msg = f"cannot stat ({type(exc).__name__})"
+        msg = f"cannot open ({type(exc).__name__})"
         raise Reject(reason="unreadable", detail=msg) from None
-    if not stat.S_ISREG(st.st_mode):
-        msg = "not a regular file"
-        raise Reject(reason="unreadable", detail=msg)
+    with fh as fp:
+        return _read_open(fp, path, size, mtime_ns, max_bytes)
+
+
+def _read_open(fp: BinaryIO, path: str, size: int, mtime_ns: int, max_bytes: int) -> dict[str, Any]:
+    st = os.fstat(fp.fileno())
     if st.st_size > max_bytes:
         msg = f"{st.st_size} bytes, over the {max_bytes} byte cap (max_file_mb)"
         raise Reject(reason="too_large", detail=msg)
@@ -409,7 +421,7 @@ def _read_checked(
     if st.st_size != size or st.st_mtime_ns != mtime_ns:
         flags.append(_CHANGED)
 
-    with full.open("rb") as fp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         head = fp.read(_HEAD_BYTES)
         has_preamble = head[128:132] == b"DICM"
