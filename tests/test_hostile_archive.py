@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -21,9 +22,11 @@ import pytest
 from test_index import run_index, table, write_series
 from test_select import PARAMS, RULES_DIR
 
-from ctcurate import select
+from ctcurate import index, pack, pneumonia, select
+from ctcurate.index import scan
 from ctcurate.io.paths import fs_path
-from ctcurate.pneumonia import ScoreTask, score_series
+from ctcurate.params import PackParams
+from ctcurate.pneumonia import ScoreResult, ScoreTask, score_series
 
 #: A test that would hang (a FIFO opened for reading) fails after this many seconds.
 HANG_S = 60
@@ -164,3 +167,79 @@ def test_scorer_and_pack_never_open_a_fifo(tmp_path: Path) -> None:
     rows = [{"path": str(p.relative_to(archive))} for p in paths]
     with no_hang(), pytest.raises(ExcludedSeries, match="not a regular file"):
         _load_series(archive, tmp_path / "seg.dcm", rows)
+
+
+# --- workers killed by the OS ---------------------------------------------------------------
+
+real_scan_chunk = scan.scan_chunk
+
+
+def in_worker() -> bool:
+    return multiprocessing.parent_process() is not None
+
+
+def killing_scan_chunk(archive: str, entries: list[scan.Entry], **kw: Any) -> Any:
+    """The header scan, but the worker reading ``boom.dcm`` is SIGKILLed (as by the OOM killer)."""
+    if in_worker() and any(path.endswith("boom.dcm") for path, _, _ in entries):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_scan_chunk(archive, entries, **kw)
+
+
+def test_index_quarantines_the_file_whose_worker_died(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "archive"
+    write_series(archive, site="H01")
+    paths = write_series(archive, site="H02")
+    (archive / "H02" / "boom.dcm").write_bytes(paths[0].read_bytes())
+    monkeypatch.setattr(scan, "scan_chunk", killing_scan_chunk)
+    with no_hang():
+        report = run_index(archive, tmp_path / "out", workers=2)
+    assert report["quarantine_reasons"] == {"worker_died": 1}
+    (row,) = table(tmp_path / "out", "quarantine")
+    assert (row["path"], row["detail"]) == ("H02/boom.dcm", scan.DIED_DETAIL)
+    assert report["files_indexed"] == 8
+    assert report["files_seen"] == 9 == report["files_indexed"] + report["files_quarantined"]
+    assert "worker_died" in index.build.RETRY_REASONS  # a later run reads it again
+
+
+def killing_score(task: ScoreTask) -> ScoreResult:
+    if in_worker() and task.series_instance_uid == "dead":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ScoreResult(task.site, task.series_instance_uid, (1.0,), None)
+
+
+def test_scorer_marks_the_series_whose_worker_died(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pneumonia, "score_series", killing_score)
+    tasks = [ScoreTask("H01", uid, (), None) for uid in ("a", "dead", "b", "c")]
+    with no_hang():
+        results = pneumonia.score_all(tasks, workers=2)
+    assert [(r.series_instance_uid, r.error) for r in results] == [
+        ("a", None),
+        ("dead", "worker_died"),
+        ("b", None),
+        ("c", None),
+    ]
+
+
+def killing_pack_one(task: Any) -> dict[str, str]:
+    if in_worker() and task.case["case_id"] == "dead":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"case_id": str(task.case["case_id"]), "reason": "fine"}
+
+
+def test_pack_excludes_the_case_whose_worker_died(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pack, "_pack_one", killing_pack_one)
+    cases = [{"case_id": c, "site": "H01", "series_instance_uid": c} for c in ("a", "dead", "b")]
+    with no_hang():
+        packed, excluded = pack._pack_cases(
+            cases, {}, tmp_path, tmp_path, tmp_path, PackParams(workers=2)
+        )
+    assert packed == []
+    assert excluded == [
+        {"case_id": "a", "reason": "fine"},
+        {"case_id": "dead", "reason": "worker_died"},
+        {"case_id": "b", "reason": "fine"},
+    ]

@@ -532,4 +532,10 @@ def score_all(
         workers=workers,
         scheduler=scheduler,
         progress_to=None if logger is None else (logger, "score", "series"),
+        on_died=died_series,
     )
+
+
+def died_series(task: ScoreTask) -> ScoreResult:
+    """The result of a series whose worker process died (OOM kill, crash): ``worker_died``."""
+    return ScoreResult(task.site, task.series_instance_uid, None, "worker_died")

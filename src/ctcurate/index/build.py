@@ -72,6 +72,7 @@ RETRY_REASONS = (
     "unsupported_transfer_syntax",
     "uid_conflict",
     "duplicate_identical",
+    "worker_died",
 )
 #: Rows with this flag were read from a file that changed after the listing: read again.
 RETRY_FLAG = "changed_since_snapshot"
