@@ -168,3 +168,20 @@ def test_no_worker_outlives_a_killed_stage(tmp_path: Path) -> None:
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "orphan workers left behind"
+
+
+def test_a_dask_worker_killed_on_one_item_costs_that_item_only() -> None:
+    import dask
+    from distributed import LocalCluster
+
+    items = list(range(6))
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            processes=True, n_workers=1, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+    ):
+        got = executor.map_ordered(
+            die_on_3, items, workers=1, scheduler=cluster.scheduler_address, on_died=lambda x: -1
+        )
+    assert got == [-1 if x == 3 else x * x for x in items]

@@ -243,3 +243,12 @@ def test_pack_excludes_the_case_whose_worker_died(
         {"case_id": "dead", "reason": "worker_died"},
         {"case_id": "b", "reason": "fine"},
     ]
+
+
+def test_duplicate_check_never_opens_a_fifo(tmp_path: Path) -> None:
+    (tmp_path / "H01").mkdir()
+    (tmp_path / "H01" / "a.dcm").write_bytes(b"same")
+    os.mkfifo(tmp_path / "H01" / "b.dcm")  # indexed, then replaced by a FIFO
+    with no_hang():
+        assert index.sha256_or_none(tmp_path, "H01/b.dcm") is None
+    assert index.sha256_or_none(tmp_path, "H01/a.dcm") is not None

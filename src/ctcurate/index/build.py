@@ -54,6 +54,7 @@ from ctcurate.index.tables import (
 )
 from ctcurate.io import dicom
 from ctcurate.io.atomic import atomic_dir, fsync_dir, write_json
+from ctcurate.io.paths import open_regular
 from ctcurate.io.shards import SHARD_GLOB, rebatch, shard_name, write_parquet_stream
 from ctcurate.io.tables import write_parquet
 from ctcurate.log import get_logger, progress
@@ -122,10 +123,11 @@ def work_dir(out: Path) -> Path:
 
 
 def sha256_or_none(archive: Path, path: str) -> str | None:
-    """Hex sha256 of an archive file, ``None`` if it cannot be read."""
+    """Hex sha256 of an archive file, ``None`` if it cannot be read (or is no longer a
+    regular file: never a FIFO, a device or a link)."""
     digest = hashlib.sha256()
     try:
-        with archive.joinpath(*path.split("/")).open("rb") as fh:
+        with open_regular(archive.joinpath(*path.split("/"))) as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
     except OSError:
