@@ -115,3 +115,19 @@ def test_run_is_deterministic(tmp_path: Path) -> None:
 def test_missing_archive(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="archive folder not found"):
         list_archive(tmp_path / "nope")
+
+
+def test_an_escape_that_names_another_file_is_not_listed_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = tmp_path / "archive"
+    (archive / "H01").mkdir(parents=True)
+    (archive / "H01" / "\\xff.dcm").write_bytes(b"literal")  # a real name with a backslash
+    Path(os.fsdecode(os.fsencode(archive) + b"/H01/\xff.dcm")).write_bytes(b"raw")
+    monkeypatch.setattr(snapshot.log, "handlers", [logging.StreamHandler(sys.stderr)])
+    assert list_archive(archive).column("path").to_pylist() == ["H01/\\xff.dcm"]
+    assert "1 name(s) not UTF-8 whose escaped spelling is another file's name" in (
+        capsys.readouterr().err
+    )
+    with open_regular(fs_path(archive, "H01/\\xff.dcm")) as fh:
+        assert fh.read() == b"literal"  # the listed path opens the listed file
