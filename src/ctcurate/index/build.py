@@ -92,7 +92,7 @@ DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {
 #: Rows per Arrow batch fetched from DuckDB.
 BATCH_ROWS = 8192
 #: Source modules whose code decides the rows (part of the reader fingerprint).
-READER_MODULES = ("dicom.py", "lean.py")
+READER_MODULES = ("dicom.py", "lean.py", "paths.py")
 #: Suffix of a work chunk being written (never read as a chunk).
 TMP_SUFFIX = ".parquet.tmp"
 
