@@ -131,3 +131,17 @@ def test_an_escape_that_names_another_file_is_not_listed_twice(
     )
     with open_regular(fs_path(archive, "H01/\\xff.dcm")) as fh:
         assert fh.read() == b"literal"  # the listed path opens the listed file
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists a chmod 000 folder anyway")
+def test_chmod_000_folder_is_listed_for_quarantine(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    _make_archive(archive)
+    locked = archive / "H01" / "a"
+    locked.chmod(0)
+    try:
+        paths = list_archive(archive).column("path").to_pylist()
+    finally:
+        locked.chmod(0o755)
+    assert "H01/a" in paths
+    assert "H01/a/1" not in paths
