@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +81,107 @@ def test_pool_workers_preload_the_module_of_the_mapped_function() -> None:
     indexed = executor._Indexed(score_series)
     assert executor._modules_of(indexed) == ["ctcurate.executor", "ctcurate.pneumonia"]
     assert executor._modules_of(slow_first) == ["ctcurate.executor"]  # not ctcurate's: none
+
+
+def die_on_3(x: int) -> int:
+    """Kills its own worker process on item 3 (as the OOM killer or a segfault would)."""
+    if x == 3 and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
+def test_a_worker_killed_on_one_item_costs_that_item_only() -> None:
+    items = list(range(10))
+    got = sorted(executor.map_unordered(die_on_3, items, workers=2, on_died=lambda x: -x))
+    assert got == sorted([-3, *(x * x for x in items if x != 3)])
+    ordered = executor.map_ordered(die_on_3, items, workers=2, on_died=lambda x: -1)
+    assert ordered == [-1 if x == 3 else x * x for x in items]
+    # the items of a batch are retried one by one: only the culprit part is marked
+    pairs = executor.map_unordered(
+        sum, [[1, 2], [3, 4], [5]], workers=2, split=lambda batch: [[v] for v in batch]
+    )
+    assert sorted(pairs) == [3, 5, 7]
+
+
+def die_on_3_in_batch(batch: list[int]) -> list[int]:
+    return [die_on_3(x) for x in batch]
+
+
+def test_a_killed_batch_is_retried_item_by_item() -> None:
+    got = list(
+        executor.map_unordered(
+            die_on_3_in_batch,
+            [[0, 1], [2, 3, 4], [5]],
+            workers=2,
+            split=lambda batch: [[x] for x in batch],
+            on_died=lambda batch: [-v for v in batch],
+        )
+    )
+    assert sorted(v for batch in got for v in batch) == sorted([-3, 0, 1, 4, 16, 25])
+
+
+def test_a_worker_death_without_an_outcome_is_a_typed_error() -> None:
+    with pytest.raises(executor.WorkerDiedError, match="worker process died"):
+        list(executor.map_unordered(die_on_3, range(5), workers=2))
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+from ctcurate import executor
+
+def sleep_long(x):
+    open(os.path.join(sys.argv[1], str(os.getpid())), "w").close()
+    time.sleep(120)
+    return x
+
+if __name__ == "__main__":
+    list(executor.map_unordered(sleep_long, range(4), workers=2))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state not in {"Z", "X"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_no_worker_outlives_a_killed_stage(tmp_path: Path) -> None:
+    script = tmp_path / "stage.py"
+    script.write_text(ORPHAN_SCRIPT)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(pids)])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 2:
+            assert proc.poll() is None, "the stage ended before its workers started"
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    workers = [int(p.name) for p in pids.iterdir()]
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "orphan workers left behind"
+
+
+def test_a_dask_worker_killed_on_one_item_costs_that_item_only() -> None:
+    import dask
+    from distributed import LocalCluster
+
+    items = list(range(6))
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            processes=True, n_workers=1, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+    ):
+        got = executor.map_ordered(
+            die_on_3, items, workers=1, scheduler=cluster.scheduler_address, on_died=lambda x: -1
+        )
+    assert got == [-1 if x == 3 else x * x for x in items]

@@ -380,11 +380,14 @@ def test_slow_file_times_out(tmp_path: Path) -> None:
     assert (out.status, out.reason) == ("quarantined", "timeout")
 
 
-def test_path_outside_archive_and_directory_are_unreadable(tmp_path: Path) -> None:
+def test_path_outside_archive_and_directory_are_not_read(tmp_path: Path) -> None:
     (tmp_path / "H01" / "folder").mkdir(parents=True)
-    for rel, detail in (("../etc/passwd", "outside the archive"), ("H01/folder", "regular")):
+    for rel, reason, detail in (
+        ("../etc/passwd", "unreadable", "outside the archive"),
+        ("H01/folder", "unlistable_folder", "could not be listed"),
+    ):
         out = dicom.read_instance(tmp_path, rel, 0, 0, 2**30)
-        assert (out.status, out.reason) == ("quarantined", "unreadable")
+        assert (out.status, out.reason) == ("quarantined", reason)
         assert detail in str(out.detail)
 
 

@@ -457,3 +457,20 @@ def test_missing_rules_folder_fails(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"empty: no \*\.sql rule files"):
         select.run(index, tmp_path / "empty", tmp_path / "out", None, PARAMS)
+
+
+def test_a_series_without_site_is_rejected_no_site(tmp_path: Path) -> None:
+    # a DICOM file at the archive root has no site folder: its series has site NULL
+    rows = [*demo_rows(), chest("1.9", "9.9", site=None), chest("1.1", "9.1", site=None)]
+    index = write_index(tmp_path / "index", rows)
+    select.run(index, RULES_DIR, tmp_path / "out", None, PARAMS)
+    table = read_parquet(tmp_path / "out" / "series.parquet").to_pylist()
+    stray = [r for r in table if r["site"] == ""]
+    assert [(r["series_instance_uid"], r["rule_reason"], r["selected"]) for r in stray] == [
+        ("1.1", "no_site", False),
+        ("1.9", "no_site", False),
+    ]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["series_seen"] == 8
+    assert report["rule_rejections"]["no_site"] == 2
+    assert report["series_selected"] == 2  # the sited copy of 1.1 is still selected

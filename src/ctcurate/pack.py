@@ -274,7 +274,7 @@ def _load_series(
     datasets = []
     for row in rows:
         try:
-            datasets.append(archive_file.dcmread(archive / str(row["path"])))
+            datasets.append(archive_file.dcmread(archive / str(row["path"])))  # never a FIFO
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
             raise ExcludedSeries(
                 reason="unreadable", detail=f"an instance could not be read ({exc})"
@@ -336,6 +336,11 @@ def _pack_one(task: _CaseTask) -> _Packed | dict[str, str]:
     return _Packed(case, geometry, manufacturer, thickness)
 
 
+def _died_case(task: _CaseTask) -> dict[str, str]:
+    """The exclusion of a case whose worker process died (OOM kill, crash): ``worker_died``."""
+    return {"case_id": str(task.case["case_id"]), "reason": "worker_died"}
+
+
 def _pack_cases(
     cases: Sequence[Mapping[str, Any]],
     instances: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
@@ -364,6 +369,7 @@ def _pack_cases(
         workers=params.workers,
         scheduler=scheduler,
         progress_to=(log, "pack", "cases"),
+        on_died=_died_case,
     )
     packed = [r for r in results if isinstance(r, _Packed)]
     excluded = [r for r in results if not isinstance(r, _Packed)]

@@ -495,7 +495,7 @@ def score_series(task: ScoreTask) -> ScoreResult:
     def failed(reason: str) -> ScoreResult:
         return ScoreResult(task.site, task.series_instance_uid, None, reason)
 
-    try:
+    try:  # never a FIFO, device or symlink (archive_file opens regular files only)
         datasets = [archive_file.dcmread(p) for p in task.paths]
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
         return failed("unreadable")
@@ -539,4 +539,10 @@ def score_all(
         workers=workers,
         scheduler=scheduler,
         progress_to=None if logger is None else (logger, "score", "series"),
+        on_died=died_series,
     )
+
+
+def died_series(task: ScoreTask) -> ScoreResult:
+    """The result of a series whose worker process died (OOM kill, crash): ``worker_died``."""
+    return ScoreResult(task.site, task.series_instance_uid, None, "worker_died")

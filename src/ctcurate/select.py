@@ -119,6 +119,10 @@ _SQL_ERRORS: tuple[type[Exception], ...] = (
     duckdb.InvalidInputException,
 )
 _DIGITS = 6
+#: The catalog view of every index series; the rules' ``series`` view leaves out those with
+#: no site (a file at the archive root), which are rejected ``no_site`` (site ``''``).
+ALL_SERIES = "series_all"
+SERIES_VIEW = f"CREATE VIEW series AS SELECT * FROM {ALL_SERIES} WHERE site IS NOT NULL"
 
 
 def rule_parameters(params: SelectParams) -> dict[str, Any]:
@@ -168,13 +172,13 @@ def _sql_literal(path: Path) -> str:
 
 
 def _check_series(con: duckdb.DuckDBPyConnection, where: str) -> None:
-    columns = {row[0] for row in con.sql("DESCRIBE series").fetchall()}
+    columns = {row[0] for row in con.sql(f"DESCRIBE {ALL_SERIES}").fetchall()}
     missing = [c for c in SERIES_KEY_COLUMNS if c not in columns]
     if missing:
         msg = f"{where}: missing column(s) {', '.join(missing)}"
         raise InputError(msg)
     n_rows, n_keys = con.sql(
-        "SELECT count(*), count(DISTINCT (site, series_instance_uid)) FROM series"
+        f"SELECT count(*), count(DISTINCT (site, series_instance_uid)) FROM {ALL_SERIES}"
     ).fetchall()[0]
     if n_rows == 0:
         msg = f"{where}: no series (empty table)"
@@ -205,12 +209,15 @@ def open_catalog(series_path: Path, instances_path: Path) -> duckdb.DuckDBPyConn
             msg = f"{path}: empty table"
             raise InputError(msg)
     con = duckdb.connect(":memory:")
-    con.execute(f"CREATE VIEW series AS SELECT * FROM read_parquet({_sql_literal(series_path)})")
+    con.execute(
+        f"CREATE VIEW {ALL_SERIES} AS SELECT * FROM read_parquet({_sql_literal(series_path)})"
+    )
     con.execute(
         "CREATE VIEW instances AS SELECT * FROM "
         f"read_parquet({_sql_literal(Path(instances_path) / 'part-*.parquet')})"
     )
     _check_series(con, str(series_path))
+    con.execute(SERIES_VIEW)
     return con
 
 
@@ -219,9 +226,10 @@ def catalog_from_tables(series: pa.Table, instances: pa.Table) -> duckdb.DuckDBP
     con = duckdb.connect(":memory:")
     con.register("series_table", series)
     con.register("instances_table", instances)
-    con.execute("CREATE VIEW series AS SELECT * FROM series_table")
+    con.execute(f"CREATE VIEW {ALL_SERIES} AS SELECT * FROM series_table")
     con.execute("CREATE VIEW instances AS SELECT * FROM instances_table")
     _check_series(con, "series")
+    con.execute(SERIES_VIEW)
     return con
 
 
@@ -282,17 +290,18 @@ def _run_rule_file(
 
 
 def attach_regions(con: duckdb.DuckDBPyConnection, regions: BodyRegions) -> Counter[str]:
-    """Give the ``series`` view of ``con`` the columns ``body_region`` and
-    ``body_region_source`` (:mod:`ctcurate.region`); returns the series count per region.
+    """Give the ``series_all`` and ``series`` views of ``con`` the columns ``body_region``
+    and ``body_region_source`` (:mod:`ctcurate.region`); returns the series count per
+    region.
 
     The index table becomes the view ``series_headers``; a header column it lacks counts
     as empty, a ``body_region`` it holds is replaced.
     """
-    columns = {row[0] for row in con.sql("DESCRIBE series").fetchall()}
+    columns = {row[0] for row in con.sql(f"DESCRIBE {ALL_SERIES}").fetchall()}
     values = ", ".join(
         f'CAST("{c}" AS VARCHAR)' if c in columns else "NULL" for c in regions.columns
     )
-    rows = con.sql(f"SELECT site, series_instance_uid, {values} FROM series").fetchall()
+    rows = con.sql(f"SELECT site, series_instance_uid, {values} FROM {ALL_SERIES}").fetchall()
     found = [regions.classify(row[2:]) for row in rows]
     con.register(
         "series_regions",
@@ -307,13 +316,15 @@ def attach_regions(con: duckdb.DuckDBPyConnection, regions: BodyRegions) -> Coun
     )
     replaced = [c for c in ("body_region", "body_region_source") if c in columns]
     every = f"s.* EXCLUDE ({', '.join(replaced)})" if replaced else "s.*"
-    con.execute("ALTER VIEW series RENAME TO series_headers")
+    con.execute("DROP VIEW series")
+    con.execute(f"ALTER VIEW {ALL_SERIES} RENAME TO series_headers")
     con.execute(
-        f"CREATE VIEW series AS SELECT {every}, r.body_region, r.body_region_source "
+        f"CREATE VIEW {ALL_SERIES} AS SELECT {every}, r.body_region, r.body_region_source "
         "FROM series_headers AS s JOIN series_regions AS r "
         "ON s.site IS NOT DISTINCT FROM r.site "
         "AND s.series_instance_uid IS NOT DISTINCT FROM r.series_instance_uid"
     )
+    con.execute(SERIES_VIEW)
     return Counter(f[0] for f in found)
 
 
@@ -357,20 +368,20 @@ def apply_rules(
         judged AS (
             SELECT
                 CAST(s.series_instance_uid AS VARCHAR) AS series_instance_uid,
-                CAST(s.site AS VARCHAR) AS site,
+                CAST(coalesce(s.site, '') AS VARCHAR) AS site,
                 CAST(s.study_instance_uid AS VARCHAR) AS study_instance_uid,
                 CAST(s.patient_id AS VARCHAR) AS patient_id,
                 CAST(s.study_date AS DATE) AS study_date,
                 CAST(s.body_region AS VARCHAR) AS body_region,
                 CAST(s.body_region_source AS VARCHAR) AS body_region_source,
-                f.rule_reason,
+                CASE WHEN s.site IS NULL THEN 'no_site' ELSE f.rule_reason END AS rule_reason,
                 CASE
                     WHEN s.study_date IS NULL THEN NULL
                     WHEN CAST(s.study_date AS DATE) >= $pandemic_start THEN 'pandemic'
                     ELSE 'pre_pandemic'
                 END AS era,
-                f.rule_reason IS NULL AS selected
-            FROM series AS s
+                s.site IS NOT NULL AND f.rule_reason IS NULL AS selected
+            FROM series_all AS s
             LEFT JOIN first_reason AS f USING (site, series_instance_uid)
         )
         SELECT *,

@@ -76,6 +76,7 @@ RETRY_REASONS = (
     "unsupported_transfer_syntax",
     "uid_conflict",
     "duplicate_identical",
+    "worker_died",
 )
 #: Rows with this flag were read from a file that changed after the listing: read again.
 RETRY_FLAG = "changed_since_snapshot"
@@ -94,7 +95,14 @@ DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {
 #: Rows per Arrow batch fetched from DuckDB.
 BATCH_ROWS = 8192
 #: Source modules whose code decides the rows (part of the reader fingerprint).
-READER_MODULES = ("dicom.py", "lean.py", "archive_file.py", "phi.py", "../index/site.py")
+READER_MODULES = (
+    "dicom.py",
+    "lean.py",
+    "archive_file.py",
+    "phi.py",
+    "paths.py",
+    "../index/site.py",
+)
 #: Suffix of a work chunk being written (never read as a chunk).
 TMP_SUFFIX = ".parquet.tmp"
 
@@ -134,8 +142,8 @@ def sha256_or_none(
     archive: Path, path: str, max_bytes: int = archive_file.DEFAULT_MAX_BYTES
 ) -> str | None:
     """Hex sha256 of the DICOM bytes of an archive file (decompressed when gzip, under
-    ``max_bytes``), ``None`` if it cannot be read: a ``.dcm.gz`` copy of a ``.dcm`` file
-    is the same instance."""
+    ``max_bytes``), ``None`` if it cannot be read or is no longer a regular file (never a
+    FIFO, a device or a link): a ``.dcm.gz`` copy of a ``.dcm`` file is the same instance."""
     digest = hashlib.sha256()
     try:
         with archive_file.open_instance(archive.joinpath(*path.split("/")), max_bytes) as fh:

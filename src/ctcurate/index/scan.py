@@ -4,6 +4,8 @@
 table. :func:`run_chunks` maps it over chunks with :mod:`ctcurate.executor` (a local process
 pool or a Dask distributed cluster, the executor ``select`` scores with too) and yields the
 results as they complete, with at most a few chunks in flight so that memory stays bounded.
+A worker that dies on a chunk costs one file: the chunk is read again file by file and the
+file whose worker died alone is quarantined ``worker_died``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,25 @@ def run_chunks(
         scheduler=scheduler,
         initializer=dicom.init_worker,
         initargs=(timeout_s,),
+        on_died=died_chunk,
+        split=one_by_one,
+    )
+
+
+#: Detail of a file whose reading process died (OOM kill, crash in native code).
+DIED_DETAIL = "the reading process died (killed by the OS or crashed)"
+
+
+def one_by_one(chunk: list[Entry]) -> list[list[Entry]]:
+    """A chunk cut into one-file chunks (to find the file a dead worker was reading)."""
+    return [[entry] for entry in chunk]
+
+
+def died_chunk(chunk: list[Entry]) -> pa.Table:
+    """Ledger rows of a chunk whose worker died reading it alone: quarantined ``worker_died``."""
+    return ledger_table(
+        dicom.FileOutcome(path, "quarantined", "worker_died", DIED_DETAIL, None, size, mtime)
+        for path, size, mtime in chunk
     )
 
 

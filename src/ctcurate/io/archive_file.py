@@ -22,6 +22,8 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
+from ctcurate.io.paths import open_regular
+
 if TYPE_CHECKING:
     from pydicom.dataset import FileDataset
 
@@ -76,10 +78,12 @@ def inflate(fp: BinaryIO, max_bytes: int) -> bytes:
 def open_instance(path: Path | str, max_bytes: int = DEFAULT_MAX_BYTES) -> BinaryIO:
     """A readable binary stream of the DICOM bytes of ``path`` (decompressed if gzip).
 
-    The caller closes it. Raises ``OSError`` when the file cannot be read and
+    Only a regular file is opened (:func:`ctcurate.io.paths.open_regular`: no symbolic
+    link followed, no wait on a FIFO). The caller closes it. Raises ``OSError`` when the
+    file cannot be read or is not a regular file, and
     :class:`InflateError` for a gzip file that does not decompress under ``max_bytes``.
     """
-    raw: BinaryIO = Path(path).open("rb")  # noqa: SIM115 - returned to the caller
+    raw = open_regular(path)  # never a FIFO, device or symbolic link
     keep = False
     try:
         head = raw.read(132)

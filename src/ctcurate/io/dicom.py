@@ -61,6 +61,7 @@ from pydicom.uid import (
 )
 
 from ctcurate.io import archive_file, phi
+from ctcurate.io.paths import NotRegularFileError, irregular, open_regular
 
 Status = Literal["indexed", "quarantined", "skipped"]
 
@@ -88,6 +89,7 @@ UID_MAX_CHARS = 64
 _MAX_SEQ_DEPTH = 16
 _HEAD_BYTES = 1 << 16
 _CHANGED = "changed_since_snapshot"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _INT64_LIMIT = 1 << 63
 _MIN_AXIS_NORM = 0.5  # ImageOrientationPatient row / column vectors shorter than this are bad
 
@@ -365,8 +367,10 @@ def _read_lean_file(
         return None
     from ctcurate.io.lean import read_lean
 
-    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is not read)
-        fd = os.open(f"{archive}/{path}", os.O_RDONLY | os.O_NONBLOCK)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (it is not read); O_NOFOLLOW:
+    # a symbolic link is left to _read_checked, which quarantines it unread
+    try:
+        fd = os.open(f"{archive}/{path}", os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
     except (OSError, ValueError):
         return None
     try:
@@ -379,7 +383,7 @@ def _read_lean_file(
             with open(fd, "rb", buffering=0, closefd=False) as fp:
                 fp.seek(0)
                 data = archive_file.inflate(fp, max_bytes)
-            return read_lean(None, data, path, size, mtime_ns, len(data), flags)
+            return read_lean(None, data, path, size, mtime_ns, len(data), flags, policy)
         if len(head) >= st.st_size:  # the whole file
             return read_lean(None, head, path, size, mtime_ns, st.st_size, flags, policy)
         if len(head) < _HEAD_BYTES:
@@ -396,17 +400,26 @@ def _read_checked(
     archive: Path, path: str, size: int, mtime_ns: int, max_bytes: int, policy: phi.Policy
 ) -> dict[str, Any]:
     full = _resolve(archive, path)
+    if (odd := irregular(archive, path)) is not None:
+        raise Reject(reason=odd[0], detail=odd[1])
     try:
-        st = full.stat()
+        fh = open_regular(full)
     except FileNotFoundError:
         msg = "file vanished since the snapshot"
         raise Reject(reason="unreadable", detail=msg) from None
+    except NotRegularFileError as exc:  # replaced since the lstat above
+        raise Reject(reason="not_regular_file", detail=exc.strerror or "") from None
     except OSError as exc:
-        msg = f"cannot stat ({type(exc).__name__})"
+        msg = f"cannot open ({type(exc).__name__})"
         raise Reject(reason="unreadable", detail=msg) from None
-    if not stat.S_ISREG(st.st_mode):
-        msg = "not a regular file"
-        raise Reject(reason="unreadable", detail=msg)
+    with fh as raw:
+        return _read_open(raw, path, size, mtime_ns, max_bytes, policy)
+
+
+def _read_open(
+    raw: BinaryIO, path: str, size: int, mtime_ns: int, max_bytes: int, policy: phi.Policy
+) -> dict[str, Any]:
+    st = os.fstat(raw.fileno())
     if st.st_size > max_bytes:
         msg = f"{st.st_size} bytes, over the {max_bytes} byte cap (max_file_mb)"
         raise Reject(reason="too_large", detail=msg)
@@ -414,7 +427,7 @@ def _read_checked(
     if st.st_size != size or st.st_mtime_ns != mtime_ns:
         flags.append(_CHANGED)
 
-    with full.open("rb") as raw, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fp, file_size = _plain_stream(raw, st.st_size, max_bytes)
         head = fp.read(_HEAD_BYTES)
