@@ -24,8 +24,8 @@ from ctcurate.pneumonia import (
     opacity_features,
     read_model,
     score_series,
-    series_volume,
 )
+from ctcurate.workgrid import working_volume
 
 SPACING = (4.0, 4.0, 4.0)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -319,16 +319,18 @@ def ct_slices(hu: npt.NDArray[np.float32], series_uid: str, z_step: float = 4.0)
     return out
 
 
-def test_series_volume_orders_slices_whatever_the_input_order() -> None:
+def test_working_volume_orders_slices_whatever_the_input_order() -> None:
     hu, _ = chest(nz=6, n=24)
     hu[2] += 5.0  # tell the slices apart
     slices = ct_slices(hu, "1.2.3")
-    volume, _ = series_volume(slices[::-1])
-    np.testing.assert_array_equal(volume.hu, hu)
-    assert volume.sop_instance_uids == tuple(str(s.SOPInstanceUID) for s in slices)
+    uids = tuple(str(s.SOPInstanceUID) for s in slices)
+    volume = working_volume(iter(slices[::-1]), 4.0)  # the series' own spacing: no change
+    np.testing.assert_allclose(volume.hu, hu, atol=1e-3)
+    assert volume.source_uids == uids
     assert volume.spacing_mm == (4.0, 4.0, 4.0)
+    assert all("PixelData" not in s for s in slices)  # dropped once resampled
     with pytest.raises(ValueError, match="too few for a volume"):
-        series_volume(slices[:2])
+        working_volume(iter(ct_slices(hu, "1.2.3")[:2]), 4.0)
 
 
 def test_score_series_reads_files_and_reports_errors(tmp_path: Path) -> None:

@@ -36,8 +36,8 @@ LUNG_HU_MAX = -400.0
 #: A lung component must hold at least this fraction of the largest one (drops the trachea
 #: stump, bowel gas and noise specks).
 MIN_COMPONENT_FRACTION = 0.05
-#: A lung needs at least this many pixels in a slice before its hull is taken.
-MIN_HULL_PIXELS = 8
+#: A lung needs at least this area (mm², and 3 pixels) in a slice before its hull is taken.
+MIN_HULL_MM2 = 32.0
 #: Bone (ribs, spine) is at least this dense (HU); the chest wall's cage is built from it.
 BONE_HU_MIN = 200.0
 #: Tissue below this (HU) can be consolidated lung (bone and contrast are denser).
@@ -66,8 +66,22 @@ _EDGE_TOL = 1e-6
 BoolArray = npt.NDArray[np.bool_]
 
 
+#: Background connectivity of a slice's holes: 4-neighbours in-plane, never across slices.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
 def _fill_slices(mask: BoolArray) -> BoolArray:
-    return np.stack([ndimage.binary_fill_holes(s) for s in mask]).astype(bool)
+    """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling)."""
+    background, n = ndimage.label(~mask, structure=_IN_PLANE)
+    if n == 0:
+        return mask.copy()
+    edge = np.zeros(n + 1, dtype=bool)
+    for border in (background[:, 0, :], background[:, -1, :], background[:, :, 0]):
+        edge[border] = True
+    edge[background[:, :, -1]] = True
+    filled: BoolArray = mask | ~edge[background]
+    return filled
 
 
 def body_mask(image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_MAX) -> BoolArray:
@@ -106,27 +120,14 @@ def threshold_lung_mask(
 
 def _hull_2d(mask: BoolArray) -> BoolArray:
     """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included)."""
+    from scipy.spatial import ConvexHull, QhullError
+
     pts = np.argwhere(mask).astype(np.float64)
     if len(pts) < 3:
         return mask.copy()
-    # Andrew's monotone chain on the pixel centres
-    order = np.lexsort((pts[:, 1], pts[:, 0]))
-    pts = pts[order]
-
-    def half(points: npt.NDArray[np.float64]) -> list[npt.NDArray[np.float64]]:
-        chain: list[npt.NDArray[np.float64]] = []
-        for p in points:
-            while len(chain) >= 2:
-                a, b = chain[-2], chain[-1]
-                if (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) > 0:
-                    break
-                chain.pop()
-            chain.append(p)
-        return chain
-
-    lower, upper = half(pts), half(pts[::-1])
-    hull = np.asarray(lower[:-1] + upper[:-1])
-    if len(hull) < 3:
+    try:
+        hull = pts[ConvexHull(pts).vertices]
+    except QhullError:  # all on one line: the mask is its own hull
         return mask.copy()
     # a convex polygon covers one span of columns per row: intersect each row with the edges
     a, b = hull, np.roll(hull, -1, axis=0)
@@ -225,6 +226,30 @@ def lung_masks(
         msg = f"spacing must be positive, got {spacing_mm}"
         raise ValueError(msg)
     body = body_mask(img, hu_max)
+    if not body.any():
+        return body, body.copy()
+    # everything below lies in the body: work on its in-plane bounding box (one pixel of
+    # margin keeps the outside connected to the border), the same masks at less cost
+    rows, cols_in = np.flatnonzero(body.any(axis=(0, 2))), np.flatnonzero(body.any(axis=(0, 1)))
+    box = (
+        slice(None),
+        slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2),
+        slice(max(int(cols_in[0]) - 1, 0), int(cols_in[-1]) + 2),
+    )
+    base_box, robust_box = _lung_masks_in_box(img[box], body[box], (dz, dy, dx), hu_max)
+    base, robust = np.zeros(img.shape, dtype=bool), np.zeros(img.shape, dtype=bool)
+    base[box], robust[box] = base_box, robust_box
+    return base, robust
+
+
+def _lung_masks_in_box(
+    img: npt.NDArray[np.float32],
+    body: BoolArray,
+    spacing_mm: tuple[float, float, float],
+    hu_max: float,
+) -> tuple[BoolArray, BoolArray]:
+    """:func:`lung_masks` on a box holding the body."""
+    dz, dy, dx = spacing_mm
     base = _threshold_in_body(img, body, hu_max)
     out = base.copy()
     if not base.any():
@@ -243,6 +268,7 @@ def lung_masks(
     # in a slice where the lung is smaller than WALL_MIN_AREA_FRACTION of its largest slice
     area = base.sum(axis=(1, 2))
     min_area = WALL_MIN_AREA_FRACTION * float(area.max()) / 2.0
+    min_hull = max(3, round(MIN_HULL_MM2 / (dy * dx)))
     for k in range(img.shape[0]):
         if not base[k].any():
             continue
@@ -263,7 +289,7 @@ def lung_masks(
         for side in (cols < midline, cols >= midline):
             lung = lungs & side[None, :]
             n_lung = int(lung.sum())
-            if n_lung < MIN_HULL_PIXELS:
+            if n_lung < min_hull:
                 out[k] |= lung
                 continue
             innermost = _innermost(lung, distance)

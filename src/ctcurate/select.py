@@ -595,8 +595,10 @@ def _score_survivors(
     seg_dir: Path | None,
     workers: int,
     scheduler: str | None,
+    spacing_mm: float,
 ) -> list[ScoreResult]:
-    """Features of every rule survivor (pixels read from ``archive``, paths from the index)."""
+    """Features of every rule survivor (pixels read from ``archive``, paths from the index),
+    measured on the working grid of ``spacing_mm``."""
     from ctcurate.select_train import series_paths
 
     if not archive.is_dir():
@@ -615,6 +617,7 @@ def _score_survivors(
                 key[1],
                 tuple(str(archive / p) for p in paths.get(key, [])),
                 str(seg) if seg is not None and seg.is_file() else None,
+                spacing_mm,
             )
         )
     where = "a Dask cluster" if scheduler else f"{workers} worker(s)"
@@ -676,6 +679,7 @@ def run(
             Path(seg_dir) if seg_dir else None,
             params.workers,
             scheduler,
+            params.working_spacing_mm,
         )
         measured = [r for r in results if r.features is not None]
         probs = (
