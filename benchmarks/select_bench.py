@@ -102,32 +102,40 @@ def _peak_rss_mb() -> float:
 
 
 def child_read(paths: list[str]) -> dict[str, float]:
-    """The baseline: dcmread + pixel_array + rescale (float32 HU) of every slice, kept."""
-    start = time.perf_counter()
-    slices = []
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        slope = np.float32(float(ds.get("RescaleSlope", 1.0)))
-        intercept = np.float32(float(ds.get("RescaleIntercept", 0.0)))
-        slices.append(ds.pixel_array.astype(np.float32) * slope + intercept)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "slices": len(slices)}
+    """The baseline: dcmread + pixel_array + rescale (float32 HU) of every slice, kept.
+
+    Run twice; the second run is timed (a warm process, as a pool worker is)."""
+    seconds = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        slices = []
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            slope = np.float32(float(ds.get("RescaleSlope", 1.0)))
+            intercept = np.float32(float(ds.get("RescaleIntercept", 0.0)))
+            slices.append(ds.pixel_array.astype(np.float32) * slope + intercept)
+        seconds = time.perf_counter() - start
+        del slices
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_score(paths: list[str], spacing: float) -> dict[str, Any]:
-    """The scorer's steps on one series, as ``score_series`` runs them."""
+    """The scorer's steps on one series, as ``score_series`` runs them.
+
+    Run twice; the second run is timed (a warm process, as a pool worker is)."""
     from ctcurate.lungmask import lung_masks
     from ctcurate.pneumonia import FEATURES, opacity_features
     from ctcurate.workgrid import working_volume
 
     rss_start = _peak_rss_mb()
-    t0 = time.perf_counter()
-    volume = working_volume((pydicom.dcmread(p) for p in paths), spacing)
-    t1 = time.perf_counter()
-    thr, robust = lung_masks(volume.hu, volume.spacing_mm)
-    t2 = time.perf_counter()
-    features = opacity_features(volume.hu, volume.spacing_mm, thr, robust)
-    t3 = time.perf_counter()
+    for _ in range(2):
+        t0 = time.perf_counter()
+        volume = working_volume((pydicom.dcmread(p) for p in paths), spacing)
+        t1 = time.perf_counter()
+        thr, robust = lung_masks(volume.hu, volume.spacing_mm)
+        t2 = time.perf_counter()
+        features = opacity_features(volume.hu, volume.spacing_mm, thr, robust)
+        t3 = time.perf_counter()
     return {
         "seconds": t3 - t0,
         "volume_s": t1 - t0,

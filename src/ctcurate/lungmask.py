@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 #: Voxels below this (HU) are air-like: aerated lung, airways, air outside the body.
 LUNG_HU_MAX = -400.0
@@ -120,8 +121,6 @@ def threshold_lung_mask(
 
 def _hull_2d(mask: BoolArray) -> BoolArray:
     """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included)."""
-    from scipy.spatial import ConvexHull, QhullError
-
     pts = np.argwhere(mask).astype(np.float64)
     if len(pts) < 3:
         return mask.copy()
@@ -195,6 +194,48 @@ def _medial_limit(innermost: npt.NDArray[np.float64], reach_px: int) -> Any:
     gap, (nearest,) = ndimage.distance_transform_edt(~has, return_indices=True)
     out = innermost[nearest]
     out[gap > reach_px] = big
+    return out
+
+
+def _edge_contact(edge: BoolArray, labels: npt.NDArray[np.int32], n: int) -> Any:
+    """Per label 0..n, the edge pixels that hold it or have a 4-neighbour holding it (what
+    ``(edge & binary_dilation(labels == c)).sum()`` counts, for every c at once)."""
+    ys, xs = np.nonzero(edge)
+    padded = np.pad(labels, 1)
+    near = np.stack(
+        [padded[ys + 1 + dy, xs + 1 + dx] for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))]
+    )
+    pixel = np.broadcast_to(np.arange(len(ys)), near.shape)
+    pairs = np.unique(pixel.ravel() * (n + 1) + near.ravel())
+    return np.bincount(pairs % (n + 1), minlength=n + 1)
+
+
+def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
+    """The smallest box holding every True element of a non-empty mask."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(spans)
+
+
+def opening(mask: BoolArray, structure: BoolArray) -> BoolArray:
+    """Binary opening of ``mask`` by ``structure`` (symmetric, odd-sized, any dimension).
+
+    The same pixels as ``ndimage.binary_opening``, at a fraction of the cost: computed on
+    the bounding box of the mask (the opening lies inside the mask, and the erosion treats
+    the box's border as outside), the erosion only where the erosion by the structure's
+    central 3×…×3 part (a subset) leaves a pixel, the dilation only inside the mask.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    box = bounding_box(mask)
+    part = mask[box]
+    centre = tuple(slice(max(n // 2 - 1, 0), n // 2 + 2) for n in structure.shape)
+    core = ndimage.binary_erosion(part, structure=structure[centre])
+    eroded = ndimage.binary_erosion(part, structure=structure, mask=core) & core
+    out[box] = ndimage.binary_dilation(eroded, structure=structure, mask=part) & part
     return out
 
 
@@ -300,20 +341,19 @@ def _lung_masks_in_box(
             limit = _medial_limit(innermost, reach_px)
             allowed = (distance >= limit[:, None]) & side[None, :] & inner & dense[k] & ~closed
             # a thin rim of chest-wall muscle is not consolidation: open it away
-            allowed = ndimage.binary_opening(allowed, structure=rim)
+            allowed = opening(allowed, rim)
             wall, n_wall = ndimage.label(allowed)
             if n_wall:
                 sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
                 edge = _boundary(closed)
                 n_edge = max(int(edge.sum()), 1)
-                near_edge = ndimage.binary_dilation(edge) & allowed
-                touched = np.unique(wall[near_edge])
+                contact = _edge_contact(edge, wall, n_wall)
                 keep = [
-                    int(c)
-                    for c in touched[touched > 0]
-                    if sizes[c] <= WALL_MAX_FRACTION * n_lung
-                    and int((edge & ndimage.binary_dilation(wall == c)).sum())
-                    <= WALL_MAX_CONTACT * n_edge
+                    c
+                    for c in np.flatnonzero(contact)
+                    if c > 0
+                    and sizes[c] <= WALL_MAX_FRACTION * n_lung
+                    and contact[c] <= WALL_MAX_CONTACT * n_edge
                 ]
                 if keep:
                     closed |= np.isin(wall, keep)
