@@ -282,9 +282,13 @@ def model_inputs(x: npt.ArrayLike) -> FloatArray:
 
 @dataclass(frozen=True)
 class SelectorModel(StandardisedLogistic):
-    """p(pneumonia) = σ(w·(x − mean)/scale + b); selected when p ≥ ``threshold``."""
+    """p(pneumonia) = σ(w·(x − mean)/scale + b); selected when p ≥ ``threshold``.
+
+    ``working_spacing_mm`` is the working grid its features were measured on: features of
+    another grid are other numbers (``select`` refuses the mismatch)."""
 
     threshold: float
+    working_spacing_mm: float
 
     def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
         """Pneumonia probability for rows of ``x`` (features in :attr:`features` order)."""
@@ -292,7 +296,12 @@ class SelectorModel(StandardisedLogistic):
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (the model file)."""
-        return {"kind": MODEL_KIND, **self.coefficients_json(), "threshold": self.threshold}
+        return {
+            "kind": MODEL_KIND,
+            **self.coefficients_json(),
+            "threshold": self.threshold,
+            "working_spacing_mm": self.working_spacing_mm,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SelectorModel:
@@ -301,7 +310,11 @@ class SelectorModel(StandardisedLogistic):
             msg = f"not a pneumonia selector model (kind is not {MODEL_KIND!r})"
             raise ValueError(msg)
         try:
-            model = cls(**cls.fields_of_json(data), threshold=float(data["threshold"]))
+            model = cls(
+                **cls.fields_of_json(data),
+                threshold=float(data["threshold"]),
+                working_spacing_mm=float(data["working_spacing_mm"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             msg = f"not a pneumonia selector model: bad or missing {exc}"
             raise ValueError(msg) from exc
@@ -319,6 +332,7 @@ def fit_selector(
     y: npt.ArrayLike,
     l2: float,
     threshold: float,
+    working_spacing_mm: float = 2.0,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> SelectorModel:
@@ -339,7 +353,9 @@ def fit_selector(
         raise ValueError(msg)
     fit = fit_newton(model_inputs(xa), ya, l2, max_iter=max_iter, tol=tol)
     return SelectorModel(
-        **SelectorModel.fields_of_fit(fit, FEATURES, l2), threshold=float(threshold)
+        **SelectorModel.fields_of_fit(fit, FEATURES, l2),
+        threshold=float(threshold),
+        working_spacing_mm=float(working_spacing_mm),
     )
 
 

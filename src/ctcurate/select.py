@@ -655,6 +655,13 @@ def run(
             selector = read_model(Path(model))
         except ValueError as exc:
             raise InputError(str(exc)) from exc
+        fitted_on = selector[0].working_spacing_mm
+        if fitted_on != params.working_spacing_mm:
+            msg = (
+                f"{model}: selector fitted on a {fitted_on:g} mm working grid, "
+                f"select.working_spacing_mm is {params.working_spacing_mm:g}: retrain it"
+            )
+            raise InputError(msg)
     truth_table = None
     if truth is not None:
         try:  # an unreadable file is named by read_parquet below
