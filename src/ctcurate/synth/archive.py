@@ -274,7 +274,12 @@ class ArchiveWriter:
             self._copy_to_other_site(study, written, blobs)
         mid = int(np.argmax((labels > 1).sum(axis=(1, 2)))) if (labels > 1).any() else z.size // 2
         self.tiles.append(
-            Tile(f"{study.site} {study.pattern} sev {study.severity:.2f}", image[mid], labels[mid])
+            # copies: a view of one slice would keep the whole volume alive
+            Tile(
+                f"{study.site} {study.pattern} sev {study.severity:.2f}",
+                image[mid].copy(),
+                labels[mid].copy(),
+            )
         )
 
         if study.thick:
