@@ -327,19 +327,22 @@ def _lung_masks_in_box(
         if cage_bone[k].any() and int(cage_pts.sum()) >= 3:
             cage = _hull_2d(cage_pts)
             inner = ndimage.distance_transform_edt(cage, sampling=(dy, dx)) > CAGE_WALL_MM
-        for side in (cols < midline, cols >= midline):
-            lung = lungs & side[None, :]
+        # each lung on its own half of the slice: everything below lies within its side
+        half = int(np.count_nonzero(cols < midline))
+        for cs in (slice(0, half), slice(half, img.shape[2])):
+            lung = lungs[:, cs]
             n_lung = int(lung.sum())
             if n_lung < min_hull:
-                out[k] |= lung
+                out[k, :, cs] |= lung
                 continue
-            innermost = _innermost(lung, distance)
-            closed = _close_lung_slice(lung, distance, innermost) & side[None, :] & body[k]
+            dist = distance[:, cs]
+            innermost = _innermost(lung, dist)
+            closed = _close_lung_slice(lung, dist, innermost) & body[k, :, cs]
             if n_lung < min_area:  # a lung tip: no chest-wall fill
-                out[k] |= closed
+                out[k, :, cs] |= closed
                 continue
             limit = _medial_limit(innermost, reach_px)
-            allowed = (distance >= limit[:, None]) & side[None, :] & inner & dense[k] & ~closed
+            allowed = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs] & ~closed
             # a thin rim of chest-wall muscle is not consolidation: open it away
             allowed = opening(allowed, rim)
             wall, n_wall = ndimage.label(allowed)
@@ -357,7 +360,7 @@ def _lung_masks_in_box(
                 ]
                 if keep:
                     closed |= np.isin(wall, keep)
-            out[k] |= closed
+            out[k, :, cs] |= closed
     return base, _fill_slices(out)
 
 
