@@ -194,7 +194,7 @@ class ArchiveWriter:
         pixel = study.fov / matrix
         chest = make_chest(rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel))
         pattern = study.pattern or "negative"
-        hu, labels, _ = add_pattern(rng, chest, pattern, study.severity, study.border)
+        hu, labels, _ = add_pattern(rng, chest, pattern, study.severity, study.border, copy=False)
         del chest  # the phantom's coordinate volumes: the painted HU and labels carry on
         offset = -round(float(rng.uniform(40.0, 220.0)), 1)
         sn_loc, sn_thin, sn_thick, sn_dose = vendor.series_numbers

@@ -93,8 +93,10 @@ def add_pattern(
     pattern: str,
     severity: float,
     border_consolidation: bool,
+    copy: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Paint ``pattern`` at ``severity`` (0–1) into a copy of the chest.
+    """Paint ``pattern`` at ``severity`` (0–1) into a copy of the chest (with ``copy`` False,
+    into the chest's own HU and tissue arrays: for a caller that drops the chest).
 
     Returns
     -------
@@ -108,8 +110,8 @@ def add_pattern(
     if not 0.0 <= severity <= 1.0:
         msg = f"severity must be within 0..1, got {severity}"
         raise ValueError(msg)
-    hu = chest.hu.copy()
-    tissue = chest.tissue.copy()
+    hu = chest.hu.copy() if copy else chest.hu
+    tissue = chest.tissue.copy() if copy else chest.tissue
     lung = tissue == LUNG
     labels = np.where(lung, NORMAL, BACKGROUND).astype(np.uint8)
     if pattern == "negative":
