@@ -385,12 +385,12 @@ def test_working_volume_downsamples_fine_axes_and_keeps_coarse_ones() -> None:
 def test_median_network_matches_scipy() -> None:
     from scipy import ndimage
 
-    from ctcurate.pneumonia import _median_in_plane
+    from ctcurate.lungmask import median_in_plane
 
     img = np.random.default_rng(1).normal(size=(3, 17, 23)).astype(np.float32)
     np.testing.assert_array_equal(
-        _median_in_plane(img, (1, 3, 3)), ndimage.median_filter(img, size=(1, 3, 3))
+        median_in_plane(img, (1, 3, 3)), ndimage.median_filter(img, size=(1, 3, 3))
     )
     np.testing.assert_array_equal(
-        _median_in_plane(img, (1, 5, 5)), ndimage.median_filter(img, size=(1, 5, 5))
+        median_in_plane(img, (1, 5, 5)), ndimage.median_filter(img, size=(1, 5, 5))
     )

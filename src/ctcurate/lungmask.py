@@ -20,7 +20,8 @@ thicknesses get the same anatomy. Two masks:
      :data:`WALL_REACH_MM` of the aerated lung's rows becomes lung: consolidation against
      the pleura that the hull of the aerated lung cannot reach.
 
-:func:`dice` compares a mask with the true lung.
+:func:`dice` compares a mask with the true lung. :func:`opening`, :func:`median_in_plane` and
+:func:`bounding_box` are exact, faster stand-ins for scipy's that the opacity features share.
 """
 
 from __future__ import annotations
@@ -237,6 +238,30 @@ def opening(mask: BoolArray, structure: BoolArray) -> BoolArray:
     eroded = ndimage.binary_erosion(part, structure=structure, mask=core) & core
     out[box] = ndimage.binary_dilation(eroded, structure=structure, mask=part) & part
     return out
+
+
+#: Compare-exchange pairs of a median-of-9 sorting network (the median ends at index 4).
+_MEDIAN9 = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)  # fmt: skip
+
+
+def median_in_plane(img: npt.NDArray[np.float32], size: tuple[int, int, int]) -> Any:
+    """In-plane median of window ``size`` (1, y, x), edges mirrored as ``ndimage`` does;
+    a 3×3 window by a sorting network (several times faster than ``median_filter``)."""
+    if max(size) == 1:
+        return img
+    if size != (1, 3, 3):
+        return ndimage.median_filter(img, size=size)
+    padded = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="symmetric")
+    ny, nx = img.shape[1], img.shape[2]
+    v = [padded[:, i : i + ny, j : j + nx].copy() for i in range(3) for j in range(3)]
+    for a, b in _MEDIAN9:
+        low = np.minimum(v[a], v[b])
+        np.maximum(v[a], v[b], out=v[b])
+        v[a] = low
+    return v[4]
 
 
 def _boundary(mask: BoolArray) -> BoolArray:
