@@ -83,3 +83,23 @@ def test_bad_spacing_is_refused() -> None:
     hu, _, _ = cage_chest(4.0, band=False)
     with pytest.raises(ValueError, match="spacing must be positive"):
         lung_masks(hu, (0.0, 4.0, 4.0))
+
+
+def test_fast_opening_and_hole_filling_match_scipy() -> None:
+    from scipy import ndimage
+
+    from ctcurate.lungmask import _fill_slices, opening
+
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        mask = ndimage.binary_dilation(rng.random((6, 24, 20)) < 0.08, iterations=2)
+        for structure in (np.ones((3, 5, 5), bool), ndimage.generate_binary_structure(3, 1)):
+            assert np.array_equal(opening(mask, structure), ndimage.binary_opening(mask, structure))
+        assert np.array_equal(
+            opening(mask[0], np.ones((5, 3), bool)),
+            ndimage.binary_opening(mask[0], np.ones((5, 3))),
+        )
+        holes = rng.random(mask.shape) < 0.6
+        filled = np.stack([ndimage.binary_fill_holes(s) for s in holes])
+        assert np.array_equal(_fill_slices(holes), filled)
+    assert not opening(np.zeros((3, 4, 4), bool), np.ones((3, 3, 3), bool)).any()

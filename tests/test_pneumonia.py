@@ -24,8 +24,8 @@ from ctcurate.pneumonia import (
     opacity_features,
     read_model,
     score_series,
-    series_volume,
 )
+from ctcurate.workgrid import resampling, working_volume
 
 SPACING = (4.0, 4.0, 4.0)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -319,16 +319,18 @@ def ct_slices(hu: npt.NDArray[np.float32], series_uid: str, z_step: float = 4.0)
     return out
 
 
-def test_series_volume_orders_slices_whatever_the_input_order() -> None:
+def test_working_volume_orders_slices_whatever_the_input_order() -> None:
     hu, _ = chest(nz=6, n=24)
     hu[2] += 5.0  # tell the slices apart
     slices = ct_slices(hu, "1.2.3")
-    volume, _ = series_volume(slices[::-1])
-    np.testing.assert_array_equal(volume.hu, hu)
-    assert volume.sop_instance_uids == tuple(str(s.SOPInstanceUID) for s in slices)
+    uids = tuple(str(s.SOPInstanceUID) for s in slices)
+    volume = working_volume(iter(slices[::-1]), 4.0)  # the series' own spacing: no change
+    np.testing.assert_allclose(volume.hu, hu, atol=1e-3)
+    assert volume.source_uids == uids
     assert volume.spacing_mm == (4.0, 4.0, 4.0)
+    assert all("PixelData" not in s for s in slices)  # dropped once resampled
     with pytest.raises(ValueError, match="too few for a volume"):
-        series_volume(slices[:2])
+        working_volume(iter(ct_slices(hu, "1.2.3")[:2]), 4.0)
 
 
 def test_score_series_reads_files_and_reports_errors(tmp_path: Path) -> None:
@@ -347,3 +349,48 @@ def test_score_series_reads_files_and_reports_errors(tmp_path: Path) -> None:
     assert broken.features is None
     assert broken.error == "unreadable"
     assert pydicom.dcmread(paths[0]).Modality == "CT"
+
+
+def test_resampling_is_anti_aliased_linear_and_centred() -> None:
+    same = resampling(10, 2.0, 2.0)
+    np.testing.assert_allclose(same.matrix(10), np.eye(10), atol=1e-6)
+    down = resampling(512, 0.74, 2.0)
+    weights = down.matrix(512)
+    assert weights.shape == (189, 512)  # 379 mm at 2 mm
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(weights, weights[::-1, ::-1], atol=1e-6)  # symmetric grid
+    ramp = weights @ np.arange(512.0)
+    centres = 255.5 + (np.arange(189) - 94.0) * 2.0 / 0.74
+    np.testing.assert_allclose(ramp[5:-5], centres[5:-5], atol=1e-3)  # linear data kept
+    noise = np.random.default_rng(0).normal(size=512)
+    assert np.std(weights @ noise) < 0.5  # the prefilter averages pixel noise away
+    with pytest.raises(ValueError, match="positive steps"):
+        resampling(4, 0.0, 2.0)
+
+
+def test_working_volume_downsamples_fine_axes_and_keeps_coarse_ones() -> None:
+    hu, lung = chest(nz=12, n=40)  # 4 mm pixels, 1 mm slices below
+    slices = ct_slices(hu, "1.2.3", z_step=1.0)
+    volume = working_volume(iter(slices), 2.0)
+    assert volume.spacing_mm == (2.0, 4.0, 4.0)  # slices to 2 mm, pixels kept
+    assert volume.hu.shape == (6, 40, 40)
+    np.testing.assert_allclose(volume.hu[:, 20], hu[:6, 20], atol=1e-3)  # same every slice
+    on_grid = volume.labels_onto(lung.astype(np.uint8))  # (slices, rows, columns) read
+    assert on_grid.shape == volume.hu.shape
+    np.testing.assert_array_equal(on_grid[3], lung[0])
+    with pytest.raises(ValueError, match="do not match"):
+        volume.labels_onto(np.zeros((2, 40, 40), np.uint8))
+
+
+def test_median_network_matches_scipy() -> None:
+    from scipy import ndimage
+
+    from ctcurate.lungmask import median_in_plane
+
+    img = np.random.default_rng(1).normal(size=(3, 17, 23)).astype(np.float32)
+    np.testing.assert_array_equal(
+        median_in_plane(img, (1, 3, 3)), ndimage.median_filter(img, size=(1, 3, 3))
+    )
+    np.testing.assert_array_equal(
+        median_in_plane(img, (1, 5, 5)), ndimage.median_filter(img, size=(1, 5, 5))
+    )

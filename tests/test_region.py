@@ -265,7 +265,9 @@ def test_unknown_region_survivors_need_lung_in_the_scorer(
         return []
 
     monkeypatch.setattr(select, "score_all", fake_score_all)
-    select._score_survivors(selection, index, tmp_path, None, 1, None, 500.0)
+    select._score_survivors(
+        selection, index, tmp_path, None, 1, None, 2.0, unknown_min_lung_ml=500.0
+    )
     assert seen == {"1.1": 0.0, "1.2": 500.0}
 
 

@@ -300,3 +300,24 @@ def test_select_run_needs_model_and_archive_together(tmp_path: Path) -> None:
 
 def select_train_rules() -> Path:
     return Path(__file__).resolve().parents[1] / "stages" / "select"
+
+
+def test_select_refuses_a_selector_of_another_working_grid(tmp_path: Path) -> None:
+    from ctcurate.pneumonia import fit_selector, model_bytes
+
+    x = np.random.default_rng(0).normal(size=(6, len(FEATURES)))
+    model = fit_selector(x, [0, 1, 0, 1, 0, 1], l2=0.1, threshold=0.5, working_spacing_mm=1.5)
+    path = tmp_path / "selector.json"
+    path.write_bytes(model_bytes(model))
+    assert read_model(path)[0].working_spacing_mm == 1.5
+    with pytest.raises(InputError, match=r"selector\.json: selector fitted on a 1\.5 mm working"):
+        select.run(
+            tmp_path / "index",
+            select_train_rules(),
+            tmp_path / "out",
+            None,
+            PARAMS,
+            archive=tmp_path / "archive",
+            model=path,
+        )
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,8 @@ thicknesses get the same anatomy. Two masks:
      :data:`WALL_REACH_MM` of the aerated lung's rows becomes lung: consolidation against
      the pleura that the hull of the aerated lung cannot reach.
 
-:func:`dice` compares a mask with the true lung.
+:func:`dice` compares a mask with the true lung. :func:`opening`, :func:`median_in_plane` and
+:func:`bounding_box` are exact, faster stand-ins for scipy's that the opacity features share.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 #: Voxels below this (HU) are air-like: aerated lung, airways, air outside the body.
 LUNG_HU_MAX = -400.0
 #: A lung component must hold at least this fraction of the largest one (drops the trachea
 #: stump, bowel gas and noise specks).
 MIN_COMPONENT_FRACTION = 0.05
-#: A lung needs at least this many pixels in a slice before its hull is taken.
-MIN_HULL_PIXELS = 8
+#: A lung needs at least this area (mm², and 3 pixels) in a slice before its hull is taken.
+MIN_HULL_MM2 = 32.0
 #: Bone (ribs, spine) is at least this dense (HU); the chest wall's cage is built from it.
 BONE_HU_MIN = 200.0
 #: Tissue below this (HU) can be consolidated lung (bone and contrast are denser).
@@ -66,8 +68,22 @@ _EDGE_TOL = 1e-6
 BoolArray = npt.NDArray[np.bool_]
 
 
+#: Background connectivity of a slice's holes: 4-neighbours in-plane, never across slices.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
 def _fill_slices(mask: BoolArray) -> BoolArray:
-    return np.stack([ndimage.binary_fill_holes(s) for s in mask]).astype(bool)
+    """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling)."""
+    background, n = ndimage.label(~mask, structure=_IN_PLANE)
+    if n == 0:
+        return mask.copy()
+    edge = np.zeros(n + 1, dtype=bool)
+    for border in (background[:, 0, :], background[:, -1, :], background[:, :, 0]):
+        edge[border] = True
+    edge[background[:, :, -1]] = True
+    filled: BoolArray = mask | ~edge[background]
+    return filled
 
 
 def body_mask(image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_MAX) -> BoolArray:
@@ -109,24 +125,9 @@ def _hull_2d(mask: BoolArray) -> BoolArray:
     pts = np.argwhere(mask).astype(np.float64)
     if len(pts) < 3:
         return mask.copy()
-    # Andrew's monotone chain on the pixel centres
-    order = np.lexsort((pts[:, 1], pts[:, 0]))
-    pts = pts[order]
-
-    def half(points: npt.NDArray[np.float64]) -> list[npt.NDArray[np.float64]]:
-        chain: list[npt.NDArray[np.float64]] = []
-        for p in points:
-            while len(chain) >= 2:
-                a, b = chain[-2], chain[-1]
-                if (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) > 0:
-                    break
-                chain.pop()
-            chain.append(p)
-        return chain
-
-    lower, upper = half(pts), half(pts[::-1])
-    hull = np.asarray(lower[:-1] + upper[:-1])
-    if len(hull) < 3:
+    try:
+        hull = pts[ConvexHull(pts).vertices]
+    except QhullError:  # all on one line: the mask is its own hull
         return mask.copy()
     # a convex polygon covers one span of columns per row: intersect each row with the edges
     a, b = hull, np.roll(hull, -1, axis=0)
@@ -197,6 +198,72 @@ def _medial_limit(innermost: npt.NDArray[np.float64], reach_px: int) -> Any:
     return out
 
 
+def _edge_contact(edge: BoolArray, labels: npt.NDArray[np.int32], n: int) -> Any:
+    """Per label 0..n, the edge pixels that hold it or have a 4-neighbour holding it (what
+    ``(edge & binary_dilation(labels == c)).sum()`` counts, for every c at once)."""
+    ys, xs = np.nonzero(edge)
+    padded = np.pad(labels, 1)
+    near = np.stack(
+        [padded[ys + 1 + dy, xs + 1 + dx] for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))]
+    )
+    pixel = np.broadcast_to(np.arange(len(ys)), near.shape)
+    pairs = np.unique(pixel.ravel() * (n + 1) + near.ravel())
+    return np.bincount(pairs % (n + 1), minlength=n + 1)
+
+
+def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
+    """The smallest box holding every True element of a non-empty mask."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(spans)
+
+
+def opening(mask: BoolArray, structure: BoolArray) -> BoolArray:
+    """Binary opening of ``mask`` by ``structure`` (symmetric, odd-sized, any dimension).
+
+    The same pixels as ``ndimage.binary_opening``, at a fraction of the cost: computed on
+    the bounding box of the mask (the opening lies inside the mask, and the erosion treats
+    the box's border as outside), the erosion only where the erosion by the structure's
+    central 3×…×3 part (a subset) leaves a pixel, the dilation only inside the mask.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    box = bounding_box(mask)
+    part = mask[box]
+    centre = tuple(slice(max(n // 2 - 1, 0), n // 2 + 2) for n in structure.shape)
+    core = ndimage.binary_erosion(part, structure=structure[centre])
+    eroded = ndimage.binary_erosion(part, structure=structure, mask=core) & core
+    out[box] = ndimage.binary_dilation(eroded, structure=structure, mask=part) & part
+    return out
+
+
+#: Compare-exchange pairs of a median-of-9 sorting network (the median ends at index 4).
+_MEDIAN9 = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)  # fmt: skip
+
+
+def median_in_plane(img: npt.NDArray[np.float32], size: tuple[int, int, int]) -> Any:
+    """In-plane median of window ``size`` (1, y, x), edges mirrored as ``ndimage`` does;
+    a 3×3 window by a sorting network (several times faster than ``median_filter``)."""
+    if max(size) == 1:
+        return img
+    if size != (1, 3, 3):
+        return ndimage.median_filter(img, size=size)
+    padded = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="symmetric")
+    ny, nx = img.shape[1], img.shape[2]
+    v = [padded[:, i : i + ny, j : j + nx].copy() for i in range(3) for j in range(3)]
+    for a, b in _MEDIAN9:
+        low = np.minimum(v[a], v[b])
+        np.maximum(v[a], v[b], out=v[b])
+        v[a] = low
+    return v[4]
+
+
 def _boundary(mask: BoolArray) -> BoolArray:
     """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others)."""
     edge: BoolArray = mask & ~ndimage.binary_erosion(mask)
@@ -225,6 +292,30 @@ def lung_masks(
         msg = f"spacing must be positive, got {spacing_mm}"
         raise ValueError(msg)
     body = body_mask(img, hu_max)
+    if not body.any():
+        return body, body.copy()
+    # everything below lies in the body: work on its in-plane bounding box (one pixel of
+    # margin keeps the outside connected to the border), the same masks at less cost
+    rows, cols_in = np.flatnonzero(body.any(axis=(0, 2))), np.flatnonzero(body.any(axis=(0, 1)))
+    box = (
+        slice(None),
+        slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2),
+        slice(max(int(cols_in[0]) - 1, 0), int(cols_in[-1]) + 2),
+    )
+    base_box, robust_box = _lung_masks_in_box(img[box], body[box], (dz, dy, dx), hu_max)
+    base, robust = np.zeros(img.shape, dtype=bool), np.zeros(img.shape, dtype=bool)
+    base[box], robust[box] = base_box, robust_box
+    return base, robust
+
+
+def _lung_masks_in_box(
+    img: npt.NDArray[np.float32],
+    body: BoolArray,
+    spacing_mm: tuple[float, float, float],
+    hu_max: float,
+) -> tuple[BoolArray, BoolArray]:
+    """:func:`lung_masks` on a box holding the body."""
+    dz, dy, dx = spacing_mm
     base = _threshold_in_body(img, body, hu_max)
     out = base.copy()
     if not base.any():
@@ -243,6 +334,7 @@ def lung_masks(
     # in a slice where the lung is smaller than WALL_MIN_AREA_FRACTION of its largest slice
     area = base.sum(axis=(1, 2))
     min_area = WALL_MIN_AREA_FRACTION * float(area.max()) / 2.0
+    min_hull = max(3, round(MIN_HULL_MM2 / (dy * dx)))
     for k in range(img.shape[0]):
         if not base[k].any():
             continue
@@ -260,38 +352,40 @@ def lung_masks(
         if cage_bone[k].any() and int(cage_pts.sum()) >= 3:
             cage = _hull_2d(cage_pts)
             inner = ndimage.distance_transform_edt(cage, sampling=(dy, dx)) > CAGE_WALL_MM
-        for side in (cols < midline, cols >= midline):
-            lung = lungs & side[None, :]
+        # each lung on its own half of the slice: everything below lies within its side
+        half = int(np.count_nonzero(cols < midline))
+        for cs in (slice(0, half), slice(half, img.shape[2])):
+            lung = lungs[:, cs]
             n_lung = int(lung.sum())
-            if n_lung < MIN_HULL_PIXELS:
-                out[k] |= lung
+            if n_lung < min_hull:
+                out[k, :, cs] |= lung
                 continue
-            innermost = _innermost(lung, distance)
-            closed = _close_lung_slice(lung, distance, innermost) & side[None, :] & body[k]
+            dist = distance[:, cs]
+            innermost = _innermost(lung, dist)
+            closed = _close_lung_slice(lung, dist, innermost) & body[k, :, cs]
             if n_lung < min_area:  # a lung tip: no chest-wall fill
-                out[k] |= closed
+                out[k, :, cs] |= closed
                 continue
             limit = _medial_limit(innermost, reach_px)
-            allowed = (distance >= limit[:, None]) & side[None, :] & inner & dense[k] & ~closed
+            allowed = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs] & ~closed
             # a thin rim of chest-wall muscle is not consolidation: open it away
-            allowed = ndimage.binary_opening(allowed, structure=rim)
+            allowed = opening(allowed, rim)
             wall, n_wall = ndimage.label(allowed)
             if n_wall:
                 sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
                 edge = _boundary(closed)
                 n_edge = max(int(edge.sum()), 1)
-                near_edge = ndimage.binary_dilation(edge) & allowed
-                touched = np.unique(wall[near_edge])
+                contact = _edge_contact(edge, wall, n_wall)
                 keep = [
-                    int(c)
-                    for c in touched[touched > 0]
-                    if sizes[c] <= WALL_MAX_FRACTION * n_lung
-                    and int((edge & ndimage.binary_dilation(wall == c)).sum())
-                    <= WALL_MAX_CONTACT * n_edge
+                    c
+                    for c in np.flatnonzero(contact)
+                    if c > 0
+                    and sizes[c] <= WALL_MAX_FRACTION * n_lung
+                    and contact[c] <= WALL_MAX_CONTACT * n_edge
                 ]
                 if keep:
                     closed |= np.isin(wall, keep)
-            out[k] |= closed
+            out[k, :, cs] |= closed
     return base, _fill_slices(out)
 
 

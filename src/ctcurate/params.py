@@ -194,6 +194,7 @@ class SelectParams(Section):
     max_slice_thickness_mm: PositiveFloat = 3.0
     min_z_coverage_mm: PositiveFloat = 120.0
     workers: PositiveInt = 2  # local processes reading the survivors' pixels
+    working_spacing_mm: PositiveFloat = 2.0  # the scorer's isotropic working grid
     threshold: Fraction = 0.5  # pneumonia score >= threshold → pneumonia
     l2: PositiveFloat = 0.1  # L2 penalty of the pneumonia logistic regression
     audit_seed: Annotated[int, Field(ge=0)] = 7  # demo audit list sample / audit sample

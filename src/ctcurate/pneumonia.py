@@ -1,17 +1,16 @@
 """The pneumonia scorer of ``select``: opacity features of a CT series and a logistic model.
 
 Pure core (arrays in, numbers out) plus :func:`score_series`, the per-series task a worker
-process runs: read the instances, build the HU volume, measure the features and, when a
-DICOM SEG of the series is given, the Dice of both lung masks against its lung.
-
-Volume: slices ordered along the plane normal (:func:`ctcurate.volume.sort_slices`), axes
-turned to (z feet → head, y anterior → posterior, x) so that "lower zone" and
-"posterior" mean what they say whatever the series' orientation.
+process runs: read the instances slice by slice onto the working grid
+(:mod:`ctcurate.workgrid`: isotropic ``select.working_spacing_mm``, axes (z feet → head,
+y anterior → posterior, x)), measure the features there and, when a DICOM SEG of the
+series is given, the Dice of both lung masks against its lung.
 
 Features (:data:`FEATURES`, all dimensionless or per litre of lung), measured inside the
 consolidation-robust lung mask (:func:`ctcurate.lungmask.lung_masks`). Every filter size is
-in millimetres, turned into pixels with the series' spacing, so sites with coarser matrices
-or thicker slices measure the same anatomy:
+in millimetres, turned into voxels with the volume's spacing (on the working grid, the same
+number of voxels for every series), so sites with coarser matrices or thicker slices
+measure the same anatomy:
 
 * ``ggo_fraction`` / ``consolidation_fraction``: lung voxels at ground-glass
   (``GGO_HU_MIN``..``CONSOLIDATION_HU_MIN``) / consolidation (≥ ``CONSOLIDATION_HU_MIN``)
@@ -28,7 +27,8 @@ or thicker slices measure the same anatomy:
 * ``posterior_basal_symmetry``: aerated lower-posterior lung, smaller side / larger side
   (lobar consolidation and effusions take the dependent lung of one side);
 * ``small_opacity_density`` / ``nodule_density``: isolated small components of the
-  unfiltered HU ≥ ``NODULE_HU_MIN`` (at least 2 voxels, at most ``SMALL_MAX_MM3``; all /
+  unfiltered HU ≥ ``NODULE_HU_MIN`` (``SMALL_MIN_MM3`` and at least 2 voxels, at most
+  ``SMALL_MAX_MM3``; all /
   those within ``NODULE_MAX_MM``) deeper than ``NODULE_MARGIN_MM`` in the lung, per litre of
   lung (a median would erase a nodule a few pixels wide);
 * ``bilateral_share``, ``peripheral_share``, ``lower_zone_share``: of the opacity voxels,
@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,8 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from ctcurate.logistic import StandardisedLogistic, fit_newton, predict_standardised
-from ctcurate.lungmask import dice, lung_masks
+from ctcurate.lungmask import bounding_box, dice, lung_masks, median_in_plane, opening
+from ctcurate.workgrid import WorkingVolume, working_volume
 
 #: Names of the features, in the order of :func:`opacity_features`.
 FEATURES: tuple[str, ...] = (
@@ -87,8 +88,10 @@ MEDIAN_MM = 3.0
 #: OPENING_MIN_PX pixels.
 OPENING_MM = 8.0
 OPENING_MIN_PX = 2
-#: Small components: 2 voxels .. SMALL_MAX_MM3; compact ones fit in NODULE_MAX_MM; both
-#: counted only deeper than NODULE_MARGIN_MM inside the lung (not the pleura's rim).
+#: Small components: SMALL_MIN_MM3 (and 2 voxels) .. SMALL_MAX_MM3; compact ones fit in
+#: NODULE_MAX_MM; both counted only deeper than NODULE_MARGIN_MM inside the lung (not the
+#: pleura's rim).
+SMALL_MIN_MM3 = 16.0
 SMALL_MAX_MM3 = 1500.0
 NODULE_MAX_MM = 14.0
 NODULE_MARGIN_MM = 6.0
@@ -108,92 +111,9 @@ LOG1P_FEATURES = ("small_opacity_density", "nodule_density")
 #: Opacity within this distance (mm) of the lung surface is peripheral.
 PERIPHERAL_MM = 15.0
 #: Every model file says this (the version after the slash: how features become inputs).
-MODEL_KIND = "pneumonia_logistic_regression/3"
+MODEL_KIND = "pneumonia_logistic_regression/4"
 
 FloatArray = npt.NDArray[np.float64]
-
-
-# --------------------------------------------------------------------------- volume
-
-
-@dataclass(frozen=True)
-class SeriesVolume:
-    """One series as a HU volume (z feet → head, y anterior → posterior, x)."""
-
-    hu: npt.NDArray[np.float32]
-    spacing_mm: tuple[float, float, float]  # (z, y, x)
-    sop_instance_uids: tuple[str, ...]  # per z index
-    transposed: bool
-    flip_z: bool
-    flip_y: bool
-
-    def orient(self, slices: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        """Apply this volume's axis changes to per-instance slices given in sorted order."""
-        out = np.asarray(slices)
-        if self.transposed:
-            out = out.transpose(0, 2, 1)
-        if self.flip_z:
-            out = out[::-1]
-        if self.flip_y:
-            out = out[:, ::-1]
-        return np.ascontiguousarray(out)
-
-
-def series_volume(datasets: Sequence[Any]) -> tuple[SeriesVolume, list[int]]:
-    """HU volume of a CT series (pydicom datasets with pixels, any order).
-
-    Returns the volume and the instance indices in slice order (before any z flip).
-    Raises :class:`ctcurate.volume.ExcludedSeries` for unusable geometry or pixels and
-    ``ValueError`` for fewer than 3 instances or mismatched slices.
-    """
-    from ctcurate.volume import sort_slices
-
-    if len(datasets) < 3:
-        msg = f"{len(datasets)} instances: too few for a volume"
-        raise ValueError(msg)
-    order, along, normal = sort_slices(datasets)
-    first = datasets[order[0]]
-    iop = [float(v) for v in first.ImageOrientationPatient]
-    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
-    transposed = abs(row[1]) > abs(row[0])  # image rows run along x
-    y_dir = row if transposed else col
-    slices = []
-    for i in order:
-        ds = datasets[i]
-        pixels = np.asarray(ds.pixel_array, dtype=np.float32)
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        slices.append(pixels * np.float32(slope) + np.float32(intercept))
-    if len({s.shape for s in slices}) != 1 or slices[0].ndim != 2:
-        msg = "slices differ in shape"
-        raise ValueError(msg)
-    steps = np.diff(along)
-    dz = float(np.median(steps)) if len(steps) else 1.0
-    spacing = [float(v) for v in first.PixelSpacing]
-    dy, dx = (spacing[1], spacing[0]) if transposed else (spacing[0], spacing[1])
-    volume = SeriesVolume(
-        hu=np.zeros((0, 0, 0), np.float32),
-        spacing_mm=(abs(dz) or 1.0, dy, dx),
-        sop_instance_uids=(),
-        transposed=bool(transposed),
-        flip_z=bool(normal[2] < 0),
-        flip_y=bool(y_dir[1] < 0),
-    )
-    uids = [str(datasets[i].get("SOPInstanceUID", "")) for i in order]
-    if volume.flip_z:
-        uids = uids[::-1]
-    hu = volume.orient(np.stack(slices)).astype(np.float32, copy=False)
-    return (
-        SeriesVolume(
-            hu=hu,
-            spacing_mm=volume.spacing_mm,
-            sop_instance_uids=tuple(uids),
-            transposed=volume.transposed,
-            flip_z=volume.flip_z,
-            flip_y=volume.flip_y,
-        ),
-        order,
-    )
 
 
 # --------------------------------------------------------------------------- features
@@ -241,13 +161,17 @@ def opacity_features(
     n = int(lung.sum())
     if n == 0:
         return np.zeros(len(FEATURES), dtype=np.float64)
+    # every feature is measured inside the lung (the threshold mask lies in the robust one):
+    # the lung's bounding box gives the same numbers at a fraction of the cost
+    box, shape = bounding_box(lung), img.shape
+    img, lung, thr = img[box], lung[box], thr[box]
     size = _median_size(spacing_mm)
-    smooth = ndimage.median_filter(img, size=size) if max(size) > 1 else img
+    smooth = median_in_plane(img, size)
     dense = lung & (smooth >= GGO_HU_MIN)
-    opacity = ndimage.binary_opening(dense, structure=_disk(OPENING_MM, spacing_mm))
+    opacity = opening(dense, _disk(OPENING_MM, spacing_mm))
     consolidation = opacity & (smooth >= CONSOLIDATION_HU_MIN)
     ggo = opacity & ~consolidation
-    blob = ndimage.binary_opening(dense, structure=_ball(BLOB_RADIUS_MM, spacing_mm))
+    blob = opening(dense, _ball(BLOB_RADIUS_MM, spacing_mm))
 
     cols = np.arange(img.shape[2])
     in_lung_cols = lung.any(axis=(0, 1))
@@ -267,15 +191,20 @@ def opacity_features(
     else:
         symmetry = 0.0
 
-    # isolated small dense components well inside the lung, on the unfiltered HU
-    depth = ndimage.distance_transform_edt(lung, sampling=spacing_mm)
+    # isolated small dense components well inside the lung, on the unfiltered HU; depth is
+    # the distance to the nearest voxel outside the lung (outside the box, unless the box
+    # ends at the volume's edge: a lung cut by the scan's end has no surface there)
+    pads = [(int(b.start > 0), int(b.stop < full)) for b, full in zip(box, shape, strict=True)]
+    depth = ndimage.distance_transform_edt(np.pad(lung, pads), sampling=spacing_mm)
+    depth = depth[tuple(slice(a, depth.shape[i] - b) for i, (a, b) in enumerate(pads))]
     labels, n_comp = ndimage.label((depth > NODULE_MARGIN_MM) & (img >= NODULE_HU_MIN))
     small = nodules = 0
     voxel_mm3 = float(np.prod(spacing_mm))
     if n_comp:
         sizes = np.bincount(labels.ravel())[1:]
         for i, box in enumerate(ndimage.find_objects(labels)):
-            if box is None or not (sizes[i] >= 2 and sizes[i] * voxel_mm3 <= SMALL_MAX_MM3):
+            mm3 = sizes[i] * voxel_mm3
+            if box is None or not (sizes[i] >= 2 and SMALL_MIN_MM3 <= mm3 <= SMALL_MAX_MM3):
                 continue
             small += 1
             extent = [(sl.stop - sl.start) * s for sl, s in zip(box, spacing_mm, strict=True)]
@@ -329,9 +258,13 @@ def model_inputs(x: npt.ArrayLike) -> FloatArray:
 
 @dataclass(frozen=True)
 class SelectorModel(StandardisedLogistic):
-    """p(pneumonia) = σ(w·(x − mean)/scale + b); selected when p ≥ ``threshold``."""
+    """p(pneumonia) = σ(w·(x − mean)/scale + b); selected when p ≥ ``threshold``.
+
+    ``working_spacing_mm`` is the working grid its features were measured on: features of
+    another grid are other numbers (``select`` refuses the mismatch)."""
 
     threshold: float
+    working_spacing_mm: float
 
     def predict_proba(self, x: npt.ArrayLike) -> FloatArray:
         """Pneumonia probability for rows of ``x`` (features in :attr:`features` order)."""
@@ -339,7 +272,12 @@ class SelectorModel(StandardisedLogistic):
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (the model file)."""
-        return {"kind": MODEL_KIND, **self.coefficients_json(), "threshold": self.threshold}
+        return {
+            "kind": MODEL_KIND,
+            **self.coefficients_json(),
+            "threshold": self.threshold,
+            "working_spacing_mm": self.working_spacing_mm,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SelectorModel:
@@ -348,7 +286,11 @@ class SelectorModel(StandardisedLogistic):
             msg = f"not a pneumonia selector model (kind is not {MODEL_KIND!r})"
             raise ValueError(msg)
         try:
-            model = cls(**cls.fields_of_json(data), threshold=float(data["threshold"]))
+            model = cls(
+                **cls.fields_of_json(data),
+                threshold=float(data["threshold"]),
+                working_spacing_mm=float(data["working_spacing_mm"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             msg = f"not a pneumonia selector model: bad or missing {exc}"
             raise ValueError(msg) from exc
@@ -366,6 +308,7 @@ def fit_selector(
     y: npt.ArrayLike,
     l2: float,
     threshold: float,
+    working_spacing_mm: float = 2.0,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> SelectorModel:
@@ -386,7 +329,9 @@ def fit_selector(
         raise ValueError(msg)
     fit = fit_newton(model_inputs(xa), ya, l2, max_iter=max_iter, tol=tol)
     return SelectorModel(
-        **SelectorModel.fields_of_fit(fit, FEATURES, l2), threshold=float(threshold)
+        **SelectorModel.fields_of_fit(fit, FEATURES, l2),
+        threshold=float(threshold),
+        working_spacing_mm=float(working_spacing_mm),
     )
 
 
@@ -430,6 +375,7 @@ class ScoreTask:
     paths: tuple[str, ...]  # absolute instance paths
     seg_path: str | None  # the series' DICOM SEG, for the lung-mask audit
     min_lung_ml: float = 0.0  # a smaller robust lung mask is `no_lung` (unknown body region)
+    working_spacing_mm: float = 2.0  # the working grid (select.working_spacing_mm)
 
 
 @dataclass(frozen=True)
@@ -447,22 +393,18 @@ class ScoreResult:
 
 
 def _mask_audit(
-    seg_path: str, volume: SeriesVolume, thr: npt.NDArray[np.bool_], robust: npt.NDArray[np.bool_]
+    seg_path: str, volume: WorkingVolume, thr: npt.NDArray[np.bool_], robust: npt.NDArray[np.bool_]
 ) -> dict[str, float | None]:
-    """Dice of both masks against the SEG lung (labels > 0), on consolidated series only."""
+    """Dice of both masks against the SEG lung (labels > 0, brought onto the working grid by
+    nearest neighbour), on consolidated series only."""
     from ctcurate.errors import InputError
     from ctcurate.io.seg import read_seg_labels
 
     try:
-        labels = read_seg_labels(Path(seg_path), list(volume.sop_instance_uids))
-    except InputError:
+        source = read_seg_labels(Path(seg_path), list(volume.source_uids))
+        labels = volume.labels_onto(source)
+    except (InputError, ValueError):
         return {}
-    if labels.shape != volume.hu.shape:
-        labels = labels.transpose(0, 2, 1) if volume.transposed else labels
-        if labels.shape != volume.hu.shape:
-            return {}
-    if volume.flip_y:
-        labels = labels[:, ::-1]
     consolidated = labels == 3
     if not consolidated.any():
         return {}
@@ -480,27 +422,40 @@ def lung_volume_ml(mask: npt.NDArray[np.bool_], spacing_mm: tuple[float, float, 
     return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
 
 
+class _UnreadableError(Exception):
+    """An instance of the series could not be read as DICOM."""
+
+
+def _read_each(paths: Sequence[str]) -> Iterator[Any]:
+    """``dcmread`` of each path in turn (one instance's pixels in memory at a time)."""
+    from pydicom.errors import InvalidDicomError
+
+    from ctcurate.io import archive_file
+
+    for path in paths:
+        try:  # never a FIFO, device or symlink; gzip-compressed instances decompressed
+            ds = archive_file.dcmread(path)
+        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError) as exc:
+            raise _UnreadableError from exc
+        yield ds
+
+
 def score_series(task: ScoreTask) -> ScoreResult:
-    """Read one series and measure its features (runs in a worker process).
+    """Read one series onto the working grid and measure its features (runs in a worker).
 
     Never raises for a bad series: the result's ``error`` names the reason
     (``unreadable``, ``pixel_data``, ``geometry``, ``no_lung``: an empty robust lung mask,
     or one smaller than ``task.min_lung_ml``).
     """
-    from pydicom.errors import InvalidDicomError
-
-    from ctcurate.io import archive_file
     from ctcurate.volume import PIXEL_ERRORS, ExcludedSeries
 
     def failed(reason: str) -> ScoreResult:
         return ScoreResult(task.site, task.series_instance_uid, None, reason)
 
-    try:  # never a FIFO, device or symlink (archive_file opens regular files only)
-        datasets = [archive_file.dcmread(p) for p in task.paths]
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
-        return failed("unreadable")
     try:
-        volume, _ = series_volume(datasets)
+        volume = working_volume(_read_each(task.paths), task.working_spacing_mm)
+    except _UnreadableError:
+        return failed("unreadable")
     except ExcludedSeries as exc:
         return failed("pixel_data" if exc.reason == "pixel_data" else "geometry")
     except PIXEL_ERRORS:

@@ -660,9 +660,11 @@ def _score_survivors(
     seg_dir: Path | None,
     workers: int,
     scheduler: str | None,
+    spacing_mm: float,
     unknown_min_lung_ml: float = 0.0,
 ) -> list[ScoreResult]:
-    """Features of every rule survivor (pixels read from ``archive``, paths from the index).
+    """Features of every rule survivor (pixels read from ``archive``, paths from the index),
+    measured on the working grid of ``spacing_mm``.
 
     A survivor whose body region is ``unknown`` needs ``unknown_min_lung_ml`` of lung mask
     (``score_error = no_lung`` otherwise): the image decides what no header said.
@@ -685,7 +687,8 @@ def _score_survivors(
                 key[1],
                 tuple(str(archive / p) for p in paths.get(key, [])),
                 str(seg) if seg is not None and seg.is_file() else None,
-                unknown_min_lung_ml if row["body_region"] == UNKNOWN else 0.0,
+                min_lung_ml=unknown_min_lung_ml if row["body_region"] == UNKNOWN else 0.0,
+                working_spacing_mm=spacing_mm,
             )
         )
     where = "a Dask cluster" if scheduler else f"{workers} worker(s)"
@@ -726,6 +729,13 @@ def run(
             selector = read_model(Path(model))
         except ValueError as exc:
             raise InputError(str(exc)) from exc
+        fitted_on = selector[0].working_spacing_mm
+        if fitted_on != params.working_spacing_mm:
+            msg = (
+                f"{model}: selector fitted on a {fitted_on:g} mm working grid, "
+                f"select.working_spacing_mm is {params.working_spacing_mm:g}: retrain it"
+            )
+            raise InputError(msg)
     truth_table = None
     if truth is not None:
         try:  # an unreadable file is named by read_parquet below
@@ -750,6 +760,7 @@ def run(
             Path(seg_dir) if seg_dir else None,
             params.workers,
             scheduler,
+            params.working_spacing_mm,
             params.unknown_region_min_lung_ml,
         )
         measured = [r for r in results if r.features is not None]

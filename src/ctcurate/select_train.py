@@ -165,7 +165,13 @@ def train_selector(
         [features[(r.site, r.series_instance_uid)] for r in used], dtype=np.float64
     ).reshape(len(used), len(FEATURES))
     y = np.asarray([int(r.pneumonia) for r in used], dtype=np.int64)
-    return fit_selector(x, y, l2=params.l2, threshold=params.threshold)
+    return fit_selector(
+        x,
+        y,
+        l2=params.l2,
+        threshold=params.threshold,
+        working_spacing_mm=params.working_spacing_mm,
+    )
 
 
 def run_audit_list(truth: Path, out: Path, params: SelectParams) -> None:
@@ -219,6 +225,7 @@ def run(
             r.series_instance_uid,
             tuple(str(archive / p) for p in paths[(r.site, r.series_instance_uid)]),
             None,
+            params.working_spacing_mm,
         )
         for r in audit
         if (r.site, r.series_instance_uid) in paths

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+#: Slices per slab of the elementwise steps on whole volumes (bounds their temporaries).
+SLAB = 16
+
 # Tissue classes of the truth tissue map.
 AIR, FAT, SOFT, BONE, LUNG = 0, 1, 2, 3, 4
 
@@ -71,7 +74,7 @@ class Chest:
     rho: np.ndarray  # float32: normalised lung radius (0 centre → 1 pleura)
     depth: np.ndarray  # float32: 0 apex → 1 lung base (per slice, broadcast)
     posterior: np.ndarray  # float32: -1 anterior → +1 posterior within the lung
-    airway: np.ndarray  # float32 in 0..1: airway lumen fraction
+    airway: np.ndarray  # bool: voxels more than 0.3 airway lumen
     grid: Grid
     body: Body
 
@@ -104,10 +107,26 @@ def _smoothstep(v: np.ndarray) -> np.ndarray:
 def smooth_noise(
     rng: np.random.Generator, shape: tuple[int, ...], sigma: float | tuple[float, ...]
 ) -> np.ndarray:
-    """Unit-variance Gaussian random field with correlation length ``sigma`` voxels."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    """Unit-variance Gaussian random field with correlation length ``sigma`` voxels.
+
+    The normal draws are made slice by slice into float32 (the same numbers as one float64
+    draw of the whole volume, without holding it)."""
+    field = ndimage.gaussian_filter(standard_normal_f32(rng, shape), sigma)
     std = float(field.std())
-    return np.asarray(field / std if std > 0 else field, dtype=np.float32)
+    if std > 0:
+        field /= np.float32(std)
+    return np.asarray(field, dtype=np.float32)
+
+
+def standard_normal_f32(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """``rng.standard_normal(shape).astype(np.float32)``, drawn one slice at a time."""
+    out = np.empty(shape, np.float32)
+    if len(shape) < 2:
+        out[...] = rng.standard_normal(shape)
+        return out
+    for k in range(shape[0]):
+        out[k] = rng.standard_normal(shape[1:])
+    return out
 
 
 def _segments(
@@ -182,18 +201,22 @@ def _tree_fields(
         mark[iz[ok], iy[ok], ix[ok]] = 1.0
         return mark
 
-    marks = [rasterize(chunk) for chunk in points]
-    air_marks = rasterize(air_points)
+    # one volume at a time, the elementwise steps by slabs: the same numbers, less memory
     vessel = np.zeros(shape, np.float32)
     slice_mm = abs(dz)
-    for radius, mark in zip(classes, marks, strict=True):
+    for radius, chunk in zip(classes, points, strict=True):
         sigma = (max(0.6, 0.6 * radius / slice_mm), max(0.6, 0.6 * radius / grid.pixel))
-        blurred = ndimage.gaussian_filter(mark, (sigma[0], sigma[1], sigma[1]))
+        blurred = ndimage.gaussian_filter(rasterize(chunk), (sigma[0], sigma[1], sigma[1]))
         peak = min(1.0, 2.5 * radius / grid.pixel)
         scale = peak * np.sqrt(2.0 * np.pi) * sigma[1]
-        np.maximum(vessel, np.clip(blurred * scale, 0.0, 1.0), out=vessel)
-    air = ndimage.gaussian_filter(air_marks, (0.5, 0.6, 0.6)) * 2.0
-    return vessel, np.clip(air, 0.0, 0.85).astype(np.float32)
+        for k in range(0, shape[0], SLAB):
+            part = slice(k, k + SLAB)
+            np.maximum(vessel[part], np.clip(blurred[part] * scale, 0.0, 1.0), out=vessel[part])
+        del blurred
+    air = ndimage.gaussian_filter(rasterize(air_points), (0.5, 0.6, 0.6))
+    air *= 2.0
+    np.clip(air, 0.0, 0.85, out=air)
+    return vessel, air
 
 
 def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
@@ -222,6 +245,7 @@ def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
     fat = np.broadcast_to(body_mask & in_fat, shape)
     hu[fat] = HU_FAT
     tissue[fat] = FAT
+    del r_body, in_fat, fat
 
     # ribs: oblique bands just outside the cavity
     band = (r_cav > 1.0) & (r_cav < 1.0 + 9.0 / a_c)
@@ -230,6 +254,7 @@ def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
     ribs = np.broadcast_to(ribs & body_mask, shape)
     hu[ribs] = HU_RIB
     tissue[ribs] = BONE
+    del band, ribs, r_cav
 
     # spine: vertebral body, canal, posterior elements
     cy_spine = b_c * 0.93
@@ -237,9 +262,12 @@ def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
     disc = ((z / 28.0) - np.floor(z / 28.0)) < 0.2
     vert = np.broadcast_to(r_v < 17.0, shape)
     cortex = np.broadcast_to((r_v >= 14.0) & (r_v < 17.0), shape)
+    near_spine = r_v < 21.0
+    del r_v
     r_canal = np.sqrt(x**2 + (y - cy_spine - 26.0) ** 2)
     post = np.broadcast_to((r_canal < 15.0) & (r_canal >= 8.0), shape)
     canal = np.broadcast_to(r_canal < 8.0, shape)
+    del r_canal
     bone = (vert & ~np.broadcast_to(disc, shape)) | post
     hu[vert] = HU_MARROW
     hu[cortex | post] = HU_CORTEX
@@ -260,10 +288,14 @@ def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
         + ((z - heart_c[2]) / (52.0 * body.heart)) ** 2
     )
     peri = inner & (r_heart > 1.0) & (r_heart < 1.12)
+    near_heart = r_heart < 1.15
+    del r_heart
     hu[peri] = -90.0
     tissue[peri] = FAT
     r_ao = np.sqrt((x - 22.0) ** 2 + (y - (cy_spine - 30.0)) ** 2)
     aorta = inner & np.broadcast_to((r_ao < 12.0) & (t > 0.18), shape)
+    near_aorta = r_ao < 15.0
+    del r_ao
     hu[aorta] = HU_BLOOD
 
     # lungs
@@ -275,25 +307,39 @@ def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
     ay = b_c * 0.9 * np.maximum(grow, 1e-3)
     rho = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
     base = np.where(side < 0, height - 14.0, height)
-    z_dia = -base + body.dome * (1.0 - np.clip(rho, 0, 1) ** 2) - 18.0 * np.clip(y / b_c, -1, 1)
+    # above the diaphragm (a float64 surface: computed by slabs, kept as a mask)
+    above_dia = np.empty(shape, dtype=bool)
+    for k in range(0, shape[0], SLAB):
+        part = slice(k, k + SLAB)
+        z_dia = (
+            -base
+            + body.dome * (1.0 - np.clip(rho[part], 0, 1) ** 2)
+            - 18.0 * np.clip(y / b_c[part], -1, 1)
+        )
+        above_dia[part] = z[part] > z_dia
+    del z_dia
     mediastinum = (np.abs(x - 6.0) < 14.0 + 26.0 * _smoothstep((t - 0.25) / 0.3)) & (y < cy_spine)
     lung = (
         (rho < 1.0)
         & (t >= 0.0)
-        & (z > z_dia)
+        & above_dia
         & np.broadcast_to(cavity, shape)
-        & ~(r_heart < 1.15)
+        & ~near_heart
         & ~mediastinum
-        & ~np.broadcast_to(r_v < 21.0, shape)
-        & ~np.broadcast_to(r_ao < 15.0, shape)
+        & ~np.broadcast_to(near_spine, shape)
+        & ~np.broadcast_to(near_aorta, shape)
     )
-    liver = inner & (z <= z_dia) & (x < 20.0) & ~lung
+    liver = inner & ~above_dia & (x < 20.0) & ~lung
     hu[liver] = HU_LIVER
+    del liver, above_dia, near_heart, peri, aorta, mediastinum, near_spine, near_aorta
+    del vert, cortex, post, canal, bone, inner, cavity, body_mask
 
     texture = smooth_noise(rng, shape, (1.0, 1.2, 1.2))
     posterior = np.clip((y - cy) / np.maximum(ay, 1e-3), -1.0, 1.0)
     lung_hu = HU_LUNG + 22.0 * texture + 35.0 * posterior
+    del texture
     hu = np.where(lung, lung_hu, hu)
+    del lung_hu
     tissue[lung] = LUNG
 
     # trachea and vessel / airway trees from the hila
@@ -307,19 +353,24 @@ def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
     hila = [
         np.array([s * a_hilum * 0.3, 0.0, -0.42 * height], dtype=np.float64) for s in (-1.0, 1.0)
     ]
+    del r_tr, trachea, wall
     vessel, airway = _tree_fields(rng, body, grid, hila)
     vessel = np.where(lung, vessel, 0.0)
-    airway = np.where(lung, airway, 0.0).astype(np.float32)
-    hu = hu + vessel * (HU_BLOOD - hu)
-    hu = hu + airway * (-990.0 - hu)
+    airway = np.where(lung, airway, 0.0).astype(np.float32, copy=False)
+    for k in range(0, shape[0], SLAB):
+        part = slice(k, k + SLAB)
+        hu[part] = hu[part] + vessel[part] * (HU_BLOOD - hu[part])
+        hu[part] = hu[part] + airway[part] * (-990.0 - hu[part])
+    del vessel
     return Chest(
-        hu=hu.astype(np.float32),
+        hu=hu.astype(np.float32, copy=False),
         tissue=tissue,
         lung_side=np.where(lung, side, 0).astype(np.int8),
-        rho=np.where(lung, rho, 2.0).astype(np.float32),
-        depth=np.broadcast_to(t, shape).astype(np.float32),
-        posterior=np.broadcast_to(posterior, shape).astype(np.float32),
-        airway=airway,
+        rho=np.where(lung, rho, 2.0).astype(np.float32, copy=False),
+        # functions of (z) and (z, y): read-only broadcast views, not whole volumes
+        depth=np.broadcast_to(t.astype(np.float32, copy=False), shape),
+        posterior=np.broadcast_to(posterior.astype(np.float32, copy=False), shape),
+        airway=airway > 0.3,
         grid=grid,
         body=body,
     )
@@ -332,10 +383,12 @@ def reconstruct(
     blur = max(0.2, 1.0 - sharpness)
     image = ndimage.gaussian_filter(hu, (0.0, blur, blur))
     noise = ndimage.gaussian_filter(
-        rng.standard_normal(hu.shape).astype(np.float32), (0.0, 0.5 * blur, 0.5 * blur)
+        standard_normal_f32(rng, hu.shape), (0.0, 0.5 * blur, 0.5 * blur)
     )
     std = float(noise.std()) or 1.0
-    return np.asarray(image + noise * (noise_hu / std), dtype=np.float32)
+    noise *= noise_hu / std
+    image += noise
+    return np.asarray(image, dtype=np.float32)
 
 
 def thick_average(

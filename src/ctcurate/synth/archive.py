@@ -194,7 +194,8 @@ class ArchiveWriter:
         pixel = study.fov / matrix
         chest = make_chest(rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel))
         pattern = study.pattern or "negative"
-        hu, labels, _ = add_pattern(rng, chest, pattern, study.severity, study.border)
+        hu, labels, _ = add_pattern(rng, chest, pattern, study.severity, study.border, copy=False)
+        del chest  # the phantom's coordinate volumes: the painted HU and labels carry on
         offset = -round(float(rng.uniform(40.0, 220.0)), 1)
         sn_loc, sn_thin, sn_thick, sn_dose = vendor.series_numbers
 
@@ -273,7 +274,12 @@ class ArchiveWriter:
             self._copy_to_other_site(study, written, blobs)
         mid = int(np.argmax((labels > 1).sum(axis=(1, 2)))) if (labels > 1).any() else z.size // 2
         self.tiles.append(
-            Tile(f"{study.site} {study.pattern} sev {study.severity:.2f}", image[mid], labels[mid])
+            # copies: a view of one slice would keep the whole volume alive
+            Tile(
+                f"{study.site} {study.pattern} sev {study.severity:.2f}",
+                image[mid].copy(),
+                labels[mid].copy(),
+            )
         )
 
         if study.thick:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctcurate.synth.anatomy import LUNG, SOFT, Chest, smooth_noise
+from ctcurate.synth.anatomy import LUNG, SLAB, SOFT, Chest, smooth_noise
 
 BACKGROUND, NORMAL, GGO, CONSOLIDATION = 0, 1, 2, 3
 PATTERNS = ("typical", "indeterminate", "atypical", "negative")
@@ -58,9 +58,13 @@ def _blob(
 ) -> np.ndarray:
     """Irregular ellipsoid mask (edge perturbed by the smooth field ``rough``)."""
     z, y, x = _coords(chest)
-    d = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
-    d = d + ((x - centre[2]) / radii[2]) ** 2
-    return np.asarray((d + 0.35 * rough) < 1.0)
+    out = np.empty(rough.shape, dtype=bool)
+    for k in range(0, rough.shape[0], SLAB):  # by slabs: the same numbers, less memory
+        part = slice(k, k + SLAB)
+        d = ((z[part] - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+        d = d + ((x - centre[2]) / radii[2]) ** 2
+        out[part] = (d + 0.35 * rough[part]) < 1.0
+    return out
 
 
 def _paint(
@@ -89,8 +93,10 @@ def add_pattern(
     pattern: str,
     severity: float,
     border_consolidation: bool,
+    copy: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Paint ``pattern`` at ``severity`` (0–1) into a copy of the chest.
+    """Paint ``pattern`` at ``severity`` (0–1) into a copy of the chest (with ``copy`` False,
+    into the chest's own HU and tissue arrays: for a caller that drops the chest).
 
     Returns
     -------
@@ -104,8 +110,8 @@ def add_pattern(
     if not 0.0 <= severity <= 1.0:
         msg = f"severity must be within 0..1, got {severity}"
         raise ValueError(msg)
-    hu = chest.hu.copy()
-    tissue = chest.tissue.copy()
+    hu = chest.hu.copy() if copy else chest.hu
+    tissue = chest.tissue.copy() if copy else chest.tissue
     lung = tissue == LUNG
     labels = np.where(lung, NORMAL, BACKGROUND).astype(np.uint8)
     if pattern == "negative":
@@ -156,7 +162,7 @@ def add_pattern(
             centre = (float(g.z[kz]), float(g.y[jy]), float(g.x[ix]))
             region = _blob(chest, centre, _radii(rng, 22.0 * grow), rough) & lung
             _paint(hu, labels, region, CONSOLIDATION, HU_CONSOLIDATION)
-    air = (labels == CONSOLIDATION) & (chest.airway > 0.3)
+    air = (labels == CONSOLIDATION) & chest.airway
     hu[air] = -900.0  # air bronchograms
     return hu, labels, tissue
 
