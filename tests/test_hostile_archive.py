@@ -252,3 +252,13 @@ def test_duplicate_check_never_opens_a_fifo(tmp_path: Path) -> None:
     with no_hang():
         assert index.sha256_or_none(tmp_path, "H01/b.dcm") is None
     assert index.sha256_or_none(tmp_path, "H01/a.dcm") is not None
+
+
+def test_a_fifo_named_like_a_seg_is_a_reason_not_a_hang(tmp_path: Path) -> None:
+    from ctcurate.io.seg import SegError, read_seg_labels
+
+    fifo = tmp_path / "1.2.3.dcm"
+    os.mkfifo(fifo)
+    with pytest.raises(SegError, match=r"1\.2\.3\.dcm: not a readable DICOM SEG") as caught:
+        read_seg_labels(fifo, ["1.2.3.1"])
+    assert caught.value.reason == "seg_unreadable"

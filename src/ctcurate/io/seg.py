@@ -31,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ctcurate.errors import InputError
 from ctcurate.io.atomic import atomic_path
+from ctcurate.io.paths import open_regular
 from ctcurate.log import get_logger
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -498,8 +499,9 @@ def read_seg_labels(
     if positions is not None and len(positions) != len(uids):
         msg = f"read_seg_labels: {len(positions)} positions for {len(uids)} instances"
         raise ValueError(msg)
-    try:
-        ds = pydicom.dcmread(path)
+    try:  # a regular file only: never a FIFO, device or symbolic link in annotations/
+        with open_regular(path) as fh:
+            ds = pydicom.dcmread(fh)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         msg = f"{path}: not a readable DICOM SEG ({exc.__class__.__name__})"
         raise SegError(msg) from exc
