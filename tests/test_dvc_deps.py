@@ -14,65 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ctcurate.provenance import imported_modules, source_files
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = SRC / "ctcurate"
 STAGES: dict[str, dict[str, object]] = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def module_file(name: str) -> Path | None:
-    """The source file of the ``ctcurate`` module ``name``; ``None`` outside the package."""
-    if name != "ctcurate" and not name.startswith("ctcurate."):
-        return None
-    base = SRC.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(node: ast.AST, current: str) -> set[str]:
-    """Names of the modules imported anywhere under ``node`` of the module ``current``."""
-    found: set[str] = set()
-    is_package = (module_file(current) or Path()).name == "__init__.py"
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Import):
-            found.update(alias.name for alias in sub.names)
-        elif isinstance(sub, ast.ImportFrom):
-            if sub.level:
-                parts = current.split(".")
-                base = parts if is_package else parts[:-1]
-                base = base[: len(base) - (sub.level - 1)]
-                module = ".".join([*base, *([sub.module] if sub.module else [])])
-            else:
-                module = sub.module or ""
-            found.add(module)
-            # ``from ctcurate import select`` imports the module ctcurate.select
-            found.update(f"{module}.{alias.name}" for alias in sub.names)
-    return {m for m in found if module_file(m) is not None}
-
-
-def with_parents(name: str) -> set[str]:
-    """``name`` and every package above it (importing a.b.c runs a/__init__ and a/b/__init__)."""
-    parts = name.split(".")
-    return {".".join(parts[: i + 1]) for i in range(len(parts))}
-
-
-def closure(start: set[str]) -> set[Path]:
-    """Every source file reached from the modules ``start``."""
-    todo = set().union(*(with_parents(m) for m in start))
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = module_file(name)
-        assert path is not None
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for module in imported_modules(tree, name):
-            todo |= with_parents(module) - seen
-    return {p for m in seen if (p := module_file(m)) is not None}
 
 
 def command_function(name: str) -> ast.FunctionDef:
@@ -100,7 +47,7 @@ def command_files(subcommand: str) -> set[Path]:
     start |= imported_modules(command_function(subcommand), "ctcurate.cli")
     # cli.py itself, but only what this subcommand's function imports from it
     start.discard("ctcurate.cli")
-    return closure(start) | {PACKAGE / "cli.py"}
+    return set(source_files(start)) | {PACKAGE / "cli.py"}
 
 
 def declared(stage: dict[str, object]) -> list[Path]:

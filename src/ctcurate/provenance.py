@@ -33,7 +33,8 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _imports(tree: ast.AST, current: str, is_package: bool) -> set[str]:
+def imported_modules(tree: ast.AST, current: str, is_package: bool = False) -> set[str]:
+    """The ``ctcurate`` modules imported anywhere under ``tree`` (of the module ``current``)."""
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -65,7 +66,7 @@ def source_files(modules: Iterable[str]) -> list[Path]:
             continue
         seen.add(name)
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        for module in _imports(tree, name, path.name == "__init__.py"):
+        for module in imported_modules(tree, name, path.name == "__init__.py"):
             parts = module.split(".")
             todo |= {".".join(parts[: i + 1]) for i in range(len(parts))} - seen
     return sorted(p for m in seen if (p := _module_file(m)) is not None)

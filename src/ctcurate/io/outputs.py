@@ -99,14 +99,14 @@ def _lock_holder(path: Path) -> str:
     return f"pid {pid} holds the " if pid.isdigit() else ""
 
 
-def _overlaps(out: Path, inputs: Iterable[Path]) -> Path | None:
-    """The first input that ``out`` equals, holds or lies inside; ``None`` if none."""
+def _refuse_overlap(out: Path, inputs: Iterable[Path]) -> None:
+    """Raise :class:`OutputError` when ``out`` equals, holds or lies inside an input."""
     target = out.resolve()
     for given in inputs:
         source = Path(given).resolve()
         if target == source or target in source.parents or source in target.parents:
-            return Path(given)
-    return None
+            msg = f"{out}: refusing to write an output over or inside the input {given}"
+            raise OutputError(msg)
 
 
 def _is_root(folder: Path) -> bool:
@@ -131,10 +131,7 @@ def check_output_dir(
         Naming ``out`` and why it is refused.
     """
     out = Path(out)
-    clash = _overlaps(out, inputs)
-    if clash is not None:
-        msg = f"{out}: refusing to write an output over or inside the input {clash}"
-        raise OutputError(msg)
+    _refuse_overlap(out, inputs)
     if not out.exists() and not out.is_symlink():
         return
     if out.is_symlink() or not out.is_dir():
@@ -175,10 +172,7 @@ def check_output_file(out: Path, inputs: Iterable[Path] = ()) -> None:
         Naming ``out`` and why it is refused.
     """
     out = Path(out)
-    clash = _overlaps(out, inputs)
-    if clash is not None:
-        msg = f"{out}: refusing to write an output over or inside the input {clash}"
-        raise OutputError(msg)
+    _refuse_overlap(out, inputs)
     if out.is_dir() or (out.exists() and not out.is_file()):
         msg = f"{out}: refusing to replace something that is not a file"
         raise OutputError(msg)
