@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -16,9 +17,11 @@ from pydicom.dataset import Dataset
 from test_pneumonia import chest, ct_slices
 
 from ctcurate.errors import InputError, OutputError
+from ctcurate.io.seg import read_seg_labels
 from ctcurate.lung_mask import lung_labels, run
 from ctcurate.lungmask import dice
 from ctcurate.params import SelectParams
+from ctcurate.workgrid import working_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXEL_MM = 1.25  # finer than the 2 mm working grid: the mask is brought back up
@@ -89,10 +92,15 @@ def test_mask_comes_back_onto_each_instance_in_any_orientation(
 
 def test_lung_mask_seg_reads_back_one_segment_per_instance(tmp_path: Path) -> None:
     datasets, lung, body = fine_series(ggo_slice=2)
+    for ds in datasets:
+        ds.PatientName = "PSN_NAME"  # one component: highdicom warns, quoting it
     series = write_folder(datasets, tmp_path / "series")
     out = tmp_path / "lung.dcm"
-    volume_ml = run(series, out, PARAMS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volume_ml = run(series, out, PARAMS)
     assert volume_ml > 0.0
+    assert not [w for w in caught if "PSN_NAME" in str(w.message)]  # no header value leaks
 
     seg = hd.seg.segread(out)
     assert seg.SegmentationType == "BINARY"
@@ -118,6 +126,18 @@ def test_lung_mask_seg_reads_back_one_segment_per_instance(tmp_path: Path) -> No
     assert score is not None
     assert score >= 0.9
     assert not (mask & ~body).any()
+    # the project's own reader finds the same lung (label 1, by the Lung code)
+    assert np.array_equal(read_seg_labels(out, uids), mask.astype(np.uint8))
+
+
+def test_a_grid_the_working_grid_kept_maps_back_unchanged() -> None:
+    hu, _ = chest(nz=6, n=40)  # 4 mm pixels and slices: coarser than 2 mm, kept as they are
+    volume = working_volume(iter(ct_slices(hu, SERIES_UID)), PARAMS.working_spacing_mm)
+    assert volume.hu.shape == hu.shape
+    mask = np.random.default_rng(7).random(hu.shape) < 0.3
+    assert np.array_equal(volume.mask_onto_source(mask), volume.unorient(mask))
+    with pytest.raises(ValueError, match="does not match the working grid"):
+        volume.mask_onto_source(mask[1:])
 
 
 def test_lung_mask_is_byte_identical_on_rerun(tmp_path: Path) -> None:

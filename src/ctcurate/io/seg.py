@@ -16,6 +16,7 @@ UID and every date from the source study, never from the clock.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,22 +206,25 @@ def write_seg(
         for number, (category, prop_type) in sorted(_segment_codes().items())
         if number in segments
     ]
-    seg = hd.seg.Segmentation(
-        source_images=list(source),
-        pixel_array=labels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=seg_series_uid,
-        series_number=_SEG_SERIES_NUMBER,
-        sop_instance_uid=seg_sop_uid,
-        instance_number=1,
-        manufacturer=_MANUFACTURER,
-        manufacturer_model_name=algorithm.name,
-        software_versions=_SOFTWARE,
-        device_serial_number=_SERIAL,
-        omit_empty_frames=bool(labels.any()),
-        series_description=algorithm.series_description,
-    )
+    # highdicom's warnings quote header values (a patient name it finds odd): never log them
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
+        seg = hd.seg.Segmentation(
+            source_images=list(source),
+            pixel_array=labels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=seg_series_uid,
+            series_number=_SEG_SERIES_NUMBER,
+            sop_instance_uid=seg_sop_uid,
+            instance_number=1,
+            manufacturer=_MANUFACTURER,
+            manufacturer_model_name=algorithm.name,
+            software_versions=_SOFTWARE,
+            device_serial_number=_SERIAL,
+            omit_empty_frames=bool(labels.any()),
+            series_description=algorithm.series_description,
+        )
     _pin_clock_and_uids(seg, seg_series_uid, date)
     with atomic_path(Path(path)) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
