@@ -537,6 +537,20 @@ def predict(
     )
 
 
+@app.command("lung-mask")
+def lung_mask(
+    series: Annotated[
+        Path, typer.Option("--series", help="Folder of one DICOM CT series.", file_okay=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="DICOM SEG file to write.", dir_okay=False)],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Write the pneumonia selector's lung mask of one CT series as a DICOM SEG."""
+    from ctcurate import lung_mask as tool
+
+    tool.run(series, out, _section_or_default(params, "select", SelectParams))
+
+
 def main() -> None:
     """Console entry point: user errors become one line and a non-zero exit."""
     try:

@@ -129,6 +129,7 @@ class WorkingVolume:
     transposed: bool
     flip_z: bool
     flip_y: bool
+    source_spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (slice, row, column)
 
     def orient(self, volume: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """Turn a (slice order, rows, columns) array to this volume's axes."""
@@ -149,6 +150,75 @@ class WorkingVolume:
             raise ValueError(msg)
         z, r, c = self.nearest
         return self.orient(lab[z][:, r][:, :, c])
+
+    def unorient(self, volume: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """The inverse of :meth:`orient`: a working-grid array in (slice order, rows, columns)."""
+        out = np.asarray(volume)
+        if self.flip_y:
+            out = out[:, ::-1]
+        if self.flip_z:
+            out = out[::-1]
+        if self.transposed:
+            out = out.transpose(0, 2, 1)
+        return np.ascontiguousarray(out)
+
+    def mask_onto_source(self, mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """A boolean mask of the working grid on the source (slice order, rows, columns).
+
+        Trilinear interpolation of the mask as 0/1 at every source voxel centre (the inverse
+        of the working grid's sample positions, edges clamped), then ``>= 0.5``: the mask's
+        half-way surface, smooth at the source's finer pixels where nearest neighbour would
+        draw working-voxel steps, and about the same volume. Slice by slice: one source
+        slice in floating point at a time.
+        """
+        work = self.unorient(np.asarray(mask, dtype=bool))
+        if np.asarray(mask).shape != self.hu.shape:
+            msg = f"mask {np.asarray(mask).shape} does not match the working grid {self.hu.shape}"
+            raise ValueError(msg)
+        steps = self.spacing_mm
+        if self.transposed:
+            steps = (steps[0], steps[2], steps[1])
+        (z_low, z_frac), (r_low, r_frac), (c_low, c_frac) = (
+            _upsampling(n_in, step_in, step_out, n_out)
+            for n_in, step_in, step_out, n_out in zip(
+                self.source_shape, self.source_spacing_mm, steps, work.shape, strict=True
+            )
+        )
+        rows = _operator(r_low, r_frac, work.shape[1])
+        cols = _operator(c_low, c_frac, work.shape[2])
+        out = np.zeros(self.source_shape, dtype=bool)
+        top = work.shape[0] - 1
+        for k in range(self.source_shape[0]):
+            lo = int(z_low[k])
+            plane = (1.0 - z_frac[k]) * work[lo] + z_frac[k] * work[min(lo + 1, top)]
+            if not plane.any():
+                continue
+            inplane = cols @ np.asarray(rows @ plane.astype(np.float32)).T
+            out[k] = np.asarray(inplane).T >= 0.5
+        return out
+
+
+def _upsampling(
+    n_in: int, step_in: float, step_out: float, n_out: int
+) -> tuple[I64, npt.NDArray[np.float64]]:
+    """Where each of ``n_in`` source samples falls between the ``n_out`` samples that
+    :func:`resampling` made of them: (lower output index, fraction toward the next)."""
+    ratio = step_out / step_in
+    centres = (np.arange(n_in, dtype=np.float64) - (n_in - 1) / 2.0) / ratio + (n_out - 1) / 2.0
+    centres = np.clip(centres, 0.0, n_out - 1.0)
+    low = np.minimum(np.floor(centres).astype(np.int64), max(n_out - 2, 0))
+    return low, np.clip(centres - low, 0.0, 1.0)
+
+
+def _operator(low: I64, frac: npt.NDArray[np.float64], n_out: int) -> Any:
+    """Linear interpolation weights (n_in, n_out) as a sparse matrix."""
+    from scipy import sparse
+
+    n_in = len(low)
+    rows = np.concatenate([np.arange(n_in), np.arange(n_in)])
+    cols = np.concatenate([low, np.minimum(low + 1, n_out - 1)])
+    weights = np.concatenate([1.0 - frac, frac]).astype(np.float32)
+    return sparse.csr_array((weights, (rows, cols)), shape=(n_in, n_out), dtype=np.float32)
 
 
 def _hu_float32(ds: Any) -> F32:
@@ -175,7 +245,7 @@ def working_volume(datasets: Iterable[Any], spacing_mm: float) -> WorkingVolume:
         raise ValueError(msg)
     headers: list[Any] = []
     planes: list[F32] = []
-    sy = sx = spacing_mm
+    sy = sx = row_mm = col_mm = spacing_mm
     by_row: Resampling | None = None
     by_col: Resampling | None = None
     on_rows: Any = None
@@ -226,5 +296,6 @@ def working_volume(datasets: Iterable[Any], spacing_mm: float) -> WorkingVolume:
         transposed=transposed,
         flip_z=bool(normal[2] < 0),
         flip_y=bool(y_dir[1] < 0),
+        source_spacing_mm=(dz, row_mm, col_mm),
     )
     return replace(volume, hu=volume.orient(resampled))

@@ -16,7 +16,8 @@ UID and every date from the source study, never from the clock.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 LABELS: dict[int, str] = {1: "normal lung", 2: "ground-glass opacity", 3: "consolidation"}
 """Segment number → label; the segment number is the label value in a label volume."""
+LUNG_SEGMENTS: dict[int, str] = {1: "lung"}
+"""The one segment of a lung mask (label value 1, coded like segment 1: SNOMED CT Lung)."""
 
 _log = get_logger("seg")
 
@@ -92,7 +95,9 @@ def _segment_codes() -> dict[int, tuple[Code, Code]]:
     }
 
 
-def _check_inputs(source: Sequence[pydicom.Dataset], labels: np.ndarray) -> None:
+def _check_inputs(
+    source: Sequence[pydicom.Dataset], labels: np.ndarray, largest: int = max(LABELS)
+) -> None:
     if len(source) == 0:
         msg = "write_seg: source must hold at least one CT instance"
         raise ValueError(msg)
@@ -108,8 +113,8 @@ def _check_inputs(source: Sequence[pydicom.Dataset], labels: np.ndarray) -> None
     if labels.shape[1:] != (rows, cols):
         msg = f"write_seg: labels frames are {labels.shape[1:]} but source is {(rows, cols)}"
         raise ValueError(msg)
-    if labels.size and int(labels.max()) > max(LABELS):
-        msg = f"write_seg: label value {int(labels.max())} outside 0..{max(LABELS)}"
+    if labels.size and int(labels.max()) > largest:
+        msg = f"write_seg: label value {int(labels.max())} outside 0..{largest}"
         raise ValueError(msg)
 
 
@@ -143,6 +148,7 @@ def write_seg(
     labels: np.ndarray,
     *,
     algorithm: SegAlgorithm = TRUTH,
+    segments: Mapping[int, str] = LABELS,
 ) -> None:
     """Write a label volume as a BINARY DICOM SEG derived from ``source``.
 
@@ -157,17 +163,20 @@ def write_seg(
         2 ground-glass opacity, 3 consolidation.
     algorithm
         The segments' algorithm identification (default: the synthetic truth, manual).
+    segments
+        Segment number → segment label of the segments to write (default :data:`LABELS`;
+        :data:`LUNG_SEGMENTS` for a lung mask); each keeps its number's coded property.
 
     Raises
     ------
     ValueError
         When ``labels`` does not match ``source`` in slice count or frame size, or holds
-        a value outside 0..3.
+        a value that is no segment of ``segments`` (outside 0..3 by default).
     """
     import highdicom as hd
 
     labels = np.asarray(labels)
-    _check_inputs(source, labels)
+    _check_inputs(source, labels, max(segments))
     labels = labels.astype(np.uint8, copy=False)
     first = source[0]
     ct_series_uid = str(first.SeriesInstanceUID)
@@ -187,32 +196,36 @@ def write_seg(
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=LABELS[number],
+            segment_label=segments[number],
             segmented_property_category=category,
             segmented_property_type=prop_type,
             algorithm_type=algorithm_type,
             algorithm_identification=identification,
             tracking_uid=_uid("tracking", ct_series_uid, salt, str(number)),
-            tracking_id=LABELS[number],
+            tracking_id=segments[number],
         )
         for number, (category, prop_type) in sorted(_segment_codes().items())
+        if number in segments
     ]
-    seg = hd.seg.Segmentation(
-        source_images=list(source),
-        pixel_array=labels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=seg_series_uid,
-        series_number=_SEG_SERIES_NUMBER,
-        sop_instance_uid=seg_sop_uid,
-        instance_number=1,
-        manufacturer=_MANUFACTURER,
-        manufacturer_model_name=algorithm.name,
-        software_versions=_SOFTWARE,
-        device_serial_number=_SERIAL,
-        omit_empty_frames=bool(labels.any()),
-        series_description=algorithm.series_description,
-    )
+    # highdicom's warnings quote header values (a patient name it finds odd): never log them
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
+        seg = hd.seg.Segmentation(
+            source_images=list(source),
+            pixel_array=labels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=seg_series_uid,
+            series_number=_SEG_SERIES_NUMBER,
+            sop_instance_uid=seg_sop_uid,
+            instance_number=1,
+            manufacturer=_MANUFACTURER,
+            manufacturer_model_name=algorithm.name,
+            software_versions=_SOFTWARE,
+            device_serial_number=_SERIAL,
+            omit_empty_frames=bool(labels.any()),
+            series_description=algorithm.series_description,
+        )
     _pin_clock_and_uids(seg, seg_series_uid, date)
     with atomic_path(Path(path)) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
