@@ -19,7 +19,12 @@ under the default PHI policy, and under a policy that retains the identifying at
 the three public test corpora (their names are fictional, but real-looking: the default
 policy rightly quarantines them), which measures the reader alone.
 
-    .venv/bin/python benchmarks/realdata_index.py [--realct ../shared/realct]
+    .venv/bin/python benchmarks/realdata_index.py [--realct ../shared/realct] \
+        [--extra NAME=DIR ...]
+
+``--extra NAME=DIR`` (repeatable) adds any folder as a corpus laid out like the test
+corpora (``NAME-<n>/<file name>``, one file a site) whose identities the second policy
+retains too: a public test corpus fetched for development, for example.
 
 Prints a Markdown table (and saves it to ``benchmarks/out/realdata_index.md``).
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -52,10 +58,27 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 TEST_CORPORA = ("pydicom", "pydicom-data", "deid-data")
 
 
-def retain_policy(sites: list[str]) -> dict[str, Any]:
+def retain_policy(sites: list[str], extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """A PHI policy retaining every identifying attribute of the test corpora's sites."""
     retain = {"actions": dict.fromkeys(phi.ELEMENTS, "retain")}
-    return {"sites": {s: retain for s in sites if corpus_of(s) in TEST_CORPORA}}
+    public = {*TEST_CORPORA, *extra}
+    return {"sites": {s: retain for s in sites if corpus_of(s) in public}}
+
+
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def extra_corpus(text: str) -> tuple[str, Path]:
+    """``NAME=DIR`` -> (name, folder); a name must not end in ``-<digits>`` (a site suffix)."""
+    name, sep, folder = text.partition("=")
+    reserved = {"tcia", *TEST_CORPORA}
+    if not sep or not NAME.fullmatch(name) or corpus_of(name) != name or name in reserved:
+        msg = f"--extra {text!r}: expected NAME=DIR with a new NAME not ending in -<digits>"
+        raise argparse.ArgumentTypeError(msg)
+    if not Path(folder).is_dir():
+        msg = f"--extra {text!r}: {folder} is not a folder"
+        raise argparse.ArgumentTypeError(msg)
+    return name, Path(folder)
 
 
 def corpus_of(site: str) -> str:
@@ -208,15 +231,20 @@ def main() -> None:
     """Measure every corpus found under both policies and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--realct", type=Path, default=ROOT.parent / "shared" / "realct")
+    parser.add_argument("--extra", type=extra_corpus, action="append", default=[])
     args = parser.parse_args()
     sources = corpora(args.realct)
+    extra = dict(args.extra)
+    if len(extra) != len(args.extra):
+        parser.error("--extra: a NAME given twice")
+    sources.update(extra)
     lines = [] if "tcia" in sources else [f"(no TCIA corpus: {args.realct} is not a folder)"]
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"
         sites = farm(archive, sources)
         for title, policy in (
             ("default PHI policy", None),
-            ("test corpora's identities retained", retain_policy(sites)),
+            ("test corpora's identities retained", retain_policy(sites, tuple(extra))),
         ):
             figures = measure(archive, Path(tmp) / title.replace(" ", "_"), policy)
             lines += [f"\n{title}:\n", HEADER, *(f.row() for f in figures)]
