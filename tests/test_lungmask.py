@@ -103,3 +103,30 @@ def test_fast_opening_and_hole_filling_match_scipy() -> None:
         filled = np.stack([ndimage.binary_fill_holes(s) for s in holes])
         assert np.array_equal(_fill_slices(holes), filled)
     assert not opening(np.zeros((3, 4, 4), bool), np.ones((3, 3, 3), bool)).any()
+
+
+@pytest.mark.parametrize("pixel_mm", [2.0, 4.0])
+def test_muscle_outside_the_ribs_stays_out_of_the_robust_mask(pixel_mm: float) -> None:
+    """A 40 mm wall of muscle (+40 HU) outside a rib cage with gaps, scapulae beyond it."""
+    n = round(340.0 / pixel_mm)
+    c = (n - 1) / 2.0
+    y, x = (np.mgrid[0:n, 0:n].astype(np.float64) - c) * pixel_mm
+    body = (x / 150.0) ** 2 + (y / 120.0) ** 2 <= 1.0
+    cavity = (x / 100.0) ** 2 + (y / 72.0) ** 2 <= 1.0
+    ring = ((x / 109.0) ** 2 + (y / 81.0) ** 2 <= 1.0) & ~cavity
+    ribs = ring & (np.cos(8.0 * np.arctan2(y, x)) > 0.0)  # a slice cuts ribs with gaps
+    scapulae = ((np.abs(x) - 75.0) / 32.0) ** 2 + ((y - 100.0) / 5.0) ** 2 <= 1.0
+    spine = x**2 + (y - 60.0) ** 2 <= 18.0**2
+    lung2d = cavity & (np.abs(x) > 20.0) & ~(x**2 + (y - 60.0) ** 2 <= 24.0**2)
+    hu2d = np.full((n, n), -1000.0)
+    hu2d[body] = 40.0
+    hu2d[ribs | spine | scapulae] = 650.0
+    hu2d[lung2d] = -850.0
+    noise = np.random.default_rng(1).normal(0.0, 15.0, (12, n, n))
+    hu = (np.repeat(hu2d[None], 12, axis=0) + noise).astype(np.float32)
+    _, robust = lung_masks(hu, (SLICE_MM, pixel_mm, pixel_mm))
+    outside = np.repeat((body & ~cavity & ~ring)[None], 12, axis=0)
+    assert robust[outside].sum() == 0
+    d_rob = dice(robust, np.repeat(lung2d[None], 12, axis=0))
+    assert d_rob is not None
+    assert d_rob > 0.97

@@ -11,11 +11,14 @@ thicknesses get the same anatomy. Two masks:
 
   1. *bays*: the convex hull of the lung's aerated pixels, except medial of the innermost
      aerated pixel of each row (the heart, the great vessels and the spine bulge into the
-     lung from the middle; consolidation fills it from the chest wall);
+     lung from the middle; consolidation fills it from the chest wall) and farther than
+     :data:`BAY_REACH_MM` from the aerated pixels (the diaphragm's dome under a basal
+     crescent of lung);
   2. *chest wall*: dense soft tissue between the lung and the chest wall. The chest wall
      is the bony cage — the convex hull of the bone (ribs, spine) within
-     :data:`CAGE_WINDOW_MM` above and below the slice, pulled in by
-     :data:`CAGE_WALL_MM` (the ribs' own thickness). Inside it, non-bone tissue denser
+     :data:`CAGE_RIB_MM` of the aerated lung (not the scapulae or arms outside the
+     chest-wall muscles) and within :data:`CAGE_WINDOW_MM` above and below the slice,
+     pulled in by :data:`CAGE_WALL_MM` (the ribs' own thickness). Inside it, non-bone tissue denser
      than air that touches the lung, lies lateral of the lung's medial limit and within
      :data:`WALL_REACH_MM` of the aerated lung's rows becomes lung: consolidation against
      the pleura that the hull of the aerated lung cannot reach.
@@ -47,6 +50,9 @@ DENSE_HU_MAX = 150.0
 #: Bone within this distance (mm) above and below a slice makes its cage (ribs run obliquely,
 #: so one slice cuts only a few of them).
 CAGE_WINDOW_MM = 15.0
+#: Only bone within this distance (mm) of the aerated lung builds the cage: ribs and
+#: vertebrae lie against the pleura, the scapulae and arms outside the chest-wall muscles.
+CAGE_RIB_MM = 15.0
 #: The cage's hull is pulled in by this much (mm): the ribs' thickness.
 CAGE_WALL_MM = 6.0
 #: A chest-wall fill is at most this fraction of the lung's aerated pixels in the slice (a
@@ -62,6 +68,10 @@ WALL_MIN_AREA_FRACTION = 0.3
 WALL_MAX_CONTACT = 0.4
 #: Rows without aerated lung get chest-wall fill only this close (mm) to rows with some.
 WALL_REACH_MM = 20.0
+#: A bay is closed only this close (mm) to the lung's aerated pixels: at the bases the hull
+#: of the lung's crescent round the diaphragm would span the liver, spleen or stomach;
+#: consolidation deeper than this against the chest wall is the chest-wall fill's.
+BAY_REACH_MM = 15.0
 #: Pixel centres this close to a hull edge (pixels) count as inside.
 _EDGE_TOL = 1e-6
 
@@ -321,8 +331,11 @@ def _lung_masks_in_box(
     if not base.any():
         return base, out
     bone = (img >= BONE_HU_MIN) & body
+    # the cage is the ribs and spine against the pleura: bone within CAGE_RIB_MM of the
+    # aerated lung (the scapulae, arms and spinous processes lie farther out, behind muscle)
+    near = ndimage.distance_transform_edt(~base, sampling=(dz, dy, dx)) <= CAGE_RIB_MM
     cage_bone = ndimage.maximum_filter1d(
-        bone, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
+        bone & near, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
     )
     dense = (img >= hu_max) & (img < DENSE_HU_MAX) & ~bone & body
     reach_px = _mm_to_px(WALL_REACH_MM, dy)
@@ -363,6 +376,7 @@ def _lung_masks_in_box(
             dist = distance[:, cs]
             innermost = _innermost(lung, dist)
             closed = _close_lung_slice(lung, dist, innermost) & body[k, :, cs]
+            closed &= ndimage.distance_transform_edt(~lung, sampling=(dy, dx)) <= BAY_REACH_MM
             if n_lung < min_area:  # a lung tip: no chest-wall fill
                 out[k, :, cs] |= closed
                 continue
