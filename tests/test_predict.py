@@ -155,6 +155,19 @@ def _write_params(path: Path) -> Path:
     return path
 
 
+def _predict_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ctcurate predict ARGS --params`` (the params of :func:`_write_params`) run in ``cwd``."""
+    params = _write_params(cwd / "params.yaml")
+    return subprocess.run(
+        [sys.executable, "-m", "ctcurate", "predict", *args, "--params", str(params)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        cwd=cwd,
+    )
+
+
 def _hashes(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -390,19 +403,9 @@ def test_a_broken_series_is_one_error_naming_why(
 
 def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path: Path) -> None:
     folder = _broken_copy(world, tmp_path, "not_ct")
-    params = _write_params(tmp_path / "params.yaml")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "ctcurate", "predict", "--series", str(folder)),
-            *("--models", str(world.models), "--out", str(tmp_path / "out")),
-            *("--params", str(params)),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        cwd=tmp_path,
+    proc = _predict_cli(
+        tmp_path,
+        *("--series", str(folder), "--models", str(world.models), "--out", str(tmp_path / "out")),
     )
     assert proc.returncode == InputError.exit_code, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -487,20 +490,11 @@ def test_cli_batch_on_a_local_pool_logs_progress(world: World, tmp_path: Path) -
     bytes of an in-process single-series run."""
     rows = [{"site": SITE, "series_instance_uid": uid, "selected": True} for uid in world.uids[:2]]
     write_parquet(tmp_path / "series.parquet", pa.Table.from_pylist(rows))
-    params = _write_params(tmp_path / "params.yaml")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "ctcurate", "predict", "--selected", "series.parquet"),
-            *("--index", str(world.index), "--archive", str(world.archive)),
-            *("--models", str(world.models), "--out", "out", "--workers", "2"),
-            *("--params", str(params)),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        cwd=tmp_path,
+    proc = _predict_cli(
+        tmp_path,
+        *("--selected", "series.parquet", "--index", str(world.index)),
+        *("--archive", str(world.archive), "--models", str(world.models)),
+        *("--out", "out", "--workers", "2"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "ctcurate.predict: predict: done, 2 series" in proc.stderr
