@@ -209,6 +209,29 @@ def test_compressed_and_deflated_files_are_indexed(tmp_path: Path) -> None:
     }
 
 
+def test_file_with_meta_but_no_modality_is_indexed_and_flagged(tmp_path: Path) -> None:
+    """Modality is optional with file meta (indexed, flagged); without meta it is evidence."""
+    archive = tmp_path / "archive"
+    with_meta = ct_slice(0, series="1.2.3.30")
+    del with_meta.Modality
+    save(with_meta, archive / "H01" / "sc.dcm")
+    bare = ct_slice(0, series="1.2.3.31")
+    del bare.Modality
+    bare.file_meta = FileMetaDataset()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, bare, implicit_vr=True, little_endian=True)
+    (archive / "H01" / "bare").write_bytes(buf.getvalue())
+    report = run_index(archive, tmp_path / "out")
+    assert report["files_indexed"] == 1
+    (row,) = table(tmp_path / "out", "instances")
+    assert row["path"] == "H01/sc.dcm"
+    assert row["modality"] is None
+    assert "no_modality" in row["flags"]
+    (refused,) = table(tmp_path / "out", "quarantine")
+    assert (refused["path"], refused["reason"]) == ("H01/bare", "not_dicom")
+    assert "Modality" in refused["detail"]
+
+
 # --- every file accounted for ----------------------------------------------------------------
 
 

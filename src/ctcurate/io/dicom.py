@@ -69,6 +69,8 @@ Status = Literal["indexed", "quarantined", "skipped"]
 PHI_KEYWORDS: tuple[str, ...] = phi.ELEMENTS
 #: Attributes a file without preamble / file meta must carry to be accepted as DICOM.
 CORE_KEYWORDS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID", "Modality")
+#: What a file with DICOM file meta must carry to be indexed (Modality may be missing).
+TRUSTED_CORE_KEYWORDS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID")
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NATIVE_SYNTAXES = frozenset(
@@ -593,8 +595,15 @@ def sop_class(ds: Header) -> str | None:
 
 
 def check_core(ds: Header, *, trusted: bool) -> None:
-    """Reject a header without valid core attributes (``not_dicom`` when untrusted)."""
-    problems = [kw for kw in CORE_KEYWORDS if _core_value(ds, kw) is None]
+    """Reject a header without valid core attributes (``not_dicom`` when untrusted).
+
+    A file with DICOM file meta needs only its two UIDs: one without Modality (Type 1, but
+    left out by some converters of secondary captures) is indexed with ``modality`` null
+    and the flag ``no_modality``, which ``select`` rejects ``not_ct``. Without file meta,
+    Modality is part of the evidence that the bytes are DICOM at all.
+    """
+    keywords = CORE_KEYWORDS if not trusted else TRUSTED_CORE_KEYWORDS
+    problems = [kw for kw in keywords if _core_value(ds, kw) is None]
     if problems:
         if trusted:
             raise Reject(
@@ -926,6 +935,9 @@ def instance_record(
     frames = _int(ds, "NumberOfFrames")
     if frames is not None and frames > 1:
         flags.append("multiframe")
+    modality = _core_value(ds, "Modality")
+    if modality is None:
+        flags.append("no_modality")
     return {
         "path": path,
         "size": size,
@@ -937,7 +949,7 @@ def instance_record(
         "study_instance_uid": _uid(ds, "StudyInstanceUID", flags),
         "patient_id": _text(ds, "PatientID", flags),
         "study_date": _date(ds, "StudyDate", flags),
-        "modality": _core_value(ds, "Modality"),
+        "modality": modality,
         "image_type": _text(ds, "ImageType", flags),
         "series_description": _text(ds, "SeriesDescription", flags),
         "body_part_examined": _text(ds, "BodyPartExamined", flags),
