@@ -27,7 +27,7 @@ import hdf5plugin
 import numpy as np
 import numpy.typing as npt
 
-from ctcurate.release import CASES_GROUP, CHUNK_Z, IMAGE, LABEL, SHARD_DIR
+from ctcurate.release.format import CASES_GROUP, CHUNK_Z, IMAGE, LABEL, SHARD_DIR
 
 OUT = Path(__file__).resolve().parent / "out"
 BASELINE = "gzip-4+shuffle"

@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python benchmarks/index_bench.py            # 100,000 + 25,000 instances
     .venv/bin/python benchmarks/index_bench.py --small    # a quick check (3,000 + 1,000)
 
-On a header-heavy synthetic archive (:func:`ctcurate.synth.headerheavy.write_header_heavy`)
+On a header-heavy synthetic archive (:func:`ctcurate.demo.headerheavy.write_header_heavy`)
 it measures, in one run:
 
 - files/s of ``ctcurate index --workers 1`` and ``--workers 2`` (whole archive, from
@@ -76,7 +76,7 @@ TAGS = [
 
 def archive(n: int, work: Path) -> Path:
     """A header-heavy archive of ``n`` instances (kept between runs)."""
-    from ctcurate.synth.headerheavy import write_header_heavy
+    from ctcurate.demo.headerheavy import write_header_heavy
 
     folder = work / f"hh-{n}"
     if not (folder / "archive").is_dir():
@@ -86,7 +86,7 @@ def archive(n: int, work: Path) -> Path:
 
 def snapshot(arch: Path, dest: Path) -> Path:
     from ctcurate.io.tables import write_parquet
-    from ctcurate.snapshot import list_archive
+    from ctcurate.pipeline.snapshot import list_archive
 
     write_parquet(dest, list_archive(arch))
     return dest

@@ -41,10 +41,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ctcurate.release
-from ctcurate import pack
+import ctcurate.release.format
 from ctcurate.io.shards import read_shards, shard_name
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import PackParams, load_section
+from ctcurate.pipeline import pack
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -125,7 +126,7 @@ def bench_pack(
         params=params,
     )
     seconds = time.perf_counter() - start
-    manifest = ctcurate.release.read_manifest(out)
+    manifest = ctcurate.release.format.read_manifest(out)
     packed = {(str(c["site"]), str(c["series_instance_uid"])) for c in manifest["cases"]}
     instances = read_instances(data, ["site", "series_instance_uid", "size"])
     dicom_bytes = sum(
@@ -160,7 +161,7 @@ def bench_read(
         Spacingd,
     )
 
-    manifest = ctcurate.release.read_manifest(release)
+    manifest = ctcurate.release.format.read_manifest(release)
     folders = series_folders(data, [str(c["case_id"]) for c in manifest["cases"]])
     ids = sorted(folders)
     # MONAI arrays are (channel, x, y, z); the release's are (channel, z, y, x).

@@ -44,12 +44,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ctcurate import index
-from ctcurate.io import phi
+from ctcurate.dicom import phi
 from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import IndexParams
-from ctcurate.snapshot import list_archive
+from ctcurate.pipeline import index
+from ctcurate.pipeline.snapshot import list_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"

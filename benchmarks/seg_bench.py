@@ -1,6 +1,6 @@
 """SEG reading: the shortcut for ctcurate's own SEGs against the highdicom path.
 
-``ctcurate.io.seg.read_seg_labels`` reads any SEG through highdicom, except SEGs that
+``ctcurate.dicom.seg.read_seg_labels`` reads any SEG through highdicom, except SEGs that
 ``write_seg`` wrote, whose frame references it scans from the raw bytes. This times both
 on the same files (the demo archive's SEGs, ``dvc repro synth`` builds them; or any folder
 of SEGs written by ``write_seg``), checks they give the same label volume (slices asked in
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from ctcurate.io import seg
+from ctcurate.dicom import seg
 
 OUT = Path(__file__).resolve().parent / "out"
 Reader = Callable[[Path, list[str]], np.ndarray]

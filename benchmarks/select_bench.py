@@ -7,7 +7,7 @@ RSS is its own:
 
 * the baseline: ``pydicom.dcmread`` + ``pixel_array`` + rescale to HU (float32) of every
   slice, nothing else;
-* the scorer of ``select`` (``ctcurate.workgrid.working_volume`` onto the working grid,
+* the scorer of ``select`` (``ctcurate.imaging.workgrid.working_volume`` onto the working grid,
   lung masks, features) on the same files, as a ratio to the baseline of the same series.
 
 Rows: 512×512×196 (0.74 mm pixels, 1.25 mm slices), the same anatomy at 96×96×196, and
@@ -126,9 +126,9 @@ def child_score(paths: list[str], spacing: float) -> dict[str, Any]:
     """The scorer's steps on one series, as ``score_series`` runs them.
 
     The fastest of RUNS runs in one process (warm, as a pool worker is)."""
-    from ctcurate.lungmask import lung_masks
-    from ctcurate.pneumonia import FEATURES, opacity_features
-    from ctcurate.workgrid import working_volume
+    from ctcurate.imaging.lungmask import lung_masks
+    from ctcurate.imaging.workgrid import working_volume
+    from ctcurate.selection.pneumonia import FEATURES, opacity_features
 
     rss_start = _peak_rss_mb()
     runs = []
@@ -183,7 +183,7 @@ def main() -> None:
         print(json.dumps(out, sort_keys=True))
         return
 
-    from ctcurate.pneumonia import ScoreTask, score_all
+    from ctcurate.selection.pneumonia import ScoreTask, score_all
 
     # (label, matrix, slices, slice spacing mm)
     if args.small:

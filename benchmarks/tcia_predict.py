@@ -28,8 +28,8 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 
-from ctcurate import lungmask, volume
-from ctcurate.predict import read_series_dir
+from ctcurate.dicom.series_dir import read_series_dir
+from ctcurate.imaging import lungmask, volume
 
 SEGMENTS = (1, 2, 3)
 LUNG_WINDOW = (-1350.0, 150.0)

@@ -2,7 +2,7 @@
 
 The phantom archive of `tests/phantom` (another anatomy, lesion and noise model, never used
 to choose a ctcurate constant) is written with its truth SEGs; every chest series is
-predicted with `ctcurate.predict` (the grid of the `pack` section of `--params`, centred on
+predicted with `ctcurate.pipeline.predict` (the grid of the `pack` section of `--params`, centred on
 the lung estimate as `predict --series` does) and compared with the truth on the series'
 own grid, instance by instance (truth read by referenced SOPInstanceUID):
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from phantom import PhantomParams, build_archive  # noqa: E402
 
-from ctcurate.metrics import dice, mean_defined  # noqa: E402
+from ctcurate.models.metrics import dice, mean_defined  # noqa: E402
 
 PATTERNS = ("typical", "indeterminate", "atypical", "negative")
 LESION = 2  # labels 2 (GGO) and 3 (consolidation)
@@ -103,10 +103,10 @@ def predict_archive(
     """Predict every chest series of a phantom archive at ``out``; one scored row each."""
     import torch
 
-    from ctcurate import predict
-    from ctcurate.io.seg import read_seg_labels
+    from ctcurate.dicom.seg import read_seg_labels
+    from ctcurate.imaging.volume import label_to_stack
     from ctcurate.params import EvaluateParams, PackParams, load_section
-    from ctcurate.volume import label_to_stack
+    from ctcurate.pipeline import predict
 
     pack = load_section(params, "pack", PackParams)
     evaluate = load_section(params, "evaluate", EvaluateParams)

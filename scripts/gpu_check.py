@@ -35,7 +35,8 @@ def main() -> int:
         return 2
     from monai.losses.dice import DiceCELoss
 
-    from ctcurate.nets import N_CLASSES, build_unet, normalise_hu, unet_config
+    from ctcurate.labels import N_CLASSES
+    from ctcurate.models.nets import build_unet, normalise_hu, unet_config
 
     device = torch.device("cuda")
     torch.manual_seed(0)

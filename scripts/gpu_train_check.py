@@ -2,7 +2,7 @@
 
 Builds a tiny synthetic release in a temporary folder (blob-shaped lungs with GGO and
 consolidation), trains the segmentation network through ``ctcurate.release.open`` and
-``ctcurate.train.train_segmenter`` with ``device=cuda`` and ``amp=true``, fits the
+``ctcurate.pipeline.train.train_segmenter`` with ``device=cuda`` and ``amp=true``, fits the
 typicality classifier on the predicted segmentation and prints one JSON object: epochs,
 seconds, samples/s, peak GPU memory, the loss curve and validation Dice. Exits with status
 2 and a one-line message when CUDA is not available.
@@ -58,11 +58,13 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.stderr.write("gpu_train_check: CUDA is not available on this machine\n")
         return 2
-    from ctcurate.augment import train_transform
     from ctcurate.io.atomic import write_json
+    from ctcurate.models.augment import train_transform
+    from ctcurate.models.checkpoint import resolve_device, seed_everything
     from ctcurate.params import TrainParams
-    from ctcurate.release import CaseRecord, build_manifest, open, write_shard
-    from ctcurate.train import case_features, resolve_device, seed_everything, train_segmenter
+    from ctcurate.pipeline.train import case_features, train_segmenter
+    from ctcurate.release import open
+    from ctcurate.release.format import CaseRecord, build_manifest, write_shard
 
     shape = (32, 64, 64)
     rng = np.random.default_rng(0)

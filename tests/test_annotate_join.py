@@ -11,13 +11,13 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from ctcurate import annotate_join as aj
 from ctcurate.annotations.agreement import cohen_kappa, fleiss_kappa, pairwise_cohen
 from ctcurate.annotations.csvfile import GradeRow, PcrRow, decode_text, parse_csv
 from ctcurate.errors import CtcurateError, InputError
 from ctcurate.io.outputs import MARKER
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.params import AnnotateJoinParams
+from ctcurate.pipeline import annotate_join as aj
 
 PARAMS = AnnotateJoinParams()  # window −14 … +7 days, 1 negative needed
 CT_DAY = dt.date(2020, 3, 10)

@@ -22,9 +22,10 @@ import pytest
 from test_release import PARAMS, make_inputs
 
 import ctcurate.release
-from ctcurate import card, card_html, pack
 from ctcurate.errors import VerifyError
-from ctcurate.release import read_arrays
+from ctcurate.pipeline import pack
+from ctcurate.release import card, card_html
+from ctcurate.release.format import read_arrays
 
 
 @pytest.fixture(scope="module")

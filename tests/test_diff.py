@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctcurate.diff import MARKDOWN_MAX_CASES, diff_manifests, render_markdown
+from ctcurate.release.diff import MARKDOWN_MAX_CASES, diff_manifests, render_markdown
 
 
 def _case(cid: str, **overrides: Any) -> dict[str, Any]:

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 from test_train import make_case, make_release, sha256_tree, tiny_params
 
-from ctcurate import evaluate, train
 from ctcurate.errors import InputError, ParamsError
+from ctcurate.imaging import overlay
+from ctcurate.imaging.lungmask import threshold_lung_mask
 from ctcurate.io.outputs import MARKER
-from ctcurate.metrics import dice
+from ctcurate.models import inference, nets
+from ctcurate.models.metrics import dice
 from ctcurate.params import EvaluateParams
+from ctcurate.pipeline import evaluate, train
 
 METRIC_KEYS = {
     "n_test",
@@ -117,16 +120,16 @@ def test_cuda_requested_without_cuda(
 def test_threshold_mask_loses_consolidation() -> None:
     rng = np.random.default_rng(3)
     image, label = make_case(rng, (24, 32, 32), "negative")
-    clear = dice(evaluate.threshold_lung_mask(image.astype(np.float32), -400), label > 0)
+    clear = dice(threshold_lung_mask(image.astype(np.float32), -400), label > 0)
     assert clear is not None
     assert clear > 0.95
     image, label = make_case(rng, (24, 32, 32), "typical")  # consolidation at the lung edge
-    mask = evaluate.threshold_lung_mask(image.astype(np.float32), -400)
+    mask = threshold_lung_mask(image.astype(np.float32), -400)
     hidden = dice(mask, label > 0)
     assert hidden is not None
     assert hidden < clear
     assert not mask[label == 3].all()
-    assert not evaluate.threshold_lung_mask(np.full((4, 8, 8), -1000.0), -400).any()
+    assert not threshold_lung_mask(np.full((4, 8, 8), -1000.0), -400).any()
 
 
 def _result(case_id: str, site: str, typical: int, prob: float) -> evaluate.CaseResult:
@@ -168,7 +171,7 @@ def test_overlay_png_deterministic() -> None:
     rng = np.random.default_rng(0)
     image, label = make_case(rng, (16, 24, 24), "typical")
     hu = image.astype(np.float32)
-    assert evaluate.overlay_slice(label) == int(np.argmax((label >= 2).sum(axis=(1, 2))))
+    assert overlay.overlay_slice(label) == int(np.argmax((label >= 2).sum(axis=(1, 2))))
     first = evaluate.overlay_png(hu, label, label, "x")
     assert first == evaluate.overlay_png(hu, label, label, "x")
     assert first != evaluate.overlay_png(hu, label, np.zeros_like(label), "x")
@@ -186,14 +189,14 @@ def test_lesion_cut_of_the_model_card_is_applied(
     card["postprocess"]["min_lesion_mm3"] = 1e12  # larger than any lung: no lesion is kept
     (cut / "model.json").write_text(json.dumps(card))
     calls: list[tuple[float, int, int]] = []
-    real = evaluate.remove_small_lesions
+    real = nets.remove_small_lesions
 
     def spy(label: Any, min_mm3: float, spacing: Any) -> Any:
         out = real(label, min_mm3, spacing)
         calls.append((min_mm3, int((label >= 2).sum()), int((out >= 2).sum())))
         return out
 
-    monkeypatch.setattr(evaluate, "remove_small_lesions", spy)
+    monkeypatch.setattr(inference, "remove_small_lesions", spy)
     report, _ = _run(release, cut, tmp_path / "cut", max_overlays=0)
     assert [c[0] for c in calls] == [1e12] * report["n_test"]
     assert all(after == 0 for _, _, after in calls)

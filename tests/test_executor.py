@@ -73,13 +73,13 @@ def test_an_unreachable_scheduler_is_an_input_error(monkeypatch: pytest.MonkeyPa
 def test_pool_workers_preload_the_module_of_the_mapped_function() -> None:
     from functools import partial
 
-    from ctcurate.index.scan import scan_chunk
-    from ctcurate.pneumonia import score_series
+    from ctcurate.catalog.scan import scan_chunk
+    from ctcurate.selection.pneumonia import score_series
 
     fn = partial(scan_chunk, "archive", max_bytes=1, timeout_s=1.0)
-    assert executor._modules_of(fn) == ["ctcurate.executor", "ctcurate.index.scan"]
+    assert executor._modules_of(fn) == ["ctcurate.catalog.scan", "ctcurate.executor"]
     indexed = executor._Indexed(score_series)
-    assert executor._modules_of(indexed) == ["ctcurate.executor", "ctcurate.pneumonia"]
+    assert executor._modules_of(indexed) == ["ctcurate.executor", "ctcurate.selection.pneumonia"]
     assert executor._modules_of(slow_first) == ["ctcurate.executor"]  # not ctcurate's: none
 
 

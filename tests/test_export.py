@@ -18,8 +18,9 @@ import pytest
 from test_release import CANARY, PARAMS, make_inputs
 
 import ctcurate.release
-from ctcurate import export, pack
+import ctcurate.release.format
 from ctcurate.errors import OutputError, VerifyError
+from ctcurate.pipeline import export, pack
 
 # An anisotropic grid with unequal sides, so that a swapped axis cannot go unnoticed.
 GRID = PARAMS.model_copy(update={"spacing_mm": (3.0, 2.0, 2.5), "shape": (4, 6, 5)})
@@ -42,7 +43,7 @@ def _arrays(
     release: Path, case: dict[str, Any]
 ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]:
     with h5py.File(release / "shards" / case["shard"], "r") as h5:
-        return ctcurate.release.read_arrays(h5, case["case_id"])
+        return ctcurate.release.format.read_arrays(h5, case["case_id"])
 
 
 def _hashes(folder: Path) -> dict[str, str]:

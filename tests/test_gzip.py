@@ -16,7 +16,8 @@ import pydicom
 import pytest
 from test_index import ct_slice, run_index, save, table, write_series
 
-from ctcurate.io import archive_file, dicom
+from ctcurate.dicom import archive_file, checks
+from ctcurate.dicom import header as dicom
 
 MiB = 2**20
 
@@ -201,7 +202,7 @@ def test_real_dcm_gz_with_identifying_elements_emptied_are_indexed(tmp_path: Pat
         ds = archive_file.dcmread(src)
 
         def blank(_: Any, elem: Any) -> None:
-            if elem.keyword in dicom.PHI_KEYWORDS:
+            if elem.keyword in checks.PHI_KEYWORDS:
                 elem.value = [] if elem.VR == "SQ" else ""
 
         ds.walk(blank)
@@ -218,13 +219,20 @@ def test_real_dcm_gz_with_identifying_elements_emptied_are_indexed(tmp_path: Pat
 def test_no_stage_opens_archive_files_around_the_shared_opener() -> None:
     """select's scorer and pack read archive files through ``archive_file`` only."""
     src = Path(dicom.__file__).parents[1]
-    for name in ("pneumonia.py", "pack.py", "volume.py", "select.py", "select_train.py"):
+    names = (
+        "selection/pneumonia.py",
+        "pipeline/pack.py",
+        "imaging/volume.py",
+        "pipeline/select.py",
+        "pipeline/select_train.py",
+    )
+    for name in names:
         text = (src / name).read_text(encoding="utf-8")
         calls = text.count("pydicom.dcmread(")
         allowed = text.count("pydicom.dcmread(seg_path")  # annotations, not archive files
         assert calls == allowed, name
-    assert "archive_file.dcmread(" in (src / "pneumonia.py").read_text(encoding="utf-8")
-    assert "archive_file.dcmread(" in (src / "pack.py").read_text(encoding="utf-8")
+    assert "archive_file.dcmread(" in (src / "selection/pneumonia.py").read_text(encoding="utf-8")
+    assert "archive_file.dcmread(" in (src / "pipeline/pack.py").read_text(encoding="utf-8")
 
 
 def test_inflate_stops_at_the_cap(tmp_path: Path) -> None:

@@ -22,11 +22,12 @@ import pytest
 from test_index import run_index, table, write_series
 from test_select import PARAMS, RULES_DIR
 
-from ctcurate import index, pack, pneumonia, select
-from ctcurate.index import scan
+from ctcurate.catalog import build, scan
 from ctcurate.io.paths import fs_path
 from ctcurate.params import PackParams
-from ctcurate.pneumonia import ScoreResult, ScoreTask, score_series
+from ctcurate.pipeline import index, pack, select
+from ctcurate.selection import pneumonia
+from ctcurate.selection.pneumonia import ScoreResult, ScoreTask, score_series
 
 #: A test that would hang (a FIFO opened for reading) fails after this many seconds.
 HANG_S = 60
@@ -153,8 +154,8 @@ def test_a_stray_file_at_the_archive_root_is_rejected_no_site(tmp_path: Path) ->
 
 
 def test_scorer_and_pack_never_open_a_fifo(tmp_path: Path) -> None:
-    from ctcurate.pack import _load_series
-    from ctcurate.volume import ExcludedSeries
+    from ctcurate.imaging.volume import ExcludedSeries
+    from ctcurate.pipeline.pack import _load_series
 
     archive = tmp_path / "archive"
     paths = write_series(archive)
@@ -200,7 +201,7 @@ def test_index_quarantines_the_file_whose_worker_died(
     assert (row["path"], row["detail"]) == ("H02/boom.dcm", scan.DIED_DETAIL)
     assert report["files_indexed"] == 8
     assert report["files_seen"] == 9 == report["files_indexed"] + report["files_quarantined"]
-    assert "worker_died" in index.build.RETRY_REASONS  # a later run reads it again
+    assert "worker_died" in build.RETRY_REASONS  # a later run reads it again
 
 
 def killing_score(task: ScoreTask) -> ScoreResult:
@@ -255,7 +256,7 @@ def test_duplicate_check_never_opens_a_fifo(tmp_path: Path) -> None:
 
 
 def test_a_fifo_named_like_a_seg_is_a_reason_not_a_hang(tmp_path: Path) -> None:
-    from ctcurate.io.seg import SegError, read_seg_labels
+    from ctcurate.dicom.seg import SegError, read_seg_labels
 
     fifo = tmp_path / "1.2.3.dcm"
     os.mkfifo(fifo)

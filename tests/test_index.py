@@ -31,13 +31,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from ctcurate import index
+from ctcurate.dicom import header as dicom
 from ctcurate.errors import AccountingError, InputError
-from ctcurate.io import dicom
 from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import IndexParams
-from ctcurate.snapshot import list_archive
+from ctcurate.pipeline import index
+from ctcurate.pipeline.snapshot import list_archive
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"
@@ -352,7 +352,7 @@ def test_every_listed_file_is_accounted_for_once(trap_archive: Path) -> None:
 
 
 def test_catalog_views_answer_queries(trap_archive: Path) -> None:
-    from ctcurate import query
+    from ctcurate.pipeline import query
 
     text = query.run(
         trap_archive / "out" / "catalog.duckdb",
@@ -534,7 +534,7 @@ def test_rows_of_another_reader_are_not_reused(tmp_path: Path) -> None:
 def test_killed_run_resumes_without_redoing_finished_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ctcurate.index import build
+    from ctcurate.catalog import build
 
     archive = tmp_path / "archive"
     small_archive(archive)
@@ -729,7 +729,7 @@ def fuzz_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 
 
 def test_progress_counts_the_files_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ctcurate.index import build
+    from ctcurate.catalog import build
 
     seen: list[tuple[int, int, str]] = []
     real = build.progress

@@ -17,9 +17,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from test_index import ct_slice, save
 
-from ctcurate.io import dicom, lean
-from ctcurate.snapshot import list_archive
-from ctcurate.synth.headerheavy import write_header_heavy
+from ctcurate.demo.headerheavy import write_header_heavy
+from ctcurate.dicom import checks, lean
+from ctcurate.dicom import header as dicom
+from ctcurate.pipeline.snapshot import list_archive
 
 
 def outcomes(root: Path) -> tuple[int, int]:
@@ -280,7 +281,7 @@ def test_real_tcia_files_read_lean_with_pydicom_values(tmp_path: Path) -> None:
     (root / "S").mkdir(parents=True)
 
     def blank(_: Any, elem: Any) -> None:
-        if elem.keyword in dicom.PHI_KEYWORDS:
+        if elem.keyword in checks.PHI_KEYWORDS:
             elem.value = [] if elem.VR == "SQ" else ""
 
     for i, src in enumerate(files):

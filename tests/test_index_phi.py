@@ -11,10 +11,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 from test_index import ct_slice, run_index, save, table
 
-from ctcurate import index, query
+from ctcurate.catalog import build
+from ctcurate.dicom import header as dicom
+from ctcurate.dicom import lean, phi
 from ctcurate.errors import ParamsError
-from ctcurate.io import dicom, lean, phi
 from ctcurate.params import IndexParams, PhiPolicy, load_section
+from ctcurate.pipeline import query
 
 
 def rules(**policy: Any) -> phi.Rules:
@@ -224,9 +226,7 @@ def test_census_counts_rules_per_site_and_element_without_values(tmp_path: Path)
         },
         "H02": {"InstitutionName": {"retain": 3}, "PatientName": {"pseudonym": 3}},
     }
-    _, rows = query.fetch(
-        out / index.build.CATALOG_FILE, "SELECT * FROM phi_census WHERE site = 'H01'"
-    )
+    _, rows = query.fetch(out / build.CATALOG_FILE, "SELECT * FROM phi_census WHERE site = 'H01'")
     assert [tuple(r) for r in rows] == [
         ("H01", "InstitutionName", "phi", 1),
         ("H01", "OperatorsName", "dummy", 1),
@@ -254,7 +254,7 @@ def test_a_policy_change_rereads_every_file(tmp_path: Path) -> None:
 
 
 def test_synthetic_phi_traps_stay_quarantined(tmp_path: Path) -> None:
-    from ctcurate.synth.dicomwrite import LEAKED_BIRTH_DATE, LEAKED_INSTITUTION, LEAKED_NAME
+    from ctcurate.demo.dicomwrite import LEAKED_BIRTH_DATE, LEAKED_INSTITUTION, LEAKED_NAME
 
     traps = {
         "name.dcm": {"PatientName": LEAKED_NAME},
@@ -271,7 +271,7 @@ def test_census_sql_splits_details_keeping_unnamed_tags_whole() -> None:
     import duckdb
     import pyarrow as pa
 
-    from ctcurate.index.tables import census_tree, phi_census_sql
+    from ctcurate.catalog.tables import census_tree, phi_census_sql
 
     instances = pa.table(  # noqa: F841 - read by DuckDB by name
         {"site": ["H1", "H1", None], "phi_accepted": [["PatientName:pseudonym"], [], ["X:dummy"]]}

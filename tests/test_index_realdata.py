@@ -20,7 +20,8 @@ from typing import Any
 import pydicom
 import pytest
 
-from ctcurate.io import archive_file, dicom
+from ctcurate.dicom import archive_file, checks
+from ctcurate.dicom import header as dicom
 
 #: pydicom warns about the invalid values of the test corpora (they are test files).
 pytestmark = [pytest.mark.realdata, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -149,9 +150,9 @@ def _reason_holds(path: Path, reason: str) -> bool:
         return "PixelData" not in ds
     if reason == "missing_attributes":
         # with file meta, only the two UIDs are required (no Modality: indexed, flagged)
-        uids = [str(ds.get(k) or "").strip(" \x00") for k in dicom.TRUSTED_CORE_KEYWORDS]
+        uids = [str(ds.get(k) or "").strip(" \x00") for k in checks.TRUSTED_CORE_KEYWORDS]
         no_matrix = "PixelData" in ds and not all(ds.get(k) for k in ("Rows", "Columns"))
-        return not all(dicom.valid_uid(u) for u in uids) or no_matrix
+        return not all(checks.valid_uid(u) for u in uids) or no_matrix
     if reason == "not_dicom":
         return "TransferSyntaxUID" not in ds.file_meta and not ds.get("SOPInstanceUID")
     if reason == "unsupported_transfer_syntax":  # pydicom has no decoder for it either
@@ -245,7 +246,7 @@ def test_files_pydicom_reads_are_kept_over_every_corpus(
 def test_lean_and_pydicom_paths_agree(
     farm: tuple[Path, list[str], set[str]], retained: bool
 ) -> None:
-    from ctcurate.io import lean
+    from ctcurate.dicom import lean
     from ctcurate.params import PhiPolicy
 
     archive, sites, _ = farm

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from test_index import ct_slice, index_digests, listing, save
 
-from ctcurate import index
-from ctcurate.io import dicom
+from ctcurate.dicom import header as dicom
 from ctcurate.params import IndexParams
+from ctcurate.pipeline import index
 
 PLACEHOLDER = "1.2.826.0.1.3680043.8.498.99.1000"
 

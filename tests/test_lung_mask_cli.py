@@ -16,12 +16,12 @@ import pytest
 from pydicom.dataset import Dataset
 from test_pneumonia import chest, ct_slices
 
+from ctcurate.dicom.seg import read_seg_labels
 from ctcurate.errors import InputError, OutputError
-from ctcurate.io.seg import read_seg_labels
-from ctcurate.lung_mask import lung_labels, run
-from ctcurate.lungmask import dice
+from ctcurate.imaging.workgrid import working_volume
+from ctcurate.models.metrics import dice
 from ctcurate.params import SelectParams
-from ctcurate.workgrid import working_volume
+from ctcurate.pipeline.lung_mask import lung_labels, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXEL_MM = 1.25  # finer than the 2 mm working grid: the mask is brought back up

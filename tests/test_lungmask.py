@@ -6,7 +6,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from ctcurate.lungmask import dice, lung_masks, robust_lung_mask
+from ctcurate.imaging.lungmask import lung_masks, robust_lung_mask
+from ctcurate.models.metrics import dice
 
 SLICE_MM = 5.0
 
@@ -88,7 +89,7 @@ def test_bad_spacing_is_refused() -> None:
 def test_fast_opening_and_hole_filling_match_scipy() -> None:
     from scipy import ndimage
 
-    from ctcurate.lungmask import _fill_slices, opening
+    from ctcurate.imaging.lungmask import _fill_slices, opening
 
     rng = np.random.default_rng(0)
     for _ in range(6):

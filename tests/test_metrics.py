@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctcurate.metrics import (
+from ctcurate.models.metrics import (
     BinaryCounts,
     accuracy,
     balanced_accuracy,

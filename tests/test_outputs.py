@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from test_index import listing, run_index, write_series
 
-from ctcurate import index, snapshot
 from ctcurate.errors import InputError, LockedError, OutputError
 from ctcurate.io.outputs import (
     MARKER,
@@ -22,6 +21,7 @@ from ctcurate.io.outputs import (
     publish_dir,
 )
 from ctcurate.params import IndexParams, SnapshotParams
+from ctcurate.pipeline import index, snapshot
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -175,7 +175,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_output(
     def full(*_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("ctcurate.index.build.write_json", full)
+    monkeypatch.setattr("ctcurate.catalog.build.write_json", full)
     with pytest.raises(OutputError, match=r"index: no space left on the device"):
         index.run(archive, snap, out, IndexParams(workers=1), scheduler=None)
     assert _tree(out) == before
@@ -183,7 +183,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_output(
 
     listing_file = tmp_path / "listing.parquet"
     old = listing_file.read_bytes()
-    monkeypatch.setattr("ctcurate.snapshot.write_parquet", full)
+    monkeypatch.setattr("ctcurate.pipeline.snapshot.write_parquet", full)
     with pytest.raises(OutputError, match=r"listing.parquet: no space left"):
         snapshot.run(archive, listing_file, SnapshotParams())
     assert listing_file.read_bytes() == old

@@ -12,11 +12,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ctcurate import card
-from ctcurate.pack import OTHER_VENDOR, case_meta, plan_shards, vendor
+from ctcurate.imaging.volume import ExcludedSeries, series_to_volume
 from ctcurate.params import PackParams
-from ctcurate.splits import assign_splits, split_of, split_point
-from ctcurate.volume import ExcludedSeries, series_to_volume
+from ctcurate.pipeline.pack import OTHER_VENDOR, case_meta, plan_shards, vendor
+from ctcurate.release import card
+from ctcurate.release.splits import assign_splits, split_of, split_point
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -446,7 +446,7 @@ def test_shards_hold_at_most_max_cases_in_sorted_order() -> None:
 def test_case_meta_has_the_documented_keys_and_no_patient_id() -> None:
     import datetime as dt
 
-    from ctcurate.volume import VolumeGeometry
+    from ctcurate.imaging.volume import VolumeGeometry
 
     geometry = VolumeGeometry((4.0, 4.0, 4.0), (-1.0, -2.0, -3.0), (2.0, 1.0, 1.0), (5, 8, 8), 0)
     case = {

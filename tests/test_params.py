@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ctcurate.errors import ParamsError
-from ctcurate.nets import shape_multiple, unet_config
+from ctcurate.models.nets import shape_multiple, unet_config
 from ctcurate.params import (
     EvaluateParams,
     IndexParams,
@@ -23,7 +23,7 @@ from ctcurate.params import (
     load_params,
     load_section,
 )
-from ctcurate.train import training_patch
+from ctcurate.pipeline.train import training_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ from phantom import CONSOLIDATION, GGO, PhantomParams, build_archive, make_serie
 from phantom.archive import PANDEMIC_START, PRE_PANDEMIC_END
 from scipy import ndimage
 
-from ctcurate import index, snapshot
-from ctcurate.io.seg import read_seg_labels
+from ctcurate.demo.audit import TRUTH_COLUMNS
+from ctcurate.dicom.seg import read_seg_labels
 from ctcurate.params import IndexParams, SnapshotParams
-from ctcurate.select import TRUTH_COLUMNS
+from ctcurate.pipeline import index, snapshot
 
 TINY = PhantomParams(seed=3, patients=4, matrix=(128, 128), slices=(10, 12), write_seg=True)
 #: Series for the per-pattern checks: small, but thin enough in z for shapes to hold.

@@ -12,8 +12,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ctcurate.lungmask import _hull_2d, dice, lung_masks, threshold_lung_mask
-from ctcurate.pneumonia import (
+from ctcurate.imaging.lungmask import _hull_2d, lung_masks, threshold_lung_mask
+from ctcurate.imaging.workgrid import resampling, working_volume
+from ctcurate.models.metrics import dice
+from ctcurate.selection.pneumonia import (
     FEATURES,
     ScoreTask,
     SelectorModel,
@@ -25,7 +27,6 @@ from ctcurate.pneumonia import (
     read_model,
     score_series,
 )
-from ctcurate.workgrid import resampling, working_volume
 
 SPACING = (4.0, 4.0, 4.0)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -118,7 +119,7 @@ def test_dice_edge_cases() -> None:
     assert dice(empty, empty) is None
     full = ~empty
     assert dice(full, full) == 1.0
-    with pytest.raises(ValueError, match="mask shapes differ"):
+    with pytest.raises(ValueError, match="shapes differ"):
         dice(empty, np.zeros((2, 2), dtype=bool))
 
 
@@ -385,7 +386,7 @@ def test_working_volume_downsamples_fine_axes_and_keeps_coarse_ones() -> None:
 def test_median_network_matches_scipy() -> None:
     from scipy import ndimage
 
-    from ctcurate.lungmask import median_in_plane
+    from ctcurate.imaging.lungmask import median_in_plane
 
     img = np.random.default_rng(1).normal(size=(3, 17, 23)).astype(np.float32)
     np.testing.assert_array_equal(

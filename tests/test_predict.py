@@ -23,19 +23,20 @@ from test_release import _case_id, _write_cases
 from test_train import make_case, make_release, tiny_params
 
 import ctcurate.release
-from ctcurate import evaluate, pack, predict, predict_batch, train
+from ctcurate.dicom.seg import LABELS, read_seg_labels, write_seg
 from ctcurate.errors import InputError, OutputError, ParamsError
-from ctcurate.io.atomic import dumps_json
-from ctcurate.io.seg import LABELS, read_seg_labels, write_seg
-from ctcurate.io.tables import write_parquet
-from ctcurate.params import EvaluateParams, PackParams
-from ctcurate.volume import (
+from ctcurate.imaging.volume import (
     assemble_series,
     centred_grid,
     label_to_stack,
     resample_image,
     resample_label,
 )
+from ctcurate.io.atomic import dumps_json
+from ctcurate.io.tables import write_parquet
+from ctcurate.models import checkpoint, inference
+from ctcurate.params import EvaluateParams, PackParams
+from ctcurate.pipeline import evaluate, pack, predict, predict_batch, train
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The release grid of the tiny models (make_release: 16^3 voxels of 4 mm).
@@ -217,7 +218,7 @@ def test_lung_centre_finds_the_phantom_lungs(tmp_path: Path) -> None:
     stack = assemble_series(datasets)
     lung = np.argwhere(label > 0)
     truth = (lung.min(axis=0) + lung.max(axis=0)) / 2.0
-    assert np.abs(predict.lung_centre(stack, PACK) - truth).max() <= 2.0  # one 4 mm step
+    assert np.abs(inference.lung_centre(stack, PACK) - truth).max() <= 2.0  # one 4 mm step
 
 
 # --------------------------------------------------------------------------- one series
@@ -229,7 +230,7 @@ def test_predict_equals_evaluate_on_a_released_case(world: World, tmp_path: Path
     test_set = ctcurate.release.open(world.release, split="test")
     sample = test_set[0]
     uid = str(sample["meta"]["series_instance_uid"])
-    net, classifier, card = train.load_models(world.models)
+    net, classifier, card = checkpoint.load_models(world.models)
     expected_label, expected_p = evaluate.predict_case(
         net,
         classifier,
@@ -267,9 +268,9 @@ def test_outputs_seg_json_png(world: World, tmp_path: Path) -> None:
     out = tmp_path / "out"
     content = predict.run_series(series, world.models, out, PACK, EVAL)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".ctcurate-output", predict.SEG_FILE, predict.JSON_FILE, predict.PNG_FILE]
+        [".ctcurate-output", inference.SEG_FILE, inference.JSON_FILE, inference.PNG_FILE]
     )
-    assert (out / predict.JSON_FILE).read_text() == dumps_json(content)  # canonical
+    assert (out / inference.JSON_FILE).read_text() == dumps_json(content)  # canonical
     assert json.loads(dumps_json(content)) == content
     model_json = (world.models / "model.json").read_bytes()
     assert content["model"]["id"] == hashlib.sha256(model_json).hexdigest()
@@ -284,12 +285,12 @@ def test_outputs_seg_json_png(world: World, tmp_path: Path) -> None:
     assert volumes["lung"] > 0
 
     # the SEG read back with highdicom: segments, frames, referenced instances
-    seg = hd.seg.segread(out / predict.SEG_FILE)
+    seg = hd.seg.segread(out / inference.SEG_FILE)
     descriptions = {n: seg.get_segment_description(n).segment_label for n in seg.segment_numbers}
     assert descriptions == LABELS
     datasets = predict.read_series_dir(series)
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    labels = read_seg_labels(out / predict.SEG_FILE, uids)
+    labels = read_seg_labels(out / inference.SEG_FILE, uids)
     assert labels.any()
     present = sum(int((labels == s).any(axis=(1, 2)).sum()) for s in LABELS)
     assert int(seg.NumberOfFrames) == present  # empty frames are left out
@@ -301,7 +302,7 @@ def test_outputs_seg_json_png(world: World, tmp_path: Path) -> None:
     assert str(seg.SeriesInstanceUID) != str(truth.SeriesInstanceUID)
     voxel_ml = SPACING**3 / 1000
     assert volumes["lung"] == pytest.approx(float((labels > 0).sum()) * voxel_ml, abs=1e-3)
-    assert (out / predict.PNG_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / inference.PNG_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predict_is_deterministic(world: World, tmp_path: Path) -> None:
@@ -310,7 +311,7 @@ def test_predict_is_deterministic(world: World, tmp_path: Path) -> None:
         predict.run_series(series, world.models, tmp_path / name, PACK, EVAL)
     first = _hashes(tmp_path / "a")
     assert first == _hashes(tmp_path / "b")
-    assert predict.SEG_FILE in first
+    assert inference.SEG_FILE in first
 
 
 def test_models_of_another_spacing_are_refused(world: World, tmp_path: Path) -> None:
@@ -346,7 +347,7 @@ def test_a_duplicate_slice_is_represented_by_its_twin(world: World, tmp_path: Pa
     content = predict.run_series(folder, world.models, tmp_path / "out", PACK, EVAL)
     assert content["n_instances"] == SHAPE[0] + 1
     assert content["duplicates_dropped"] == 1
-    seg = pydicom.dcmread(tmp_path / "out" / predict.SEG_FILE)
+    seg = pydicom.dcmread(tmp_path / "out" / inference.SEG_FILE)
     referenced = {
         str(item.ReferencedSOPInstanceUID)
         for series in seg.ReferencedSeriesSequence
@@ -469,13 +470,13 @@ def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) 
         (SITE, "1.2.3.404"): "failed",
         ("H02", world.uids[1]): "failed",
     }
-    assert json.loads((out / predict.REPORT).read_text()) == report
+    assert json.loads((out / inference.REPORT).read_text()) == report
     for uid in world.uids[:3]:
         assert sorted(p.name for p in (out / uid).iterdir()) == sorted(
-            [predict.JSON_FILE, predict.PNG_FILE, predict.SEG_FILE]
+            [inference.JSON_FILE, inference.PNG_FILE, inference.SEG_FILE]
         )
     assert not (out / world.uids[3]).exists()
-    grid = json.loads((out / world.uids[0] / predict.JSON_FILE).read_text())["grid"]
+    grid = json.loads((out / world.uids[0] / inference.JSON_FILE).read_text())["grid"]
     assert grid["centred_on"] == "lung_estimate"
     # the batch gives the bytes of a single-series run
     predict.run_series(archive / SITE / "s0", world.models, tmp_path / "one", PACK, EVAL)
@@ -501,11 +502,11 @@ def test_cli_batch_on_a_local_pool_logs_progress(world: World, tmp_path: Path) -
     assert "predicted 2 of 2 selected series (0 failed: none)" in proc.stderr
     for uid in world.uids[:2]:
         assert uid not in proc.stderr  # logs carry counts, never header values
-    report = json.loads((tmp_path / "out" / predict.REPORT).read_text())
+    report = json.loads((tmp_path / "out" / inference.REPORT).read_text())
     assert report["series_predicted"] == 2
     predict.run_series(world.archive / SITE / "s1", world.models, tmp_path / "one", PACK, EVAL)
-    one = (tmp_path / "one" / predict.SEG_FILE).read_bytes()
-    assert (tmp_path / "out" / world.uids[1] / predict.SEG_FILE).read_bytes() == one
+    one = (tmp_path / "one" / inference.SEG_FILE).read_bytes()
+    assert (tmp_path / "out" / world.uids[1] / inference.SEG_FILE).read_bytes() == one
 
 
 @pytest.mark.parametrize(
@@ -545,7 +546,7 @@ def test_batch_on_a_release_uses_its_recorded_grids(world: World, tmp_path: Path
     )
     assert report["series_predicted"] == 2
     for uid in world.uids[:2]:
-        grid = json.loads((tmp_path / "out" / uid / predict.JSON_FILE).read_text())["grid"]
+        grid = json.loads((tmp_path / "out" / uid / inference.JSON_FILE).read_text())["grid"]
         assert grid["centred_on"] == "release_case"
         assert grid["origin_mm"] == origins[uid]
         assert grid["shape"] == list(PACK.shape)

@@ -14,26 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_source_files_follow_the_stage_imports_only() -> None:
     names = {
         p.relative_to(ROOT / "src" / "ctcurate").as_posix()
-        for p in provenance.source_files(["ctcurate.pack"])
+        for p in provenance.source_files(["ctcurate.pipeline.pack"])
     }
     assert {
-        "pack.py",
-        "release.py",
-        "card.py",
-        "volume.py",
+        "pipeline/pack.py",
+        "release/format.py",
+        "release/card.py",
+        "imaging/volume.py",
         "io/atomic.py",
         "provenance.py",
     } <= names
-    assert "train.py" not in names
-    assert "synth/anatomy.py" not in names
+    assert "pipeline/train.py" not in names
+    assert "demo/anatomy.py" not in names
 
 
 def test_code_fingerprint_is_stable_and_names_the_modules() -> None:
-    pack = provenance.code_sha256(["ctcurate.pack"])
-    assert pack == provenance.code_sha256(["ctcurate.pack"])
+    pack = provenance.code_sha256(["ctcurate.pipeline.pack"])
+    assert pack == provenance.code_sha256(["ctcurate.pipeline.pack"])
     assert re.fullmatch(r"[0-9a-f]{64}", pack)
-    assert pack != provenance.code_sha256(["ctcurate.train"])
-    record = provenance.provenance("ctcurate.pack")
+    assert pack != provenance.code_sha256(["ctcurate.pipeline.train"])
+    record = provenance.provenance("ctcurate.pipeline.pack")
     assert record["code_sha256"] == pack
     assert provenance.LOCK_FILE == ROOT / "requirements.lock"
     assert record["environment_lock_sha256"] is not None

@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from ctcurate import index, query
+from ctcurate.dicom.header import FileOutcome
 from ctcurate.errors import CtcurateError, InputError
-from ctcurate.io.dicom import FileOutcome
 from ctcurate.io.tables import write_parquet
+from ctcurate.pipeline import index, query
 
 
 def instance(path: str, z: float, site: str = "H01") -> dict[str, object]:

@@ -21,10 +21,12 @@ from test_select import (
     write_index,
 )
 
-from ctcurate import region, select
+from ctcurate.dicom import header as dicom
+from ctcurate.dicom import record
 from ctcurate.errors import InputError
-from ctcurate.io import dicom
-from ctcurate.pneumonia import ScoreTask, score_series
+from ctcurate.pipeline import select
+from ctcurate.selection import region, rules
+from ctcurate.selection.pneumonia import ScoreTask, score_series
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Real chest CT (../shared/realct beside the repository, or shared/ inside a checkout).
@@ -156,8 +158,8 @@ def test_missing_vocabulary_fails_the_select_run(tmp_path: Path) -> None:
 
 
 def selected(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    con = select.catalog_from_tables(series_table(rows), instances_table(rows))
-    table = select.apply_rules(con, select.read_rules(RULES_DIR), PARAMS, REGIONS)
+    con = rules.catalog_from_tables(series_table(rows), instances_table(rows))
+    table = rules.apply_rules(con, rules.read_rules(RULES_DIR), PARAMS, REGIONS)
     return {r["series_instance_uid"]: r for r in table.to_pylist()}
 
 
@@ -211,7 +213,7 @@ def test_real_tcia_series_are_chest_by_the_header_that_says_so() -> None:
     found = {}
     for key, path in real_series().items():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        values = [dicom.column_value(ds, "text", h)[0] for h in HEADERS]
+        values = [record.column_value(ds, "text", h)[0] for h in HEADERS]
         found[key] = REGIONS.classify(values)
     assert found == {
         "Lung_Dx-A0001/2.000000": ("chest", "StudyDescription"),
@@ -256,8 +258,8 @@ def test_unknown_region_survivors_need_lung_in_the_scorer(
         chest("1.2", "9.2", body_part_examined=None, series_description="5mm"),
     ]
     index = write_index(tmp_path / "index", rows)
-    con = select.open_catalog(index / "series.parquet", index / "instances")
-    selection = select.apply_rules(con, select.read_rules(RULES_DIR), PARAMS, REGIONS)
+    con = rules.open_catalog(index / "series.parquet", index / "instances")
+    selection = rules.apply_rules(con, rules.read_rules(RULES_DIR), PARAMS, REGIONS)
     seen: dict[str, float] = {}
 
     def fake_score_all(tasks: list[ScoreTask], *args: Any) -> list[Any]:

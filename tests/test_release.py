@@ -25,12 +25,13 @@ import pytest
 from test_pack import make_ct
 
 import ctcurate.release
-from ctcurate import pack
+import ctcurate.release.format
+from ctcurate.dicom.seg import write_seg
 from ctcurate.errors import InputError, LockedError, VerifyError
 from ctcurate.io.outputs import lock_path
-from ctcurate.io.seg import write_seg
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import PackParams
+from ctcurate.pipeline import pack
 
 # The salt puts the 9 packable patients in all three splits (4 train, 2 val, 3 test).
 PARAMS = PackParams(
@@ -278,7 +279,7 @@ def test_pack_is_byte_reproducible_across_processes_and_row_order(
     write_parquet(shuffled, table.take(pa.array(order)))
     out = tmp_path / "release"
     code = (
-        "import sys; from pathlib import Path; from ctcurate import pack;"
+        "import sys; from pathlib import Path; from ctcurate.pipeline import pack;"
         "from ctcurate.params import PackParams;"
         "a = [Path(x) for x in sys.argv[1:6]];"
         "pack.run(cases=a[0], index_dir=a[1], archive=a[2], annotations_dir=a[3], out=a[4],"
@@ -424,7 +425,7 @@ def test_open_samples_carry_the_stored_case_attributes(release: Path) -> None:
     for i, case in enumerate(data.cases):
         sample = data[i]
         with h5py.File(release / "shards" / case["shard"], "r") as h5:
-            image, label, meta = ctcurate.release.read_case(h5, case["case_id"])
+            image, label, meta = ctcurate.release.format.read_case(h5, case["case_id"])
         assert sample["meta"] == {k: "null" if v is None else v for k, v in meta.items()}
         assert np.array_equal(sample["image"][0].numpy(), image.astype(np.float32))
         assert np.array_equal(sample["label"][0].numpy(), label.astype(np.int64))
@@ -459,7 +460,7 @@ def test_cli_verify(release: Path, tmp_path: Path) -> None:
 def _stalled_pack(inputs: Inputs, out: Path, marker: Path) -> Iterator[None]:
     """Start pack in a child that stalls after writing its first shard; kill -9 it on exit."""
     code = (
-        "import sys, time; from pathlib import Path; from ctcurate import pack;"
+        "import sys, time; from pathlib import Path; from ctcurate.pipeline import pack;"
         "from ctcurate.params import PackParams;"
         "orig = pack.write_shard\n"
         "def stall(path, records):\n"
@@ -691,7 +692,7 @@ def two_releases(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 
 def test_diff_names_every_change_between_two_releases(two_releases: tuple[Path, Path]) -> None:
-    from ctcurate import diff
+    from ctcurate.release import diff
 
     old, new = two_releases
     result = json.loads(diff.run(old, new, "json"))
@@ -743,7 +744,7 @@ def test_diff_markdown_is_a_pr_comment(two_releases: tuple[Path, Path]) -> None:
 
 
 def test_diff_of_a_release_with_itself_is_empty(release: Path) -> None:
-    from ctcurate import diff
+    from ctcurate.release import diff
 
     text = diff.run(release, release)
     assert "9 → 9 cases: 0 added, 0 removed, 0 relabelled, 0 moved" in text
@@ -788,7 +789,7 @@ def test_meta_tensor_samples_work_with_monai_spatial_transforms(
     from monai.data.meta_tensor import MetaTensor
     from monai.transforms import Compose, Orientationd, SaveImaged, Spacingd
 
-    from ctcurate.export import affine_ras
+    from ctcurate.pipeline.export import affine_ras
 
     data = ctcurate.release.open(release, split="train", meta_tensor=True)
     sample = data[0]
@@ -898,4 +899,4 @@ def test_core_dependencies_are_the_reader_s_and_the_cli_names_a_missing_extra() 
 def test_the_manifest_names_its_code_and_environment(release: Path) -> None:
     from ctcurate.provenance import provenance
 
-    assert _manifest(release)["provenance"] == provenance("ctcurate.pack")
+    assert _manifest(release)["provenance"] == provenance("ctcurate.pipeline.pack")

@@ -27,14 +27,8 @@ import pytest
 
 from ctcurate.errors import VerifyError
 from ctcurate.io.atomic import write_json
-from ctcurate.release import (
-    MANIFEST,
-    SHARD_DIR,
-    CaseRecord,
-    build_manifest,
-    verify,
-    write_shard,
-)
+from ctcurate.release import verify
+from ctcurate.release.format import MANIFEST, SHARD_DIR, CaseRecord, build_manifest, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""DICOM SEG write / read round trips (ctcurate.io.seg)."""
+"""DICOM SEG write / read round trips (ctcurate.dicom.seg)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ctcurate.errors import InputError
-from ctcurate.io import seg as seg_module
-from ctcurate.io.seg import (
+from ctcurate.dicom import seg as seg_module
+from ctcurate.dicom.seg import (
     SegError,
     _scan_frame_references,
     read_seg_labels,
     segment_label_values,
     write_seg,
 )
+from ctcurate.errors import InputError
 
 N_SLICES, ROWS, COLS = 5, 8, 10
 SPACING_Z = 2.5
@@ -557,8 +557,8 @@ def test_segment_label_values() -> None:
 def test_pack_keeps_a_labelmap_seg_and_records_a_mismatch(tmp_path: Path) -> None:
     import highdicom as hd
 
-    from ctcurate import pack
-    from ctcurate.volume import ExcludedSeries
+    from ctcurate.imaging.volume import ExcludedSeries
+    from ctcurate.pipeline import pack
 
     if not hasattr(hd.seg.SegmentationTypeValues, "LABELMAP"):
         pytest.skip("this highdicom writes no LABELMAP SEG")

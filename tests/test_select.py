@@ -11,12 +11,13 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from ctcurate import select
 from ctcurate.errors import InputError
 from ctcurate.io.outputs import MARKER
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.params import SelectParams
-from ctcurate.region import VOCABULARY_FILE, read_vocabulary
+from ctcurate.pipeline import select
+from ctcurate.selection import rules as sel_rules
+from ctcurate.selection.region import VOCABULARY_FILE, read_vocabulary
 
 RULES_DIR = Path(__file__).resolve().parents[1] / "stages" / "select"
 REGIONS = read_vocabulary(RULES_DIR / VOCABULARY_FILE)
@@ -125,8 +126,8 @@ def instances_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def verdicts(rows: list[dict[str, Any]], params: SelectParams = PARAMS) -> dict[str, Any]:
     """{(site, uid) → row} of the selection of ``rows`` with the project's rule files."""
-    con = select.catalog_from_tables(series_table(rows), instances_table(rows))
-    table = select.apply_rules(con, select.read_rules(RULES_DIR), params, REGIONS)
+    con = sel_rules.catalog_from_tables(series_table(rows), instances_table(rows))
+    table = sel_rules.apply_rules(con, sel_rules.read_rules(RULES_DIR), params, REGIONS)
     return {(r["site"], r["series_instance_uid"]): r for r in table.to_pylist()}
 
 
@@ -260,7 +261,7 @@ def test_era_boundary_on_pandemic_start() -> None:
 
 def test_used_parameters_ignores_comments_and_strings() -> None:
     sql = "-- $min_slices\n/* $nope */ SELECT '$x' AS a, $max_slice_thickness_mm, $b$"
-    assert select.used_parameters(sql) == ["b", "max_slice_thickness_mm"]
+    assert sel_rules.used_parameters(sql) == ["b", "max_slice_thickness_mm"]
 
 
 def write_rules(folder: Path, files: dict[str, str]) -> Path:
@@ -280,8 +281,8 @@ def test_candidates_view_holds_what_earlier_files_passed(tmp_path: Path) -> None
         },
     )
     rows = [chest("1.1", "9.1", slice_count=2), chest("1.2", "9.2")]
-    con = select.catalog_from_tables(series_table(rows), instances_table(rows))
-    out = select.apply_rules(con, select.read_rules(rules), PARAMS, REGIONS).to_pylist()
+    con = sel_rules.catalog_from_tables(series_table(rows), instances_table(rows))
+    out = sel_rules.apply_rules(con, sel_rules.read_rules(rules), PARAMS, REGIONS).to_pylist()
     assert [r["rule_reason"] for r in out] == ["few", "late"]
 
 
@@ -300,9 +301,9 @@ def test_candidates_view_holds_what_earlier_files_passed(tmp_path: Path) -> None
 def test_broken_rule_files_fail_naming_the_file(tmp_path: Path, sql: str, match: str) -> None:
     rules = write_rules(tmp_path / "rules", {"bad.sql": sql})
     rows = [chest("1.1", "9.1")]
-    con = select.catalog_from_tables(series_table(rows), instances_table(rows))
+    con = sel_rules.catalog_from_tables(series_table(rows), instances_table(rows))
     with pytest.raises(InputError, match=match):
-        select.apply_rules(con, select.read_rules(rules), PARAMS, REGIONS)
+        sel_rules.apply_rules(con, sel_rules.read_rules(rules), PARAMS, REGIONS)
 
 
 def test_audit_against_truth() -> None:
@@ -326,8 +327,8 @@ def test_audit_against_truth() -> None:
              "kind": "chest_ct", "pneumonia": True, "duplicate_of": "1.1"},
         ]
     )  # fmt: skip
-    con = select.catalog_from_tables(series_table(rows), instances_table(rows))
-    selection = select.apply_rules(con, select.read_rules(RULES_DIR), PARAMS, REGIONS)
+    con = sel_rules.catalog_from_tables(series_table(rows), instances_table(rows))
+    selection = sel_rules.apply_rules(con, sel_rules.read_rules(RULES_DIR), PARAMS, REGIONS)
     report = select.summarize(selection, truth)
     assert report["series_selected"] == 3
     assert report["precision"] == pytest.approx(1 / 3)

@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from ctcurate.pneumonia import FEATURES, ScoreTask, fit_selector, score_series
+from ctcurate.selection.pneumonia import FEATURES, ScoreTask, fit_selector, score_series
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 FOV_MM = 380.0

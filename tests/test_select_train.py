@@ -12,11 +12,12 @@ import pyarrow as pa
 import pytest
 from test_pneumonia import chest, ct_slices
 
-from ctcurate import select, select_train
+from ctcurate.demo import audit
 from ctcurate.errors import InputError
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import SelectParams
-from ctcurate.pneumonia import FEATURES, ScoreResult, read_model
+from ctcurate.pipeline import select, select_train
+from ctcurate.selection.pneumonia import FEATURES, ScoreResult, read_model
 
 PARAMS = SelectParams(workers=1)
 
@@ -278,12 +279,12 @@ def test_lung_mask_audit_means() -> None:
         ScoreResult("H01", "2", None, None, 0.8, 0.75, 0.2, 0.4),
         ScoreResult("H01", "3", None, None),
     ]
-    audit = select.lung_mask_audit(res)
-    assert audit["series"] == 2
-    assert audit["dice_threshold"] == pytest.approx(0.85)
-    assert audit["dice_robust"] == pytest.approx(0.85)
-    assert audit["consolidation_kept_robust"] == pytest.approx(0.6)
-    assert audit["robust_better"] == 1
+    lm_audit = audit.lung_mask_audit(res)
+    assert lm_audit["series"] == 2
+    assert lm_audit["dice_threshold"] == pytest.approx(0.85)
+    assert lm_audit["dice_robust"] == pytest.approx(0.85)
+    assert lm_audit["consolidation_kept_robust"] == pytest.approx(0.6)
+    assert lm_audit["robust_better"] == 1
 
 
 def test_select_run_needs_model_and_archive_together(tmp_path: Path) -> None:
@@ -303,7 +304,7 @@ def select_train_rules() -> Path:
 
 
 def test_select_refuses_a_selector_of_another_working_grid(tmp_path: Path) -> None:
-    from ctcurate.pneumonia import fit_selector, model_bytes
+    from ctcurate.selection.pneumonia import fit_selector, model_bytes
 
     x = np.random.default_rng(0).normal(size=(6, len(FEATURES)))
     model = fit_selector(x, [0, 1, 0, 1, 0, 1], l2=0.1, threshold=0.5, working_spacing_mm=1.5)

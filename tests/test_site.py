@@ -8,10 +8,10 @@ import pytest
 from test_index import run_index, table, write_series
 from test_region import TCIA
 
+from ctcurate.catalog.site import site_of
 from ctcurate.errors import ParamsError
-from ctcurate.index.site import site_of
 from ctcurate.params import IndexParams, SiteRule, load_section
-from ctcurate.snapshot import list_archive
+from ctcurate.pipeline.snapshot import list_archive
 
 TCIA_REGEX = r"manifest-[0-9]+/(?P<site>[^/]+)/"
 PATH = (
@@ -111,7 +111,7 @@ def test_real_tcia_layout_gives_the_collection_as_site() -> None:
 def test_site_sql_agrees_with_site_of(rule: dict[str, object]) -> None:
     import duckdb
 
-    from ctcurate.index.site import site_sql
+    from ctcurate.catalog.site import site_sql
 
     parsed = SiteRule.model_validate(rule)
     paths = ["a.dcm", "H01/a.dcm", "H01/x/a.dcm", "m-1/Lung-X/p/s/a.dcm", "m-1//a.dcm", "a/b/c/d/e"]

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from ctcurate import snapshot
 from ctcurate.errors import InputError
 from ctcurate.io.paths import escaped_bytes, fs_path, open_regular
 from ctcurate.io.tables import read_parquet
 from ctcurate.params import SnapshotParams
-from ctcurate.snapshot import list_archive, run
+from ctcurate.pipeline import snapshot
+from ctcurate.pipeline.snapshot import list_archive, run
 
 
 def _make_archive(root: Path) -> None:

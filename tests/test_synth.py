@@ -16,10 +16,7 @@ import pytest
 from pydantic import ValidationError
 from scipy import ndimage
 
-from ctcurate.io.seg import read_seg_labels
-from ctcurate.params import SynthParams
-from ctcurate.synth import run, write_header_heavy
-from ctcurate.synth.anatomy import (
+from ctcurate.demo.anatomy import (
     BONE,
     FAT,
     LUNG,
@@ -30,18 +27,17 @@ from ctcurate.synth.anatomy import (
     sample_body,
     scan_range,
 )
-from ctcurate.synth.annotations import grade_rows, pcr_rows, to_csv
-from ctcurate.synth.cohort import CHEST_TRAPS as COHORT_CHEST_TRAPS
-from ctcurate.synth.cohort import plan_cohort
-from ctcurate.synth.dicomwrite import SeriesInfo, ct_series, encode_series
-from ctcurate.synth.headerheavy import (
-    HH_MATRIX,
-    SeriesTemplate,
-    _study_instances,
-    plan_header_heavy,
-)
-from ctcurate.synth.lesions import CONSOLIDATION, GGO, NORMAL, add_pattern
-from ctcurate.synth.vendors import SITE_BY_CODE, SITES
+from ctcurate.demo.annotations import grade_rows, pcr_rows, to_csv
+from ctcurate.demo.cohort import CHEST_TRAPS as COHORT_CHEST_TRAPS
+from ctcurate.demo.cohort import plan_cohort
+from ctcurate.demo.dicomwrite import SeriesInfo, ct_series, encode_series
+from ctcurate.demo.headerheavy import HH_MATRIX, SeriesTemplate, _study_instances, plan_header_heavy
+from ctcurate.demo.lesions import add_pattern
+from ctcurate.demo.vendors import SITE_BY_CODE, SITES
+from ctcurate.dicom.seg import read_seg_labels
+from ctcurate.labels import CONSOLIDATION, GGO, NORMAL
+from ctcurate.params import SynthParams
+from ctcurate.pipeline.synth import run, write_header_heavy
 
 SMALL = SynthParams(patients=6, seed=11, matrix=32, pandemic_start=dt.date(2020, 3, 1))
 CHEST_TRAPS = {
@@ -601,9 +597,9 @@ def test_header_heavy_cli_is_deterministic_and_indexable(heavy: Path, tmp_path: 
     from typer.testing import CliRunner
 
     from ctcurate.cli import app
-    from ctcurate.index import run as index_run
     from ctcurate.params import IndexParams, SnapshotParams
-    from ctcurate.snapshot import run as snapshot_run
+    from ctcurate.pipeline.index import run as index_run
+    from ctcurate.pipeline.snapshot import run as snapshot_run
 
     out = tmp_path / "again"
     result = CliRunner().invoke(

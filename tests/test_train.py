@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import ctcurate.release
-from ctcurate import train
-from ctcurate.augment import RandLesionCropd, patch_start, train_transform
 from ctcurate.errors import InputError, ParamsError
 from ctcurate.io.atomic import write_json
 from ctcurate.io.outputs import MARKER
-from ctcurate.nets import (
+from ctcurate.models import checkpoint
+from ctcurate.models.augment import RandLesionCropd, patch_start, train_transform
+from ctcurate.models.nets import (
     FEATURES,
     balanced_weights,
     fit_logistic,
@@ -26,7 +26,8 @@ from ctcurate.nets import (
     typicality_features,
 )
 from ctcurate.params import TrainParams
-from ctcurate.release import CaseRecord, build_manifest, write_shard
+from ctcurate.pipeline import train
+from ctcurate.release.format import CaseRecord, build_manifest, write_shard
 
 PATTERNS = ("typical", "atypical", "negative")
 
@@ -179,7 +180,7 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert card["n_train"] == 4
     from ctcurate.provenance import provenance
 
-    assert card["provenance"] == provenance("ctcurate.train")
+    assert card["provenance"] == provenance("ctcurate.pipeline.train")
     assert card["n_val"] == 2
     assert card["training_patch"] == [16, 16, 16]  # train.patch clipped to the volume
     assert card["checkpoint"]["epoch"] in (1, 2)
@@ -196,7 +197,7 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert {"train", "val"} <= set(metrics)
     assert (live / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     assert not (live / "dvc.yaml").exists()
-    net, classifier, loaded = train.load_models(out)
+    net, classifier, loaded = checkpoint.load_models(out)
     assert loaded == card
     assert classifier.n_fit == 6
     assert sum(p.numel() for p in net.parameters()) > 0
@@ -245,15 +246,15 @@ def test_shape_not_multiple(tmp_path: Path) -> None:
 
 def test_load_models_errors(release: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"model\.json: missing"):
-        train.load_models(tmp_path)
+        checkpoint.load_models(tmp_path)
     out = tmp_path / "models"
     train.run(release, out, tmp_path / "live", tiny_params(epochs=1))
     (out / "classifier.json").write_text("{}")
     with pytest.raises(InputError, match=r"classifier\.json: not a valid classifier"):
-        train.load_models(out)
+        checkpoint.load_models(out)
     (out / "seg.pt").write_bytes(b"garbage")
     with pytest.raises(InputError, match=r"seg\.pt: cannot load"):
-        train.load_models(out)
+        checkpoint.load_models(out)
 
 
 def test_features_of_patterns() -> None:

@@ -17,7 +17,7 @@ import yaml
 import ctcurate.release
 from ctcurate.errors import VerifyError
 from ctcurate.io.atomic import sha256_file, write_json
-from ctcurate.release import (
+from ctcurate.release.format import (
     MANIFEST,
     SHARD_DIR,
     CaseRecord,

@@ -16,8 +16,8 @@ import pytest
 from phantom import PhantomParams, build_archive
 from test_train import make_release, tiny_params
 
-from ctcurate import predict, train
-from ctcurate.io.seg import read_seg_labels
+from ctcurate.dicom.seg import read_seg_labels
+from ctcurate.pipeline import predict, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -102,7 +102,7 @@ def synth(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Generate the built-in synthetic multi-hospital CT archive."""
-    from ctcurate import synth as stage
+    from ctcurate.pipeline import synth as stage
 
     section = _section_or_default(params, "synth", SynthParams)
     overrides = {k: v for k, v in {"patients": patients, "seed": seed}.items() if v is not None}
@@ -125,7 +125,7 @@ def snapshot(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """List the archive (relative path, size, mtime), sorted, into one Parquet file."""
-    from ctcurate import snapshot as stage
+    from ctcurate.pipeline import snapshot as stage
 
     stage.run(
         archive=archive, out=out, params=_section_or_default(params, "snapshot", SnapshotParams)
@@ -148,7 +148,7 @@ def index(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Read DICOM headers into instances / series / quarantine tables and a DuckDB catalog."""
-    from ctcurate import index as stage
+    from ctcurate.pipeline import index as stage
 
     section = _section_or_default(params, "index", IndexParams)
     if workers is not None:
@@ -175,7 +175,7 @@ def query(
     ] = QueryFormat.table,
 ) -> None:
     """Ad-hoc cohort queries over the index catalog."""
-    from ctcurate import query as stage
+    from ctcurate.pipeline import query as stage
 
     sys.stdout.write(stage.run(catalog=catalog, sql=sql, fmt=fmt.value))
 
@@ -219,7 +219,7 @@ def select_(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Apply the selection rules, the pneumonia scorer and the era split to the series."""
-    from ctcurate import select as stage
+    from ctcurate.pipeline import select as stage
 
     stage.run(
         index_dir=index,
@@ -243,7 +243,7 @@ def select_audit_list(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Draw the demo's pneumonia audit list from the synthetic ground truth."""
-    from ctcurate import select_train as stage
+    from ctcurate.pipeline import select_train as stage
 
     stage.run_audit_list(
         truth=truth, out=out, params=_section_or_default(params, "select", SelectParams)
@@ -271,7 +271,7 @@ def select_train(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Fit the pneumonia selector on a labelled audit list."""
-    from ctcurate import select_train as stage
+    from ctcurate.pipeline import select_train as stage
 
     stage.run(
         index_dir=index,
@@ -296,7 +296,7 @@ def annotate_join(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Link PCR results and reader grades to the selected series."""
-    from ctcurate import annotate_join as stage
+    from ctcurate.pipeline import annotate_join as stage
 
     stage.run(
         selected=selected,
@@ -334,7 +334,7 @@ def pack(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Build a content-addressed HDF5 release (volumes, masks, labels, splits, manifest)."""
-    from ctcurate import pack as stage
+    from ctcurate.pipeline import pack as stage
 
     stage.run(
         cases=cases,
@@ -364,7 +364,7 @@ def diff(
     ] = DiffFormat.markdown,
 ) -> None:
     """What changed between two releases: cases, labels, splits, counts, params, rules."""
-    from ctcurate import diff as stage
+    from ctcurate.release import diff as stage
 
     typer.echo(stage.run(old, new, "json" if fmt is DiffFormat.json else "markdown"), nl=False)
 
@@ -413,7 +413,7 @@ def export(
     ],
 ) -> None:
     """Write a verified release as NIfTI files for nnU-Net v2, MONAI or other tools."""
-    from ctcurate import export as stage
+    from ctcurate.pipeline import export as stage
 
     choice: dict[ExportFormat, stage.Format] = {
         ExportFormat.nnunet: "nnunet",
@@ -435,7 +435,7 @@ def train(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Train the lung / lesion segmentation and typicality models on a release."""
-    from ctcurate import train as stage
+    from ctcurate.pipeline import train as stage
 
     stage.run(
         release=release,
@@ -462,7 +462,7 @@ def evaluate(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Evaluate the models on the release's test split."""
-    from ctcurate import evaluate as stage
+    from ctcurate.pipeline import evaluate as stage
 
     stage.run(
         release=release,
@@ -508,9 +508,9 @@ def predict(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Apply the trained models to one CT series or to the selected series: SEG, JSON, PNG."""
-    from ctcurate import predict as tool
-    from ctcurate import predict_batch
     from ctcurate.errors import InputError
+    from ctcurate.pipeline import predict as tool
+    from ctcurate.pipeline import predict_batch
 
     pack_params = _section_or_default(params, "pack", PackParams)
     eval_params = _section_or_default(params, "evaluate", EvaluateParams)
@@ -546,7 +546,7 @@ def lung_mask(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Write the pneumonia selector's lung mask of one CT series as a DICOM SEG."""
-    from ctcurate import lung_mask as tool
+    from ctcurate.pipeline import lung_mask as tool
 
     tool.run(series, out, _section_or_default(params, "select", SelectParams))
 

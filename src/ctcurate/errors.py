@@ -48,3 +48,8 @@ class OutputError(CtcurateError):
     """An output path that a stage may not replace, or a full disk while writing it."""
 
     exit_code = 7
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space."""
+    return " ".join(str(text).split())

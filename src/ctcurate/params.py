@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from ctcurate.dicom import phi
 from ctcurate.errors import ParamsError
-from ctcurate.io import phi
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -137,7 +137,7 @@ class SitePhiPolicy(Section):
 class PhiPolicy(SitePhiPolicy):
     """``index.phi``: the PHI policy identifying attributes are judged by (docs/index.md).
 
-    ``actions`` change the defaults of :data:`ctcurate.io.phi.DEFAULT_ACTIONS`; ``strict``
+    ``actions`` change the defaults of :data:`ctcurate.dicom.phi.DEFAULT_ACTIONS`; ``strict``
     makes every identifying attribute ``empty``; ``sites`` change any of these per site.
     """
 
@@ -232,7 +232,7 @@ class PackParams(Section):
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.6, 0.2, 0.2)
     shard_max_cases: PositiveInt = 64
     # each case carries a keyed pseudonym of (site, patient id); the key comes from the
-    # environment (ctcurate.pack.PSEUDONYM_KEY_ENV) and pack fails without it
+    # environment (ctcurate.pipeline.pack.PSEUDONYM_KEY_ENV) and pack fails without it
     patient_pseudonyms: bool = False
     # cases shown in card.html's gallery (one thumbnail each; beyond it, a sample per site
     # and label); 0: no gallery

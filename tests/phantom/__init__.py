@@ -1,4 +1,4 @@
-"""A second synthetic chest CT generator, independent of ``ctcurate.synth``: held-out data
+"""A second synthetic chest CT generator, independent of ``ctcurate.pipeline.synth``: held-out data
 for the selector and the lung masks (never used to choose a ctcurate constant).
 
     from phantom import PhantomParams, build_archive

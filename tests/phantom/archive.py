@@ -331,7 +331,7 @@ def build_archive(out: Path, params: PhantomParams | None = None) -> pa.Table:
         series = make_series(params, i, pneumonia=bool(order[i] < n_pos))
         datasets = write_series(series, archive, params)
         if params.write_seg:
-            from ctcurate.io.seg import write_seg
+            from ctcurate.dicom.seg import write_seg
 
             seg_dir = out / "annotations" / "seg"
             seg_dir.mkdir(parents=True, exist_ok=True)

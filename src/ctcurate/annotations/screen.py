@@ -2,7 +2,7 @@
 
 Grade rows of unknown or unselected studies, unknown readers and repeat reads move to the
 rejects; PCR sites written in another case than the archive's take its spelling; a file
-with too many rejected rows fails (see :mod:`ctcurate.annotate_join`).
+with too many rejected rows fails (see :mod:`ctcurate.pipeline.annotate_join`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The archive catalog built by ``index``: scanning, sites, tables and the DuckDB views."""

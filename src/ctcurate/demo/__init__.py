@@ -1,0 +1,1 @@
+"""The built-in synthetic hospital archive (``ctcurate synth``) and its truth audit: demo only."""

@@ -1,0 +1,1 @@
+"""DICOM reading and writing: headers (lean and pydicom paths), PHI policy, SEG, gzip."""

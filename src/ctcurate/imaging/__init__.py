@@ -1,0 +1,1 @@
+"""CT volumes: series assembly, resampling grids, lung masks."""

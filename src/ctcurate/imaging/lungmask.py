@@ -1,0 +1,412 @@
+"""Lung masks of a CT volume in Hounsfield units: a plain threshold and a consolidation-robust one.
+
+Axis order is (z, y, x) with axial slices along z. Every size is in millimetres and turned
+into voxels with the volume's spacing, so sites with other pixel spacings or slice
+thicknesses get the same anatomy. Two masks:
+
+* :func:`threshold_lung_mask` — the baseline: air-like voxels (``< hu_max``) inside the
+  body, the large components, each slice's holes (vessels) filled. Dense consolidation at
+  the lung's border is not a hole, so it is lost.
+* :func:`robust_lung_mask` — the threshold mask plus two recoveries, per slice and lung:
+
+  1. *bays*: the convex hull of the lung's aerated pixels, except medial of the innermost
+     aerated pixel of each row (the heart, the great vessels and the spine bulge into the
+     lung from the middle; consolidation fills it from the chest wall) and farther than
+     :data:`BAY_REACH_MM` from the aerated pixels (the diaphragm's dome under a basal
+     crescent of lung);
+  2. *chest wall*: dense soft tissue between the lung and the chest wall. The chest wall
+     is the bony cage — the convex hull of the bone (ribs, spine) within
+     :data:`CAGE_RIB_MM` of the aerated lung (not the scapulae or arms outside the
+     chest-wall muscles) and within :data:`CAGE_WINDOW_MM` above and below the slice,
+     pulled in by :data:`CAGE_WALL_MM` (the ribs' own thickness). Inside it, non-bone tissue denser
+     than air that touches the lung, lies lateral of the lung's medial limit and within
+     :data:`WALL_REACH_MM` of the aerated lung's rows becomes lung: consolidation against
+     the pleura that the hull of the aerated lung cannot reach.
+
+
+
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+#: Voxels below this (HU) are air-like: aerated lung, airways, air outside the body.
+LUNG_HU_MAX = -400.0
+#: A lung component must hold at least this fraction of the largest one (drops the trachea
+#: stump, bowel gas and noise specks).
+MIN_COMPONENT_FRACTION = 0.05
+#: A lung needs at least this area (mm², and 3 pixels) in a slice before its hull is taken.
+MIN_HULL_MM2 = 32.0
+#: Bone (ribs, spine) is at least this dense (HU); the chest wall's cage is built from it.
+BONE_HU_MIN = 200.0
+#: Tissue below this (HU) can be consolidated lung (bone and contrast are denser).
+DENSE_HU_MAX = 150.0
+#: Bone within this distance (mm) above and below a slice makes its cage (ribs run obliquely,
+#: so one slice cuts only a few of them).
+CAGE_WINDOW_MM = 15.0
+#: Only bone within this distance (mm) of the aerated lung builds the cage: ribs and
+#: vertebrae lie against the pleura, the scapulae and arms outside the chest-wall muscles.
+CAGE_RIB_MM = 15.0
+#: The cage's hull is pulled in by this much (mm): the ribs' thickness.
+CAGE_WALL_MM = 6.0
+#: A chest-wall fill is at most this fraction of the lung's aerated pixels in the slice (a
+#: lung apex or base surrounded by soft tissue is not consolidated).
+WALL_MAX_FRACTION = 0.5
+#: Chest-wall fill thinner than this (mm) is a rim of the wall itself, not consolidation.
+WALL_MIN_THICKNESS_MM = 8.0
+#: No chest-wall fill where a lung's aerated slice is below this fraction of the largest
+#: slice's (per lung: half the slice total).
+WALL_MIN_AREA_FRACTION = 0.3
+#: A chest-wall fill touching more than this fraction of the lung's outline wraps around it:
+#: soft tissue between a narrow lung and the cage (the upper chest), not consolidation.
+WALL_MAX_CONTACT = 0.4
+#: Rows without aerated lung get chest-wall fill only this close (mm) to rows with some.
+WALL_REACH_MM = 20.0
+#: A bay is closed only this close (mm) to the lung's aerated pixels: at the bases the hull
+#: of the lung's crescent round the diaphragm would span the liver, spleen or stomach;
+#: consolidation deeper than this against the chest wall is the chest-wall fill's.
+BAY_REACH_MM = 15.0
+#: Pixel centres this close to a hull edge (pixels) count as inside.
+_EDGE_TOL = 1e-6
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+#: Background connectivity of a slice's holes: 4-neighbours in-plane, never across slices.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _fill_slices(mask: BoolArray) -> BoolArray:
+    """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling)."""
+    background, n = ndimage.label(~mask, structure=_IN_PLANE)
+    if n == 0:
+        return mask.copy()
+    edge = np.zeros(n + 1, dtype=bool)
+    for border in (background[:, 0, :], background[:, -1, :], background[:, :, 0]):
+        edge[border] = True
+    edge[background[:, :, -1]] = True
+    filled: BoolArray = mask | ~edge[background]
+    return filled
+
+
+def body_mask(image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_MAX) -> BoolArray:
+    """The body: the largest 3D component at or above ``hu_max``, each slice's holes filled."""
+    img = np.asarray(image_hu)
+    tissue, n = ndimage.label(img >= hu_max)
+    if n == 0:
+        return np.zeros(img.shape, dtype=bool)
+    sizes = np.bincount(tissue.ravel())[1:]
+    return _fill_slices(tissue == int(np.argmax(sizes)) + 1)
+
+
+def _threshold_in_body(img: npt.NDArray[np.float32], body: BoolArray, hu_max: float) -> BoolArray:
+    labels, n = ndimage.label((img < hu_max) & body)
+    if n == 0:
+        return np.zeros(img.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= MIN_COMPONENT_FRACTION * sizes.max()) + 1
+    return _fill_slices(np.isin(labels, keep))
+
+
+def threshold_lung_mask(
+    image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_MAX
+) -> BoolArray:
+    """Plain HU-threshold lung mask (the baseline).
+
+    Air-like voxels inside the body, the 3D components holding at least
+    :data:`MIN_COMPONENT_FRACTION` of the largest one, each slice's holes filled.
+    """
+    img = np.asarray(image_hu, dtype=np.float32)
+    if img.ndim != 3:
+        msg = f"expected a (z, y, x) volume, got shape {img.shape}"
+        raise ValueError(msg)
+    return _threshold_in_body(img, body_mask(img, hu_max), hu_max)
+
+
+def _hull_2d(mask: BoolArray) -> BoolArray:
+    """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included)."""
+    pts = np.argwhere(mask).astype(np.float64)
+    if len(pts) < 3:
+        return mask.copy()
+    try:
+        hull = pts[ConvexHull(pts).vertices]
+    except QhullError:  # all on one line: the mask is its own hull
+        return mask.copy()
+    # a convex polygon covers one span of columns per row: intersect each row with the edges
+    a, b = hull, np.roll(hull, -1, axis=0)
+    rows = np.arange(int(hull[:, 0].min()), int(hull[:, 0].max()) + 1, dtype=np.float64)
+    r = rows[:, None]
+    lo_r, hi_r = np.minimum(a[:, 0], b[:, 0])[None, :], np.maximum(a[:, 0], b[:, 0])[None, :]
+    crosses = (r >= lo_r) & (r <= hi_r)
+    dr = (b[:, 0] - a[:, 0])[None, :]
+    t = np.where(dr != 0, (r - a[:, 0][None, :]) / np.where(dr != 0, dr, 1.0), 0.0)
+    col_a = a[:, 1][None, :] + t * (b[:, 1] - a[:, 1])[None, :]
+    flat = dr == 0  # a horizontal edge covers its whole column range
+    left = np.where(crosses, np.where(flat, np.minimum(a[:, 1], b[:, 1])[None, :], col_a), np.inf)
+    right = np.where(crosses, np.where(flat, np.maximum(a[:, 1], b[:, 1])[None, :], col_a), -np.inf)
+    first = np.ceil(left.min(axis=1) - _EDGE_TOL).astype(np.int64)
+    last = np.floor(right.max(axis=1) + _EDGE_TOL).astype(np.int64)
+    out = mask.copy()
+    cols = np.arange(mask.shape[1])[None, :]
+    span = (cols >= first[:, None]) & (cols <= last[:, None])
+    out[rows.astype(np.int64)] |= span
+    return out
+
+
+def _innermost(lung: BoolArray, distance: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Per row of a slice, the distance from the midline of the lung's innermost pixel.
+
+    ``distance`` is each column's distance from the midline (a (1, x) row); rows without
+    lung pixels get +inf.
+    """
+    big = np.float64(np.inf)
+    innermost: npt.NDArray[np.float64] = np.where(
+        lung, np.broadcast_to(distance, lung.shape), big
+    ).min(axis=1)
+    return innermost
+
+
+def _close_lung_slice(
+    lung: BoolArray, distance: npt.NDArray[np.float64], innermost: npt.NDArray[np.float64]
+) -> BoolArray:
+    """One slice of one lung: its hull, minus what lies medial of each row's innermost pixel.
+
+    ``distance`` is each column's distance from the midline (a (1, x) row), ``innermost``
+    the lung's :func:`_innermost`.
+    """
+    hull = _hull_2d(_boundary(lung))
+    # rows without lung pixels (a consolidated band across the whole lung) keep the hull
+    allowed = (distance >= innermost[:, None]) | ~np.isfinite(innermost)[:, None]
+    closed: BoolArray = lung | (hull & allowed)
+    return closed
+
+
+def _mm_to_px(mm: float, spacing: float) -> int:
+    return max(round(mm / spacing), 1)
+
+
+def _medial_limit(innermost: npt.NDArray[np.float64], reach_px: int) -> Any:
+    """Per row, the lung's :func:`_innermost` distance from the midline.
+
+    Rows without lung pixels take the limit of the nearest row that has some, when it is
+    at most ``reach_px`` rows away; farther rows get +inf (nothing allowed).
+    """
+    big = np.float64(np.inf)
+    has = np.isfinite(innermost)
+    if not has.any():
+        return innermost
+    gap, (nearest,) = ndimage.distance_transform_edt(~has, return_indices=True)
+    out = innermost[nearest]
+    out[gap > reach_px] = big
+    return out
+
+
+def _edge_contact(edge: BoolArray, labels: npt.NDArray[np.int32], n: int) -> Any:
+    """Per label 0..n, the edge pixels that hold it or have a 4-neighbour holding it (what
+    ``(edge & binary_dilation(labels == c)).sum()`` counts, for every c at once)."""
+    ys, xs = np.nonzero(edge)
+    padded = np.pad(labels, 1)
+    near = np.stack(
+        [padded[ys + 1 + dy, xs + 1 + dx] for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))]
+    )
+    pixel = np.broadcast_to(np.arange(len(ys)), near.shape)
+    pairs = np.unique(pixel.ravel() * (n + 1) + near.ravel())
+    return np.bincount(pairs % (n + 1), minlength=n + 1)
+
+
+def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
+    """The smallest box holding every True element of a non-empty mask."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(spans)
+
+
+def opening(mask: BoolArray, structure: BoolArray) -> BoolArray:
+    """Binary opening of ``mask`` by ``structure`` (symmetric, odd-sized, any dimension).
+
+    The same pixels as ``ndimage.binary_opening``, at a fraction of the cost: computed on
+    the bounding box of the mask (the opening lies inside the mask, and the erosion treats
+    the box's border as outside), the erosion only where the erosion by the structure's
+    central 3×…×3 part (a subset) leaves a pixel, the dilation only inside the mask.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    box = bounding_box(mask)
+    part = mask[box]
+    centre = tuple(slice(max(n // 2 - 1, 0), n // 2 + 2) for n in structure.shape)
+    core = ndimage.binary_erosion(part, structure=structure[centre])
+    eroded = ndimage.binary_erosion(part, structure=structure, mask=core) & core
+    out[box] = ndimage.binary_dilation(eroded, structure=structure, mask=part) & part
+    return out
+
+
+#: Compare-exchange pairs of a median-of-9 sorting network (the median ends at index 4).
+_MEDIAN9 = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)  # fmt: skip
+
+
+def median_in_plane(img: npt.NDArray[np.float32], size: tuple[int, int, int]) -> Any:
+    """In-plane median of window ``size`` (1, y, x), edges mirrored as ``ndimage`` does;
+    a 3×3 window by a sorting network (several times faster than ``median_filter``)."""
+    if max(size) == 1:
+        return img
+    if size != (1, 3, 3):
+        return ndimage.median_filter(img, size=size)
+    padded = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="symmetric")
+    ny, nx = img.shape[1], img.shape[2]
+    v = [padded[:, i : i + ny, j : j + nx].copy() for i in range(3) for j in range(3)]
+    for a, b in _MEDIAN9:
+        low = np.minimum(v[a], v[b])
+        np.maximum(v[a], v[b], out=v[b])
+        v[a] = low
+    return v[4]
+
+
+def _boundary(mask: BoolArray) -> BoolArray:
+    """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others)."""
+    edge: BoolArray = mask & ~ndimage.binary_erosion(mask)
+    return edge
+
+
+def lung_masks(
+    image_hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    hu_max: float = LUNG_HU_MAX,
+) -> tuple[BoolArray, BoolArray]:
+    """(threshold mask, robust mask) of one volume, sharing the body and threshold steps.
+
+    ``spacing_mm`` is the (z, y, x) voxel size. The robust mask: per slice, the threshold
+    mask is split at the body's midline column into the two lungs (components reaching the
+    midline, the airways, are dropped first); each lung gets its bays closed and the dense
+    tissue between it and the bony chest wall (see the module text); each slice's holes
+    are filled.
+    """
+    img = np.asarray(image_hu, dtype=np.float32)
+    if img.ndim != 3:
+        msg = f"expected a (z, y, x) volume, got shape {img.shape}"
+        raise ValueError(msg)
+    dz, dy, dx = (float(v) for v in spacing_mm)
+    if not min(dz, dy, dx) > 0:
+        msg = f"spacing must be positive, got {spacing_mm}"
+        raise ValueError(msg)
+    body = body_mask(img, hu_max)
+    if not body.any():
+        return body, body.copy()
+    # everything below lies in the body: work on its in-plane bounding box (one pixel of
+    # margin keeps the outside connected to the border), the same masks at less cost
+    rows, cols_in = np.flatnonzero(body.any(axis=(0, 2))), np.flatnonzero(body.any(axis=(0, 1)))
+    box = (
+        slice(None),
+        slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2),
+        slice(max(int(cols_in[0]) - 1, 0), int(cols_in[-1]) + 2),
+    )
+    base_box, robust_box = _lung_masks_in_box(img[box], body[box], (dz, dy, dx), hu_max)
+    base, robust = np.zeros(img.shape, dtype=bool), np.zeros(img.shape, dtype=bool)
+    base[box], robust[box] = base_box, robust_box
+    return base, robust
+
+
+def _lung_masks_in_box(
+    img: npt.NDArray[np.float32],
+    body: BoolArray,
+    spacing_mm: tuple[float, float, float],
+    hu_max: float,
+) -> tuple[BoolArray, BoolArray]:
+    """:func:`lung_masks` on a box holding the body."""
+    dz, dy, dx = spacing_mm
+    base = _threshold_in_body(img, body, hu_max)
+    out = base.copy()
+    if not base.any():
+        return base, out
+    bone = (img >= BONE_HU_MIN) & body
+    # the cage is the ribs and spine against the pleura: bone within CAGE_RIB_MM of the
+    # aerated lung (the scapulae, arms and spinous processes lie farther out, behind muscle)
+    near = ndimage.distance_transform_edt(~base, sampling=(dz, dy, dx)) <= CAGE_RIB_MM
+    cage_bone = ndimage.maximum_filter1d(
+        bone & near, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
+    )
+    dense = (img >= hu_max) & (img < DENSE_HU_MAX) & ~bone & body
+    reach_px = _mm_to_px(WALL_REACH_MM, dy)
+    ry, rx = (_mm_to_px(WALL_MIN_THICKNESS_MM / 2.0, v) for v in (dy, dx))
+    yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
+    rim = ((yy / ry) ** 2 + (xx / rx) ** 2) <= 1.0
+    cols = np.arange(img.shape[2], dtype=np.float64)
+    # the lung's tips (apex, costophrenic recesses) sit in soft tissue: no chest-wall fill
+    # in a slice where the lung is smaller than WALL_MIN_AREA_FRACTION of its largest slice
+    area = base.sum(axis=(1, 2))
+    min_area = WALL_MIN_AREA_FRACTION * float(area.max()) / 2.0
+    min_hull = max(3, round(MIN_HULL_MM2 / (dy * dx)))
+    for k in range(img.shape[0]):
+        if not base[k].any():
+            continue
+        in_body = body[k].any(axis=0)
+        midline = float(cols[in_body].mean()) if in_body.any() else (img.shape[2] - 1) / 2.0
+        # airways on the midline (trachea, main bronchi) are not lung: drop the slice's
+        # components that reach the midline column before taking hulls
+        parts, n = ndimage.label(base[k])
+        centre = round(midline)
+        on_midline = np.unique(parts[:, max(centre - 1, 0) : centre + 2])
+        lungs = base[k] & ~np.isin(parts, on_midline[on_midline > 0]) if n else base[k]
+        distance = np.abs(cols - midline)[None, :]
+        inner = np.zeros_like(lungs)
+        cage_pts = _boundary(cage_bone[k]) | _boundary(lungs)
+        if cage_bone[k].any() and int(cage_pts.sum()) >= 3:
+            cage = _hull_2d(cage_pts)
+            inner = ndimage.distance_transform_edt(cage, sampling=(dy, dx)) > CAGE_WALL_MM
+        # each lung on its own half of the slice: everything below lies within its side
+        half = int(np.count_nonzero(cols < midline))
+        for cs in (slice(0, half), slice(half, img.shape[2])):
+            lung = lungs[:, cs]
+            n_lung = int(lung.sum())
+            if n_lung < min_hull:
+                out[k, :, cs] |= lung
+                continue
+            dist = distance[:, cs]
+            innermost = _innermost(lung, dist)
+            closed = _close_lung_slice(lung, dist, innermost) & body[k, :, cs]
+            closed &= ndimage.distance_transform_edt(~lung, sampling=(dy, dx)) <= BAY_REACH_MM
+            if n_lung < min_area:  # a lung tip: no chest-wall fill
+                out[k, :, cs] |= closed
+                continue
+            limit = _medial_limit(innermost, reach_px)
+            allowed = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs] & ~closed
+            # a thin rim of chest-wall muscle is not consolidation: open it away
+            allowed = opening(allowed, rim)
+            wall, n_wall = ndimage.label(allowed)
+            if n_wall:
+                sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
+                edge = _boundary(closed)
+                n_edge = max(int(edge.sum()), 1)
+                contact = _edge_contact(edge, wall, n_wall)
+                keep = [
+                    c
+                    for c in np.flatnonzero(contact)
+                    if c > 0
+                    and sizes[c] <= WALL_MAX_FRACTION * n_lung
+                    and contact[c] <= WALL_MAX_CONTACT * n_edge
+                ]
+                if keep:
+                    closed |= np.isin(wall, keep)
+            out[k, :, cs] |= closed
+    return base, _fill_slices(out)
+
+
+def robust_lung_mask(
+    image_hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    hu_max: float = LUNG_HU_MAX,
+) -> BoolArray:
+    """A lung mask that keeps dense consolidation at the lung border (see :func:`lung_masks`)."""
+    return lung_masks(image_hu, spacing_mm, hu_max)[1]

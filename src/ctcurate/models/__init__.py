@@ -1,0 +1,1 @@
+"""Segmentation and typicality models: networks, augmentation, metrics, logistic regression."""

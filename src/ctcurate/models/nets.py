@@ -1,0 +1,269 @@
+"""The models of train / evaluate: the segmentation network, its I/O contract and the
+typicality classifier on segmentation features.
+
+Segmentation I/O contract (saved in ``models/model.json``):
+
+- input: one channel float32 (B, 1, z, y, x) in the release's axis order and spacing, made
+  from Hounsfield units by :func:`normalise_hu`: clip to :data:`HU_WINDOW` then scale to
+  [0, 1] (``(hu - lo) / (hi - lo)``);
+- output: logits (B, 4, z, y, x) over the labels of the release (0 background, 1 normal
+  lung, 2 ground-glass opacity, 3 consolidation); the lung is ``argmax > 0``.
+
+Typicality: seven features measured on a label volume (:data:`FEATURES`, see
+:func:`typicality_features`), standardised and fed to an L2-regularised logistic
+regression fitted by Newton's method (:func:`fit_logistic`): no randomness, so the same
+features give the same model, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from scipy import ndimage
+
+from ctcurate.labels import CONSOLIDATION, GGO, N_CLASSES, NORMAL
+from ctcurate.models.logistic import StandardisedLogistic, fit_newton, predict_standardised
+
+#: Hounsfield window of the network input: clipped, then scaled to [0, 1].
+HU_WINDOW: tuple[float, float] = (-1024.0, 600.0)
+#: Names of the typicality features, in the order of :func:`typicality_features`.
+FEATURES: tuple[str, ...] = (
+    "lesion_fraction",
+    "ggo_share",
+    "consolidation_fraction",
+    "bilateral_share",
+    "peripheral_share",
+    "lower_zone_share",
+    "log_lesion_ml",
+)
+#: Relative depth inside a lung (0 at its surface, 1 at its deepest voxel) below which a
+#: lesion voxel counts as peripheral.
+PERIPHERAL_DEPTH = 0.5
+
+
+def normalise_hu(image: torch.Tensor) -> torch.Tensor:
+    """Network input from HU: clip to :data:`HU_WINDOW`, scale to [0, 1]."""
+    lo, hi = HU_WINDOW
+    return (image.clamp(lo, hi) - lo) / (hi - lo)
+
+
+def unet_config(channels: Sequence[int], num_res_units: int) -> dict[str, Any]:
+    """Constructor arguments of the MONAI 3-D U-Net (saved in ``model.json``)."""
+    if len(channels) < 2:
+        msg = f"channels needs at least two levels, got {list(channels)}"
+        raise ValueError(msg)
+    return {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": N_CLASSES,
+        "channels": [int(c) for c in channels],
+        "strides": [2] * (len(channels) - 1),
+        "num_res_units": int(num_res_units),
+    }
+
+
+def build_unet(config: Mapping[str, Any]) -> torch.nn.Module:
+    """The segmentation network from :func:`unet_config` arguments."""
+    from monai.networks.nets.unet import UNet
+
+    net: torch.nn.Module = UNet(**dict(config))
+    return net
+
+
+def shape_multiple(config: Mapping[str, Any]) -> int:
+    """Every input side must be a multiple of this (the product of the strides)."""
+    return int(np.prod(config["strides"]))
+
+
+@torch.no_grad()
+def predict_labels(
+    net: torch.nn.Module,
+    image_hu: torch.Tensor,
+    roi: Sequence[int],
+    device: torch.device,
+    amp: bool = False,
+) -> npt.NDArray[np.uint8]:
+    """Label volumes (B, z, y, x) predicted for HU images (B, 1, z, y, x).
+
+    An image of the training shape ``roi`` is inferred whole; another shape by a sliding
+    window of ``roi`` (overlap 0.25, Gaussian blending).
+    """
+    from monai.inferers.utils import sliding_window_inference
+
+    net.eval()
+    x = normalise_hu(image_hu.to(device=device, dtype=torch.float32))
+    with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
+        if tuple(x.shape[2:]) == tuple(roi):
+            logits = net(x)
+        else:
+            logits = sliding_window_inference(
+                x,
+                roi_size=tuple(roi),
+                sw_batch_size=1,
+                predictor=net,
+                overlap=0.25,
+                mode="gaussian",
+            )
+    labels = torch.argmax(logits.float(), dim=1)
+    return labels.to(device="cpu", dtype=torch.uint8).numpy()
+
+
+def remove_small_lesions(
+    label: npt.NDArray[np.integer[Any]],
+    min_mm3: float,
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+) -> npt.NDArray[np.uint8]:
+    """``label`` with every lesion component smaller than ``min_mm3`` relabelled normal lung.
+
+    A lesion component is a 26-connected region of GGO or consolidation voxels; its
+    volume is its voxel count times the voxel volume of ``spacing_mm`` (z, y, x). The
+    lung (label > 0) is unchanged: a dropped lesion stays lung. ``min_mm3 <= 0`` returns
+    an unchanged copy.
+    """
+    lab = np.asarray(label).astype(np.uint8, copy=True)
+    if min_mm3 <= 0:
+        return lab
+    lesion = lab >= GGO
+    components, n = ndimage.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return lab
+    voxel_mm3 = float(np.prod(np.asarray(spacing_mm, dtype=np.float64)))
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:] * voxel_mm3
+    small = np.flatnonzero(sizes < min_mm3) + 1
+    if small.size:
+        lab[np.isin(components, small)] = NORMAL
+    return lab
+
+
+def typicality_features(
+    label: npt.NDArray[np.integer[Any]], spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)
+) -> npt.NDArray[np.float64]:
+    """The :data:`FEATURES` of one (z, y, x) label volume.
+
+    - ``lesion_fraction``: GGO + consolidation voxels / lung voxels;
+    - ``ggo_share``: GGO / lesion voxels;
+    - ``consolidation_fraction``: consolidation / lung voxels;
+    - ``bilateral_share``: lesion voxels on the less involved side / all lesion voxels (0 to
+      0.5; sides split at the middle of the lung's x extent);
+    - ``peripheral_share``: lesion voxels at relative depth < :data:`PERIPHERAL_DEPTH` in
+      their lung / lesion voxels (depth = distance to the lung surface in mm, divided by
+      the deepest distance on that side);
+    - ``lower_zone_share``: lesion voxels in the inferior half of the lung's z extent /
+      lesion voxels;
+    - ``log_lesion_ml``: ``log1p`` of the lesion volume in mL.
+
+    Shares are 0 without lesion; every feature is 0 without lung.
+    """
+    lab = np.asarray(label)
+    if lab.ndim != 3:
+        msg = f"typicality_features: expected a (z, y, x) volume, got shape {lab.shape}"
+        raise ValueError(msg)
+    lung = lab > 0
+    n_lung = int(lung.sum())
+    out = np.zeros(len(FEATURES), dtype=np.float64)
+    if n_lung == 0:
+        return out
+    lesion = lab >= GGO
+    n_lesion = int(lesion.sum())
+    n_cons = int((lab == CONSOLIDATION).sum())
+    out[0] = n_lesion / n_lung
+    out[2] = n_cons / n_lung
+    if n_lesion == 0:
+        return out
+    out[1] = int((lab == GGO).sum()) / n_lesion
+    xs = np.nonzero(lung.any(axis=(0, 1)))[0]
+    mid = (int(xs[0]) + int(xs[-1]) + 1) / 2.0
+    side = np.arange(lab.shape[2])[None, None, :] >= mid
+    right = int((lesion & ~side).sum())
+    out[3] = min(right, n_lesion - right) / n_lesion
+    depth = np.zeros(lab.shape, dtype=np.float64)
+    for half in (~side, side):
+        part = lung & half
+        if not part.any():
+            continue
+        dist = ndimage.distance_transform_edt(part, sampling=tuple(spacing_mm))
+        depth[part] = dist[part] / float(dist.max())
+    out[4] = int((lesion & (depth < PERIPHERAL_DEPTH)).sum()) / n_lesion
+    zs = np.nonzero(lung.any(axis=(1, 2)))[0]
+    z_mid = (int(zs[0]) + int(zs[-1]) + 1) / 2.0
+    lower = np.arange(lab.shape[0])[:, None, None] < z_mid
+    out[5] = int((lesion & lower).sum()) / n_lesion
+    voxel_ml = float(np.prod(np.asarray(spacing_mm, dtype=np.float64))) / 1000.0
+    out[6] = float(np.log1p(n_lesion * voxel_ml))
+    return out
+
+
+@dataclass(frozen=True)
+class LogisticModel(StandardisedLogistic):
+    """Logistic regression on standardised features: p = σ(w·(x − mean)/scale + b)."""
+
+    def predict_proba(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Probability of the positive class (typical) for rows of ``x``."""
+        return predict_standardised(x, self.mean, self.scale, self.weights, self.bias)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (``classifier.json``)."""
+        return {"kind": "logistic_regression", **self.coefficients_json()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LogisticModel:
+        """Inverse of :meth:`to_json`; ``ValueError`` on a malformed mapping."""
+        try:
+            model = cls(**cls.fields_of_json(data))
+        except (KeyError, TypeError, ValueError) as exc:
+            msg = f"not a logistic regression model: {exc}"
+            raise ValueError(msg) from exc
+        if data.get("kind") != "logistic_regression" or not model.lengths_match(
+            len(model.features)
+        ):
+            msg = "not a logistic regression model: kind or lengths do not match"
+            raise ValueError(msg)
+        return model
+
+
+def balanced_weights(y: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Sample weights giving each class present half the total weight (``n / (2 n_c)``).
+
+    With one class only every weight is 1.
+    """
+    ya = np.asarray(y, dtype=np.int64)
+    n = ya.size
+    n1 = int((ya == 1).sum())
+    if n1 in (0, n):
+        return np.ones(n, dtype=np.float64)
+    return np.where(ya == 1, n / (2.0 * n1), n / (2.0 * (n - n1)))
+
+
+def fit_logistic(
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.int64],
+    features: Sequence[str] = FEATURES,
+    l2: float = 1.0,
+    sample_weight: npt.NDArray[np.float64] | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> LogisticModel:
+    """Fit an L2-regularised logistic regression by Newton's method (deterministic).
+
+    Features are standardised with the fit set's mean and standard deviation (a constant
+    feature keeps scale 1); the penalty ``l2/2·|w|²`` spares the bias; ``sample_weight``
+    (e.g. :func:`balanced_weights`) weighs each case's log-loss. Without both classes the
+    model is the smoothed prior: zero weights and bias ``log((n1 + 1) / (n0 + 1))``.
+    """
+    xa = np.asarray(x, dtype=np.float64).reshape(len(y), len(features))
+    ya = np.asarray(y, dtype=np.float64)
+    if not np.isin(ya, (0.0, 1.0)).all():
+        msg = "fit_logistic: labels must be 0 or 1"
+        raise ValueError(msg)
+    n = xa.shape[0]
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sw.shape != (n,) or not (np.isfinite(sw).all() and (sw > 0).all()):
+        msg = f"fit_logistic: sample_weight must be {n} positive finite values"
+        raise ValueError(msg)
+    fit = fit_newton(xa, ya, l2, sample_weight=sw, max_iter=max_iter, tol=tol)
+    return LogisticModel(**LogisticModel.fields_of_fit(fit, features, l2))

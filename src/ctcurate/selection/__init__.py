@@ -1,0 +1,1 @@
+"""Pneumonia CT selection: body region from headers, image features, the scorer."""
