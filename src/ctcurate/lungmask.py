@@ -33,6 +33,7 @@ thicknesses get the same anatomy. Two masks:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -229,6 +230,19 @@ def _near(mask: BoolArray, reach_mm: float, spacing: tuple[float, float]) -> Boo
     return out
 
 
+def _within(mask: BoolArray, reach_mm: float, spacing: tuple[float, ...]) -> BoolArray:
+    """Voxels within ``reach_mm`` of a voxel of ``mask`` (non-empty), from the distance
+    transform of the mask's box grown by ``reach_mm`` only: every voxel of ``mask`` lies in
+    it (exact distances there) and every voxel outside it is farther than ``reach_mm``."""
+    out = np.zeros(mask.shape, dtype=bool)
+    box = tuple(
+        slice(max(b.start - math.ceil(reach_mm / s), 0), min(b.stop + math.ceil(reach_mm / s), n))
+        for b, s, n in zip(bounding_box(mask), spacing, mask.shape, strict=True)
+    )
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= reach_mm
+    return out
+
+
 def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
     """Pixels of the 2D ``mask`` farther than ``depth_mm`` from every pixel outside it,
     computed in the mask's box grown by one pixel (exact: a pixel outside that box is
@@ -389,7 +403,7 @@ def _lung_masks_in_box(
     bone = (img >= BONE_HU_MIN) & body
     # the cage is the ribs and spine against the pleura: bone within CAGE_RIB_MM of the
     # aerated lung (the scapulae, arms and spinous processes lie farther out, behind muscle)
-    near = ndimage.distance_transform_edt(~base, sampling=(dz, dy, dx)) <= CAGE_RIB_MM
+    near = _within(base, CAGE_RIB_MM, (dz, dy, dx))
     cage_bone = ndimage.maximum_filter1d(
         bone & near, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
     )
