@@ -131,3 +131,38 @@ def test_muscle_outside_the_ribs_stays_out_of_the_robust_mask(pixel_mm: float) -
     d_rob = dice(robust, np.repeat(lung2d[None], 12, axis=0))
     assert d_rob is not None
     assert d_rob > 0.97
+
+
+def basal_chest(pixel_mm: float) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """(HU, true lung) of a lung base: each lung a crescent cupped round the diaphragm's
+    dome (liver and spleen, +40 HU), open toward the middle of the body."""
+    n = round(280.0 / pixel_mm)
+    c = (n - 1) / 2.0
+    y, x = (np.mgrid[0:n, 0:n].astype(np.float64) - c) * pixel_mm  # mm, y posterior
+    body = (x / 120.0) ** 2 + (y / 90.0) ** 2 <= 1.0
+    cavity = (x / 100.0) ** 2 + (y / 72.0) ** 2 <= 1.0
+    ribs = ((x / 109.0) ** 2 + (y / 81.0) ** 2 <= 1.0) & ~cavity
+    spine = x**2 + (y - 60.0) ** 2 <= 18.0**2
+    domes = ((np.abs(x) - 50.0) / 42.0) ** 2 + ((y + 5.0) / 52.0) ** 2 <= 1.0
+    lung2d = cavity & (np.abs(x) > 20.0) & ~(x**2 + (y - 60.0) ** 2 <= 24.0**2) & ~domes
+    lung2d &= y > -20.0  # the front of the base is below the lung
+    hu2d = np.full((n, n), -1000.0)
+    hu2d[body] = 40.0
+    hu2d[ribs | spine] = 650.0
+    hu2d[lung2d] = -850.0
+    noise = np.random.default_rng(2).normal(0.0, 15.0, (12, n, n))
+    hu = (np.repeat(hu2d[None], 12, axis=0) + noise).astype(np.float32)
+    return hu, np.repeat(lung2d[None], 12, axis=0)
+
+
+@pytest.mark.parametrize("pixel_mm", [2.0, 4.0])
+def test_the_dome_under_a_basal_crescent_stays_out_of_the_robust_mask(pixel_mm: float) -> None:
+    """The hull of a crescent of lung spans the dome; consolidation fills the lung from the
+    chest wall (aerated lung between it and the middle of the body), the dome does not."""
+    hu, lung = basal_chest(pixel_mm)
+    thr, robust = lung_masks(hu, (SLICE_MM, pixel_mm, pixel_mm))
+    added = robust & ~thr
+    assert added.sum() <= 0.02 * thr.sum()
+    d_rob = dice(robust, lung)
+    assert d_rob is not None
+    assert d_rob > 0.97

@@ -13,7 +13,8 @@ thicknesses get the same anatomy. Two masks:
      aerated pixel of each row (the heart, the great vessels and the spine bulge into the
      lung from the middle; consolidation fills it from the chest wall) and farther than
      :data:`BAY_REACH_MM` from the aerated pixels (the diaphragm's dome under a basal
-     crescent of lung);
+     crescent of lung), and only where aerated lung lies between it and the middle of
+     the body (:func:`_outward`);
   2. *chest wall*: dense soft tissue between the lung and the chest wall. The chest wall
      is the bony cage — the convex hull of the bone (ribs, spine) within
      :data:`CAGE_RIB_MM` of the aerated lung (not the scapulae or arms outside the
@@ -21,7 +22,10 @@ thicknesses get the same anatomy. Two masks:
      pulled in by :data:`CAGE_WALL_MM` (the ribs' own thickness). Inside it, non-bone tissue denser
      than air that touches the lung, lies lateral of the lung's medial limit and within
      :data:`WALL_REACH_MM` of the aerated lung's rows becomes lung: consolidation against
-     the pleura that the hull of the aerated lung cannot reach.
+     the pleura that the hull of the aerated lung cannot reach — again only a fill of
+     which at least half lies outward of the aerated lung (seen from the middle of the
+     body): consolidation fills the lung from the chest wall, while the liver, spleen or
+     stomach under a basal crescent of lung lie between the crescent and the middle.
 
 
 
@@ -29,6 +33,7 @@ thicknesses get the same anatomy. Two masks:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -188,6 +193,71 @@ def _close_lung_slice(
     return closed
 
 
+def _outward(bay: BoolArray, lungs: BoolArray, centre: tuple[float, float], col0: int) -> BoolArray:
+    """The pixels of ``bay`` (one lung's half of a slice, from column ``col0``) that the
+    slice's aerated ``lungs`` hide from the body's ``centre`` (row, column): a segment from
+    the pixel to the centre crosses aerated lung.
+
+    Consolidation fills the lung from the chest wall, so aerated lung lies between it and
+    the middle of the body; the hull of a basal crescent of lung spans the diaphragm's dome
+    (liver, spleen, stomach), which lies between the crescent and the middle of the body.
+    """
+    ys, xs = np.nonzero(bay)
+    out = np.zeros_like(bay)
+    if not ys.size:
+        return out
+    xs_full = xs + col0
+    cy, cx = centre
+    reach = float(np.hypot(ys - cy, xs_full - cx).max())
+    steps = np.linspace(0.0, 1.0, max(int(np.ceil(reach)) + 1, 2))[1:, None]
+    ry = np.rint(ys[None, :] + steps * (cy - ys[None, :])).astype(np.int64)
+    rx = np.rint(xs_full[None, :] + steps * (cx - xs_full[None, :])).astype(np.int64)
+    ry = np.clip(ry, 0, lungs.shape[0] - 1)
+    rx = np.clip(rx, 0, lungs.shape[1] - 1)
+    out[ys, xs] = lungs[ry, rx].any(axis=0)
+    return out
+
+
+def _near(mask: BoolArray, reach_mm: float, spacing: tuple[float, float]) -> BoolArray:
+    """Pixels of the 2D array within ``reach_mm`` of a pixel of ``mask`` — inside the box
+    of ``mask`` only (what the lung's hull can hold): the distance transform of that box is
+    exact, since every pixel of ``mask`` lies in it, and several times cheaper."""
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    box = bounding_box(mask)
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= reach_mm
+    return out
+
+
+def _within(mask: BoolArray, reach_mm: float, spacing: tuple[float, ...]) -> BoolArray:
+    """Voxels within ``reach_mm`` of a voxel of ``mask`` (non-empty), from the distance
+    transform of the mask's box grown by ``reach_mm`` only: every voxel of ``mask`` lies in
+    it (exact distances there) and every voxel outside it is farther than ``reach_mm``."""
+    out = np.zeros(mask.shape, dtype=bool)
+    box = tuple(
+        slice(max(b.start - math.ceil(reach_mm / s), 0), min(b.stop + math.ceil(reach_mm / s), n))
+        for b, s, n in zip(bounding_box(mask), spacing, mask.shape, strict=True)
+    )
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= reach_mm
+    return out
+
+
+def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
+    """Pixels of the 2D ``mask`` farther than ``depth_mm`` from every pixel outside it,
+    computed in the mask's box grown by one pixel (exact: a pixel outside that box is
+    never nearer than the ring of outside pixels the box ends with)."""
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    box = tuple(
+        slice(max(b.start - 1, 0), min(b.stop + 1, n))
+        for b, n in zip(bounding_box(mask), mask.shape, strict=True)
+    )
+    out[box] = ndimage.distance_transform_edt(mask[box], sampling=spacing) > depth_mm
+    return out
+
+
 def _mm_to_px(mm: float, spacing: float) -> int:
     return max(round(mm / spacing), 1)
 
@@ -333,7 +403,7 @@ def _lung_masks_in_box(
     bone = (img >= BONE_HU_MIN) & body
     # the cage is the ribs and spine against the pleura: bone within CAGE_RIB_MM of the
     # aerated lung (the scapulae, arms and spinous processes lie farther out, behind muscle)
-    near = ndimage.distance_transform_edt(~base, sampling=(dz, dy, dx)) <= CAGE_RIB_MM
+    near = _within(base, CAGE_RIB_MM, (dz, dy, dx))
     cage_bone = ndimage.maximum_filter1d(
         bone & near, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
     )
@@ -360,11 +430,13 @@ def _lung_masks_in_box(
         on_midline = np.unique(parts[:, max(centre - 1, 0) : centre + 2])
         lungs = base[k] & ~np.isin(parts, on_midline[on_midline > 0]) if n else base[k]
         distance = np.abs(cols - midline)[None, :]
+        body_rows = np.nonzero(body[k])[0]
+        centre_k = (float(body_rows.mean()), midline)  # the body's middle (row, column)
         inner = np.zeros_like(lungs)
         cage_pts = _boundary(cage_bone[k]) | _boundary(lungs)
         if cage_bone[k].any() and int(cage_pts.sum()) >= 3:
             cage = _hull_2d(cage_pts)
-            inner = ndimage.distance_transform_edt(cage, sampling=(dy, dx)) > CAGE_WALL_MM
+            inner = _deeper(cage, CAGE_WALL_MM, (dy, dx))
         # each lung on its own half of the slice: everything below lies within its side
         half = int(np.count_nonzero(cols < midline))
         for cs in (slice(0, half), slice(half, img.shape[2])):
@@ -376,7 +448,8 @@ def _lung_masks_in_box(
             dist = distance[:, cs]
             innermost = _innermost(lung, dist)
             closed = _close_lung_slice(lung, dist, innermost) & body[k, :, cs]
-            closed &= ndimage.distance_transform_edt(~lung, sampling=(dy, dx)) <= BAY_REACH_MM
+            closed &= _near(lung, BAY_REACH_MM, (dy, dx))
+            closed = lung | _outward(closed & ~lung, lungs, centre_k, cs.start or 0)
             if n_lung < min_area:  # a lung tip: no chest-wall fill
                 out[k, :, cs] |= closed
                 continue
@@ -397,6 +470,14 @@ def _lung_masks_in_box(
                     and sizes[c] <= WALL_MAX_FRACTION * n_lung
                     and contact[c] <= WALL_MAX_CONTACT * n_edge
                 ]
+                if keep:
+                    # consolidation against the chest wall lies outward of the aerated lung
+                    fill = np.isin(wall, keep)
+                    hidden = np.bincount(
+                        wall[_outward(fill, lungs, centre_k, cs.start or 0)],
+                        minlength=n_wall + 1,
+                    )
+                    keep = [c for c in keep if 2 * hidden[c] >= sizes[c]]
                 if keep:
                     closed |= np.isin(wall, keep)
             out[k, :, cs] |= closed

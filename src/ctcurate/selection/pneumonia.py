@@ -112,7 +112,7 @@ LOG1P_FEATURES = ("small_opacity_density", "nodule_density")
 #: Opacity within this distance (mm) of the lung surface is peripheral.
 PERIPHERAL_MM = 15.0
 #: Every model file says this (the version after the slash: how features become inputs).
-MODEL_KIND = "pneumonia_logistic_regression/5"
+MODEL_KIND = "pneumonia_logistic_regression/6"
 
 FloatArray = npt.NDArray[np.float64]
 
