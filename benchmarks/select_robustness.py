@@ -39,11 +39,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from scipy import ndimage
 
-from ctcurate.lungmask import lung_masks
+from ctcurate.catalog.paths import series_paths
+from ctcurate.imaging.lungmask import lung_masks
+from ctcurate.imaging.workgrid import working_volume
 from ctcurate.params import load_params
-from ctcurate.pneumonia import _read_each, fit_selector, opacity_features
-from ctcurate.select_train import audit_list_from_truth, series_paths
-from ctcurate.workgrid import working_volume
+from ctcurate.pipeline.select_train import audit_list_from_truth
+from ctcurate.selection.pneumonia import _read_each, fit_selector, opacity_features
 
 VARIANTS = ("orig", "noise", "smooth", "sharp", "coarse")
 NOISE_HU = 40.0

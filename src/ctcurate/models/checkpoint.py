@@ -15,10 +15,7 @@ from typing import Any
 import torch
 
 from ctcurate.errors import InputError, ParamsError
-from ctcurate.models.nets import (
-    LogisticModel,
-    build_unet,
-)
+from ctcurate.models.nets import LogisticModel, build_unet
 
 SEG_FILE = "seg.pt"
 LAST_FILE = "seg_last.pt"

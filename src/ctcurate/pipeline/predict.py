@@ -26,9 +26,7 @@ import torch
 from ctcurate.dicom.seg import SegWriteError
 from ctcurate.dicom.series_dir import read_series_dir
 from ctcurate.errors import InputError, one_line
-from ctcurate.imaging.volume import (
-    ExcludedSeries,
-)
+from ctcurate.imaging.volume import ExcludedSeries
 from ctcurate.io.outputs import check_output_dir, publish_dir
 from ctcurate.log import get_logger
 from ctcurate.models.checkpoint import resolve_device
