@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_pneumonia import chest, ct_slices
+from helpers.chest import chest, ct_slices
 
 from ctcurate import select, select_train
 from ctcurate.errors import InputError

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from helpers.synth import TINY_ARCHIVE as SMALL
 from pydantic import ValidationError
 from scipy import ndimage
 
@@ -43,7 +44,6 @@ from ctcurate.synth.headerheavy import (
 from ctcurate.synth.lesions import CONSOLIDATION, GGO, NORMAL, add_pattern
 from ctcurate.synth.vendors import SITE_BY_CODE, SITES
 
-SMALL = SynthParams(patients=6, seed=11, matrix=32, pandemic_start=dt.date(2020, 3, 1))
 CHEST_TRAPS = {
     "duplicate_site",
     "shuffled_names",
@@ -87,10 +87,9 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "synth"
-    run(out, SMALL)
-    return out
+def small(tiny_archive: Path) -> Path:
+    """The session's tiny archive, generated with ``SMALL``."""
+    return tiny_archive
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +105,7 @@ def trap_files(small: Path) -> list[dict[str, object]]:
 # -- determinism ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_tree(small: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     run(again, SMALL)
@@ -114,6 +114,7 @@ def test_same_seed_gives_identical_tree(small: Path, tmp_path: Path) -> None:
     assert len(first) > 100
 
 
+@pytest.mark.slow
 def test_other_seed_replaces_output_with_another_archive(tmp_path: Path) -> None:
     out = tmp_path / "out"
     params = SynthParams(patients=2, seed=12, matrix=32)
@@ -341,6 +342,7 @@ def test_negative_has_only_normal_lung_and_patterns_are_checked() -> None:
 # -- SEG alignment ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seg_masks_align_with_their_images(small: Path, truth: list[dict[str, object]]) -> None:
     archive = small / "archive"
     thin = {

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers.train import make_release, tiny_params
 from phantom import PhantomParams, build_archive
-from test_train import make_release, tiny_params
 
 from ctcurate import predict, train
 from ctcurate.io.seg import read_seg_labels
