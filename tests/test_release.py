@@ -550,6 +550,7 @@ def two_releases(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> tu
     return old, new
 
 
+@pytest.mark.slow
 def test_diff_names_every_change_between_two_releases(two_releases: tuple[Path, Path]) -> None:
     from ctcurate import diff
 
@@ -582,6 +583,7 @@ def test_diff_names_every_change_between_two_releases(two_releases: tuple[Path, 
     assert result["rules"]["select/c.sql"]["old"] is None
 
 
+@pytest.mark.slow
 def test_diff_markdown_is_a_pr_comment(two_releases: tuple[Path, Path]) -> None:
     from typer.testing import CliRunner
 

@@ -158,6 +158,7 @@ def test_select_train_is_deterministic_and_separates_the_audit_list(tmp_path: Pa
     assert [bool(p >= model.threshold) for p in probs] == [sick for _, _, sick in series]
 
 
+@pytest.mark.slow
 def test_select_train_gives_the_same_model_on_a_pool_and_on_dask(tmp_path: Path) -> None:
     from distributed import LocalCluster
 

@@ -31,6 +31,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_release(tmp_path_factory.mktemp("release"), n_cases=8)
 
 
+@pytest.mark.slow
 def test_overfits_two_cases(tmp_path: Path) -> None:
     root = make_release(tmp_path / "rel", n_cases=2, splits=("train",))
     params = tiny_params(epochs=30, batch_size=2, channels=(8, 16), lr=0.02)

@@ -80,6 +80,7 @@ def test_dice_and_accuracy_on_known_cases() -> None:
         zs.score_series(truth[:3], truth, 0.5, 0.5, 1)
 
 
+@pytest.mark.slow
 def test_truth_and_prediction_meet_on_the_series_grid(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
