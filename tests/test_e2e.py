@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers.demo import BIN, CANARY, DemoBuild
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `-m "not slow"` leaves them out too
 
 
 def test_dvc_repro_builds_a_verified_release(demo_build: DemoBuild) -> None:
