@@ -1,6 +1,6 @@
 """Session-wide fixtures: built once, shared by every test module that asks for them.
 
-- ``tiny_archive``: the synthetic hospital archive at its smallest (6 patients, 32² slices).
+- ``tiny_archive``: a synthetic hospital archive of 6 patients, 32² slices (``synth.run``).
 - ``pack_inputs`` / ``pack_release``: the 14-case pack input and its release
   (``helpers.release``).
 - ``demo_build``: ``dvc repro`` of the whole pipeline on a tiny archive in a copy of the
