@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from test_release import PARAMS, make_inputs
+from helpers.release import PARAMS, Inputs
 
 import ctcurate.release
 from ctcurate.errors import VerifyError
@@ -29,20 +29,9 @@ from ctcurate.release.format import read_arrays
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def release(pack_release: Path) -> Path:
     """The 14-case test release (9 packed: 2 sites, 3 splits, both labels, 5 excluded)."""
-    root = tmp_path_factory.mktemp("cardhtml")
-    inputs = make_inputs(root / "in")
-    out = root / "release"
-    pack.run(
-        cases=inputs.cases,
-        index_dir=inputs.index_dir,
-        archive=inputs.archive,
-        annotations_dir=inputs.annotations,
-        out=out,
-        params=PARAMS,
-    )
-    return out
+    return pack_release
 
 
 def _manifest(release: Path) -> dict[str, Any]:
@@ -309,8 +298,8 @@ def test_gallery_cap_samples_every_site_and_label() -> None:
     assert len(card_html.gallery_cases(rows, 100)) == 30  # type: ignore[arg-type]
 
 
-def test_pack_caps_the_gallery_with_its_param(tmp_path: Path) -> None:
-    inputs = make_inputs(tmp_path / "in")
+def test_pack_caps_the_gallery_with_its_param(pack_inputs: Inputs, tmp_path: Path) -> None:
+    inputs = pack_inputs
     out = tmp_path / "release"
     pack.run(
         cases=inputs.cases,

@@ -1,60 +1,24 @@
-"""End to end: `dvc repro` on a tiny synthetic archive in a copy of the project."""
+"""End to end: `dvc repro` of the whole pipeline on a tiny archive in a copy of the project.
+
+Every test shares one build (``demo_build`` in conftest.py, ``helpers.demo``): the archive
+carries a canary in one pneumonia study's headers and file names.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers.demo import BIN, CANARY, DemoBuild
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-TINY = {
-    "synth": {"patients": 14, "matrix": 48},
-    "pack": {"shape": [24, 32, 32], "spacing_mm": [8.0, 7.0, 7.0]},
-    "train": {"epochs": 1, "channels": [4, 8, 16]},
-}
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `-m "not slow"` leaves them out too
 
 
-def _project_copy(dest: Path) -> Path:
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "requirements.lock"):
-        shutil.copy2(ROOT / name, dest / name)
-    for name in ("src", "stages"):
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / ".dvc").mkdir()
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    (dest / "data").mkdir()
-    shutil.copy2(ROOT / "data" / ".gitignore", dest / "data" / ".gitignore")
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    return dest
-
-
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-    }
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-@pytest.mark.slow
-def test_dvc_repro_builds_a_verified_release(tmp_path: Path) -> None:
-    proj = _project_copy(tmp_path)
-    _run(["dvc", "repro"], proj)
+def test_dvc_repro_builds_a_verified_release(demo_build: DemoBuild) -> None:
+    proj = demo_build.proj
     # DuckDB writes a random id into the catalog: DVC must not hash it (.dvcignore)
-    _run(["dvc", "check-ignore", "data/index/catalog.duckdb"], proj)
+    demo_build.run("dvc", "check-ignore", "data/index/catalog.duckdb")
 
     index_report = json.loads((proj / "data/index/report.json").read_text())
     assert index_report["files_seen"] == (
@@ -67,31 +31,44 @@ def test_dvc_repro_builds_a_verified_release(tmp_path: Path) -> None:
     manifest = json.loads((proj / "data/release/manifest.json").read_text())
     assert len(manifest["cases"]) > 0
     assert {"train", "test"} <= set(manifest["splits"])
-    verified = _run([str(BIN / "ctcurate"), "verify", "data/release"], proj)
+    verified = demo_build.run(str(BIN / "ctcurate"), "verify", "data/release")
     assert manifest["release_id"][:16] in verified.stdout
 
     metrics = json.loads((proj / "metrics/eval.json").read_text())
     for key in ("lung_dice", "typicality_accuracy", "n_test"):
         assert key in metrics
-    shown = _run(["dvc", "metrics", "show", "--json"], proj)
+    shown = demo_build.run("dvc", "metrics", "show", "--json")
     assert "lung_dice" in shown.stdout
 
-    # Nothing changed: only the (always-run) snapshot runs, nothing downstream of it.
-    again = _run(["dvc", "repro"], proj)
+
+def test_unchanged_project_reruns_only_the_snapshot(demo_build: DemoBuild) -> None:
+    """Nothing changed: only the (always-run) snapshot runs, nothing downstream of it."""
+    again = demo_build.run("dvc", "repro")
     ran = [line for line in again.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'snapshot':"], again.stdout
 
-    # From scratch, forced: the same release.
-    _run(["dvc", "repro", "-f"], proj)
+
+def test_forced_rebuild_gives_the_same_release(demo_build: DemoBuild) -> None:
+    """Every stage from the archive's snapshot to the release, forced: the same release.
+
+    The archive stays as built (``synth`` frozen: a regenerated one would lack the canary;
+    ``test_synth`` checks that the generator is deterministic)."""
+    proj = demo_build.proj
+    manifest = json.loads((proj / "data/release/manifest.json").read_text())
+    demo_build.run("dvc", "freeze", "synth")
+    try:
+        forced = demo_build.run("dvc", "repro", "-f", "pack")
+    finally:
+        demo_build.run("dvc", "unfreeze", "synth")
+    ran = [line for line in forced.stdout.splitlines() if line.startswith("Running stage")]
+    assert "Running stage 'index':" in ran
+    assert ran[-1] == "Running stage 'pack':", forced.stdout
     rebuilt = json.loads((proj / "data/release/manifest.json").read_text())
     assert rebuilt["release_id"] == manifest["release_id"]
 
 
 # --- canary: header text and file names never leave the archive's catalog ------------------
 
-CANARY = "QX7K2ZV9"
-#: Free-text value representations; a canary appended to them keeps every rule matching.
-TEXT_VRS = {"LO": 64, "SH": 16, "ST": 1024, "LT": 10240, "UT": 2**20}
 #: Outputs allowed to hold archive text: the archive, its listing (file names) and the index
 #: catalog (paths, series descriptions, kernels), which the rules query.
 CATALOG = ("data/synth", "data/snapshot", "data/index")
@@ -128,72 +105,19 @@ def _text_of(path: Path, drop: tuple[str, ...] = ()) -> str:
     return path.read_bytes().decode("latin-1")
 
 
-def _plant_canary(archive: Path, paths: list[str]) -> int:
-    """Append the canary to every free-text element (sequences and private tags included)
-    and to the file name of each of ``paths``; returns the number of elements changed."""
-    import pydicom
-
-    changed = 0
-    for rel in paths:
-        src = archive / rel
-        ds = pydicom.dcmread(src)
-
-        def mark(dataset: object, elem: pydicom.DataElement) -> None:
-            nonlocal changed
-            if elem.VR in TEXT_VRS and isinstance(elem.value, str):
-                keep = TEXT_VRS[elem.VR] - len(CANARY) - 1  # within the VR's length
-                elem.value = f"{elem.value[:keep]} {CANARY}".strip()
-                changed += 1
-
-        ds.walk(mark)
-        dest = src.with_name(f"{src.name}_{CANARY}")
-        ds.save_as(dest, enforce_file_format=False)
-        src.unlink()
-    return changed
-
-
-@pytest.mark.slow
-def test_canary_in_headers_and_file_names_reaches_no_output_or_log(tmp_path: Path) -> None:
-    import pyarrow.parquet as pq
-    import pydicom
-
-    proj = _project_copy(tmp_path)
-    logs = [_run(["dvc", "repro", "synth"], proj)]
-    truth = pq.read_table(proj / "data/synth/truth.parquet").to_pylist()
-    trapped = set(pq.read_table(proj / "data/synth/truth_files.parquet")["series_instance_uid"])
-    copied = {r["duplicate_of"] for r in truth if r["duplicate_of"] is not None}
-    chest = [
-        r
-        for r in truth
-        if r["kind"] == "chest_ct"
-        and r["pneumonia"]
-        and r["expected_quarantine"] is None
-        and r["duplicate_of"] is None
-        and r["series_instance_uid"] not in trapped | copied
-    ]
-    planted = max(chest, key=lambda r: (r["severity"], r["series_instance_uid"]))
-    archive = proj / "data/synth/archive"
-    paths = []
-    for p in sorted(archive.rglob("*")):
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError):
-            continue
-        if getattr(ds, "StudyInstanceUID", None) == planted["study_instance_uid"]:
-            paths.append(str(p.relative_to(archive)))
-    assert paths
-    assert _plant_canary(archive, paths) >= 3 * len(paths)
-    _run(["dvc", "commit", "-f", "synth"], proj)
-    logs.append(_run(["dvc", "repro"], proj))
-
-    # the planted series went all the way into the release
+def test_canary_in_headers_and_file_names_reaches_no_output_or_log(
+    demo_build: DemoBuild,
+) -> None:
+    """Runs last in this module: the logs of the reruns above are searched too."""
     import h5py
 
+    proj = demo_build.proj
+    # the planted series went all the way into the release
     packed = set()
     for shard in (proj / "data/release/shards").glob("*.h5"):
         with h5py.File(shard, "r") as f:
             packed |= {str(g.attrs["series_instance_uid"]) for g in f["cases"].values()}
-    assert planted["series_instance_uid"] in packed
+    assert demo_build.planted["series_instance_uid"] in packed
     # the catalog does hold it: the search below can see it
     assert CANARY in _text_of(proj / "data/index/series.parquet")
 
@@ -206,5 +130,6 @@ def test_canary_in_headers_and_file_names_reaches_no_output_or_log(tmp_path: Pat
         if CANARY in rel or CANARY in _text_of(path, drop):
             hits.append(rel)
     assert hits == []
-    for proc in logs:
+    assert len(demo_build.logs) >= 2  # dvc repro synth, dvc repro
+    for proc in demo_build.logs:
         assert CANARY not in proc.stdout + proc.stderr

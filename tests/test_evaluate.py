@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_train import make_case, make_release, sha256_tree, tiny_params
+from helpers.train import make_case, make_release, sha256_tree, tiny_params
 
 from ctcurate.errors import InputError, ParamsError
 from ctcurate.imaging import overlay

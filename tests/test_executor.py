@@ -24,6 +24,7 @@ def slow_first(x: int) -> int:
     return x * x
 
 
+@pytest.mark.slow
 def test_map_ordered_keeps_input_order_on_a_local_pool() -> None:
     items = list(range(6))
     assert executor.map_ordered(slow_first, items, workers=1) == [x * x for x in items]

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 import pytest
-from test_release import CANARY, PARAMS, make_inputs
+from helpers.release import CANARY, PARAMS, Inputs
 
 import ctcurate.release
 import ctcurate.release.format
@@ -27,8 +27,8 @@ GRID = PARAMS.model_copy(update={"spacing_mm": (3.0, 2.0, 2.5), "shape": (4, 6, 
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    inputs = make_inputs(tmp_path_factory.mktemp("exportin"))
+def release(pack_inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    inputs = pack_inputs
     out = tmp_path_factory.mktemp("exportrel") / "release"
     pack.run(inputs.cases, inputs.index_dir, inputs.archive, inputs.annotations, out, GRID)
     return out

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from test_index import ct_slice, run_index, save, table, write_series
+from helpers.index import ct_slice, run_index, save, table, write_series
 
 from ctcurate.dicom import archive_file, checks
 from ctcurate.dicom import header as dicom

@@ -19,8 +19,8 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from test_index import run_index, table, write_series
-from test_select import PARAMS, RULES_DIR
+from helpers.index import run_index, table, write_series
+from helpers.select import PARAMS, RULES_DIR
 
 from ctcurate.catalog import build, scan
 from ctcurate.io.paths import fs_path

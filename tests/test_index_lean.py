@@ -11,11 +11,11 @@ from typing import Any
 import pydicom
 import pydicom.data
 import pytest
+from helpers.index import ct_slice, save
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
-from test_index import ct_slice, save
 
 from ctcurate.demo.headerheavy import write_header_heavy
 from ctcurate.dicom import checks, lean
@@ -272,7 +272,7 @@ def test_real_tcia_files_read_lean_with_pydicom_values(tmp_path: Path) -> None:
     the region headers (skipped where ../shared/realct is absent)."""
     import gzip
 
-    from test_region import TCIA
+    from helpers.realdata import TCIA
 
     files = sorted(TCIA.rglob("*.dcm"))[::12]
     if not files:

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.index import ct_slice, run_index, save, table
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
-from test_index import ct_slice, run_index, save, table
 
 from ctcurate.catalog import build
 from ctcurate.dicom import header as dicom

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from test_index import ct_slice, index_digests, listing, save
+from helpers.index import ct_slice, index_digests, listing, save
 
 from ctcurate.dicom import header as dicom
 from ctcurate.params import IndexParams
@@ -46,6 +46,7 @@ def write_copies(folder: Path, data: bytes, n: int, first: int) -> None:
         (folder / f"{i:04d}.dcm").write_bytes(data.replace(PLACEHOLDER.encode(), uid))
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_without_redoing_finished_chunks(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     write_copies(archive / "H01" / "a", dataset_bytes(slow=False), 80, 0)  # two chunks of 40

@@ -13,8 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from helpers.chest import chest, ct_slices
 from pydicom.dataset import Dataset
-from test_pneumonia import chest, ct_slices
 
 from ctcurate.dicom.seg import read_seg_labels
 from ctcurate.errors import InputError, OutputError
@@ -90,6 +90,7 @@ def test_mask_comes_back_onto_each_instance_in_any_orientation(
     assert volume_ml == pytest.approx(truth_ml, rel=0.1)
 
 
+@pytest.mark.slow
 def test_lung_mask_seg_reads_back_one_segment_per_instance(tmp_path: Path) -> None:
     datasets, lung, body = fine_series(ggo_slice=2)
     for ds in datasets:
@@ -189,6 +190,7 @@ def test_out_inside_the_series_is_refused(tmp_path: Path) -> None:
         run(series, series / "lung.dcm", PARAMS)
 
 
+@pytest.mark.slow
 def test_cli_not_dicom_is_one_line_and_non_zero_exit(tmp_path: Path) -> None:
     series = write_folder(fine_series(n=48, nz=4)[0], tmp_path / "series")
     (series / "notes.txt").write_text("not dicom\n")

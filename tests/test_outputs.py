@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_index import listing, run_index, write_series
+from helpers.index import listing, run_index, write_series
 
 from ctcurate.errors import InputError, LockedError, OutputError
 from ctcurate.io.outputs import (

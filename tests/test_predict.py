@@ -18,9 +18,9 @@ import numpy.typing as npt
 import pyarrow as pa
 import pytest
 import torch
-from test_pack import make_ct, make_series
-from test_release import _case_id, _write_cases
-from test_train import make_case, make_release, tiny_params
+from helpers.ct import make_ct, make_series
+from helpers.release import case_id, write_cases
+from helpers.train import make_case, make_release, tiny_params
 
 import ctcurate.release
 from ctcurate.dicom.seg import LABELS, read_seg_labels, write_seg
@@ -117,7 +117,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         typical = int(pattern == "typical")
         cases.append(
             {
-                "case_id": _case_id(SITE, uid),
+                "case_id": case_id(SITE, uid),
                 "series_instance_uid": uid,
                 "study_instance_uid": f"1.2.826.0.2.{k}",
                 "patient_id": f"P{k}",
@@ -131,7 +131,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
                 "typical": typical,
             }
         )
-    _write_cases(root / "cases.parquet", sorted(cases, key=lambda c: str(c["case_id"])))
+    write_cases(root / "cases.parquet", sorted(cases, key=lambda c: str(c["case_id"])))
     write_parquet(
         root / "index" / "instances" / "part-00000.parquet",
         pa.Table.from_pylist(sorted(instances, key=lambda r: str(r["path"]))),
@@ -402,6 +402,7 @@ def test_a_broken_series_is_one_error_naming_why(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path: Path) -> None:
     folder = _broken_copy(world, tmp_path, "not_ct")
     proc = _predict_cli(
@@ -419,6 +420,7 @@ def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path:
 # --------------------------------------------------------------------------- batch
 
 
+@pytest.mark.slow
 def test_batch_accounts_for_every_selected_series(world: World, tmp_path: Path) -> None:
     """Six selected series (one with a truncated instance, one not indexed, one a second
     site's copy of a series UID) and one not selected: three predicted, three failed with

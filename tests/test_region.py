@@ -9,9 +9,10 @@ from typing import Any
 
 import pydicom
 import pytest
-from test_pneumonia import chest as phantom_chest
-from test_pneumonia import ct_slices
-from test_select import (
+from helpers.chest import chest as phantom_chest
+from helpers.chest import ct_slices
+from helpers.realdata import TCIA
+from helpers.select import (
     PARAMS,
     REGIONS,
     RULES_DIR,
@@ -28,13 +29,6 @@ from ctcurate.pipeline import select
 from ctcurate.selection import region, rules
 from ctcurate.selection.pneumonia import ScoreTask, score_series
 
-ROOT = Path(__file__).resolve().parents[1]
-#: Real chest CT (../shared/realct beside the repository, or shared/ inside a checkout).
-REALCT = next(
-    (p for p in (ROOT.parent / "shared" / "realct", ROOT / "shared" / "realct") if p.is_dir()),
-    ROOT.parent / "shared" / "realct",
-)
-TCIA = REALCT / "tcia-lung-pet-ct-dx"
 HEADERS = REGIONS.headers
 
 

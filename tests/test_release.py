@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import os
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,164 +20,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_pack import make_ct
+from helpers.release import CANARY, PARAMS, Inputs, case_id, write_cases
 
 import ctcurate.release
 import ctcurate.release.format
-from ctcurate.dicom.seg import write_seg
 from ctcurate.errors import InputError, LockedError, VerifyError
 from ctcurate.io.outputs import lock_path
 from ctcurate.io.tables import write_parquet
 from ctcurate.params import PackParams
 from ctcurate.pipeline import pack
 
-# The salt puts the 9 packable patients in all three splits (4 train, 2 val, 3 test).
-PARAMS = PackParams(
-    spacing_mm=(3.0, 3.0, 3.0), shape=(4, 6, 6), shard_max_cases=3, split_salt="test-1"
-)
-CANARY = "CANARYPATIENT"
-N_SLICES, SIZE = 6, 10
-
-
-@dataclass(frozen=True)
-class Inputs:
-    root: Path
-    cases: Path
-    index_dir: Path
-    archive: Path
-    annotations: Path
-
-
-def _case_id(site: str, series_uid: str) -> str:
-    return hashlib.sha256(f"{site}/{series_uid}".encode()).hexdigest()[:16]
-
-
-def _write_series(
-    archive: Path,
-    seg_dir: Path,
-    site: str,
-    series_uid: str,
-    patient: str,
-    seed: int,
-    seg: str = "ok",
-) -> list[dict[str, Any]]:
-    """One CT series on disk (files named against InstanceNumber order) + its SEG.
-
-    ``seg``: ``ok``, ``none`` (no SEG file), ``mismatch`` (a SEG of other instances) or
-    ``empty`` (a SEG without any labelled voxel).
-    """
-    rng = np.random.default_rng(seed)
-    zs = [i * 2.0 for i in range(N_SLICES)]
-    if seed % 100 == 99:  # the series with a missing slice
-        zs = [0.0, 2.0, 4.0, 8.0, 10.0, 12.0]
-    datasets = []
-    for i, z in enumerate(zs):
-        pixels = rng.integers(0, 1400, size=(SIZE, SIZE)).astype(np.int16)
-        datasets.append(
-            make_ct(
-                pixels,
-                (-9.0, -9.0, z),
-                series_uid=series_uid,
-                index=i,
-                patient_id=patient,
-                manufacturer="SIEMENS" if site == "H01" else "GE MEDICAL SYSTEMS",
-            )
-        )
-    rows = []
-    folder = archive / site / series_uid.rsplit(".", 1)[-1]
-    folder.mkdir(parents=True)
-    for i, ds in enumerate(datasets):
-        rel = f"{site}/{folder.name}/IM{(N_SLICES - i) * 7 % 10:04d}"
-        ds.save_as(archive / rel, enforce_file_format=True)
-        rows.append(
-            {
-                "path": rel,
-                "site": site,
-                "series_instance_uid": series_uid,
-                "sop_instance_uid": str(ds.SOPInstanceUID),
-                "manufacturer": str(ds.Manufacturer),
-                "slice_thickness": float(ds.SliceThickness),
-                "patient_id": patient,
-            }
-        )
-    labels = np.zeros((N_SLICES, SIZE, SIZE), dtype=np.uint8)
-    if seg != "empty":
-        labels[1:5, 2:8, 1:9] = 1
-        labels[2:4, 3 + seed % 3 : 6, 3:6] = 2
-    if seg == "mismatch":
-        for i, ds in enumerate(datasets):
-            ds.SOPInstanceUID = f"{series_uid}.{900 + i}"
-    if seg != "none":
-        write_seg(seg_dir / f"{series_uid}.dcm", datasets, labels)
-    return rows
-
-
-def _write_cases(path: Path, rows: list[dict[str, Any]]) -> None:
-    schema = pa.schema(
-        [
-            ("case_id", pa.string()),
-            ("series_instance_uid", pa.string()),
-            ("study_instance_uid", pa.string()),
-            ("patient_id", pa.string()),
-            ("site", pa.string()),
-            ("study_date", pa.date32()),
-            ("era", pa.string()),
-            ("cohort", pa.string()),
-            ("exclusion", pa.string()),
-            ("pcr", pa.string()),
-            ("consensus_grade", pa.int8()),
-            ("typical", pa.int8()),
-        ]
-    )
-    write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
-
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
-    """14 cases from 10 patients on 2 sites (see :func:`make_inputs`)."""
-    return make_inputs(tmp_path_factory.mktemp("packin"))
-
-
-def make_inputs(root: Path) -> Inputs:
-    """14 cases from 10 patients on 2 sites: 9 packable; 1 unlabeled, 1 without SEG, 1 gap,
-    1 whose SEG references other instances, 1 with an empty SEG (all of patient 9)."""
-    archive, annotations = root / "archive", root / "annotations"
-    seg_dir = annotations / "seg"
-    seg_dir.mkdir(parents=True)
-    instances: list[dict[str, Any]] = []
-    cases: list[dict[str, Any]] = []
-    seg_modes = {10: "none", 12: "mismatch", 13: "empty"}
-    for k in range(14):
-        site = "H01" if k % 2 == 0 else "H02"
-        patient = f"{CANARY}{min(k, 9)}"  # cases 9 to 13 share patient 9
-        series_uid = f"1.2.826.0.1.3680043.{k + 1}"
-        seed = 99 if k == 11 else k
-        instances += _write_series(
-            archive, seg_dir, site, series_uid, patient, seed, seg_modes.get(k, "ok")
-        )
-        typical = None if k == 9 else (k // 2) % 2
-        cases.append(
-            {
-                "case_id": _case_id(site, series_uid),
-                "series_instance_uid": series_uid,
-                "study_instance_uid": f"1.2.826.0.2.{k}",
-                "patient_id": patient,
-                "site": site,
-                "study_date": dt.date(2019 + k % 3, 3, 1),
-                "era": "pre_pandemic" if k % 3 == 0 else "pandemic",
-                "cohort": None if k % 3 == 0 else "covid",
-                "exclusion": None,
-                "pcr": "positive" if typical == 1 else "negative",
-                "consensus_grade": None if typical is None else (1 if typical else 4),
-                "typical": typical,
-            }
-        )
-    _write_cases(root / "cases.parquet", sorted(cases, key=lambda c: str(c["case_id"])))
-    write_parquet(
-        root / "index" / "instances" / "part-00000.parquet",
-        pa.Table.from_pylist(sorted(instances, key=lambda r: str(r["path"]))),
-    )
-    return Inputs(root, root / "cases.parquet", root / "index", archive, annotations)
+def inputs(pack_inputs: Inputs) -> Inputs:
+    """14 cases from 10 patients on 2 sites (``helpers.release.make_inputs``), shared."""
+    return pack_inputs
 
 
 def _pack(
@@ -209,10 +64,9 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def release(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rel") / "release"
-    _pack(inputs, out)
-    return out
+def release(pack_release: Path) -> Path:
+    """The release of :func:`inputs` with ``PARAMS``, shared (tests change only copies)."""
+    return pack_release
 
 
 def _manifest(release: Path) -> dict[str, Any]:
@@ -270,6 +124,7 @@ def test_card_describes_the_cohort(release: Path) -> None:
     assert (release / "card" / "montage.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_pack_is_byte_reproducible_across_processes_and_row_order(
     inputs: Inputs, release: Path, tmp_path: Path
 ) -> None:
@@ -297,6 +152,7 @@ def test_pack_is_byte_reproducible_across_processes_and_row_order(
     assert _hashes(out) == _hashes(release)
 
 
+@pytest.mark.slow
 def test_pack_gives_the_same_bytes_in_one_process_on_a_pool_and_on_dask(
     inputs: Inputs, release: Path, tmp_path: Path
 ) -> None:
@@ -321,7 +177,7 @@ def test_one_changed_label_changes_the_release_id(
     target = next(r for r in rows if r["typical"] == 1 and r["case_id"] in packed)
     target["typical"], target["consensus_grade"] = 0, 3
     changed = tmp_path / "cases.parquet"
-    _write_cases(changed, rows)
+    write_cases(changed, rows)
     out = tmp_path / "release"
     _pack(inputs, out, cases=changed)
     before, after = _manifest(release), _manifest(out)
@@ -345,7 +201,7 @@ def test_a_subset_release_keeps_every_shared_case_in_its_split(
     packed = sorted(c["case_id"] for c in _manifest(release)["cases"])
     dropped = set(packed[::3])  # a third of the packed cases leave
     subset = tmp_path / "cases.parquet"
-    _write_cases(subset, [r for r in rows if r["case_id"] not in dropped])
+    write_cases(subset, [r for r in rows if r["case_id"] not in dropped])
     _pack(inputs, tmp_path / "release", cases=subset)
     before = {c["case_id"]: c["split"] for c in _manifest(release)["cases"]}
     after = {c["case_id"]: c["split"] for c in _manifest(tmp_path / "release")["cases"]}
@@ -358,7 +214,7 @@ def test_every_case_of_one_patient_shares_a_split(inputs: Inputs, tmp_path: Path
     for r in rows:  # one patient per site: four or five packable cases each
         r["patient_id"] = f"P-{r['site']}"
     one = tmp_path / "cases.parquet"
-    _write_cases(one, rows)
+    write_cases(one, rows)
     _pack(inputs, tmp_path / "release", cases=one)
     by_site: dict[str, set[str]] = {}
     for case in _manifest(tmp_path / "release")["cases"]:
@@ -495,6 +351,7 @@ def _stalled_pack(inputs: Inputs, out: Path, marker: Path) -> Iterator[None]:
         child.communicate(timeout=30)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_pack_leaves_the_previous_release(
     inputs: Inputs, release: Path, tmp_path: Path
 ) -> None:
@@ -507,6 +364,7 @@ def test_kill_9_mid_pack_leaves_the_previous_release(
     ctcurate.release.verify(out)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_first_pack_leaves_no_release(inputs: Inputs, tmp_path: Path) -> None:
     out = tmp_path / "release"
     with _stalled_pack(inputs, out, tmp_path / "marker"):
@@ -514,6 +372,7 @@ def test_kill_9_mid_first_pack_leaves_no_release(inputs: Inputs, tmp_path: Path)
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_second_build_of_one_release_fails_fast(
     inputs: Inputs, release: Path, tmp_path: Path
 ) -> None:
@@ -546,7 +405,7 @@ def test_nothing_packable_fails_naming_the_cases_file(inputs: Inputs, tmp_path: 
     for row in rows:
         row["typical"] = None
     cases = tmp_path / "cases.parquet"
-    _write_cases(cases, rows)
+    write_cases(cases, rows)
     with pytest.raises(
         InputError, match=r"cases\.parquet: no case could be packed \(unlabeled=14\)"
     ):
@@ -557,7 +416,7 @@ def test_nothing_packable_fails_naming_the_cases_file(inputs: Inputs, tmp_path: 
 def test_duplicate_case_ids_are_rejected(inputs: Inputs, tmp_path: Path) -> None:
     rows = pq.read_table(inputs.cases).to_pylist()
     cases = tmp_path / "cases.parquet"
-    _write_cases(cases, [*rows, rows[0]])
+    write_cases(cases, [*rows, rows[0]])
     with pytest.raises(InputError, match=f"case_id {rows[0]['case_id']} appears 2 times"):
         _pack(inputs, tmp_path / "release", cases=cases)
 
@@ -586,6 +445,7 @@ def test_pseudonyms_fail_closed_without_a_key(
     assert not (tmp_path / "short").exists()
 
 
+@pytest.mark.slow
 def test_pseudonyms_are_keyed_per_site_and_patient(
     inputs: Inputs, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -638,7 +498,7 @@ def test_a_pseudonym_depends_on_site_patient_and_key() -> None:
 
 def _k(k: int) -> str:
     """Case id of the fixture's case ``k``."""
-    return _case_id("H01" if k % 2 == 0 else "H02", f"1.2.826.0.1.3680043.{k + 1}")
+    return case_id("H01" if k % 2 == 0 else "H02", f"1.2.826.0.1.3680043.{k + 1}")
 
 
 @pytest.fixture(scope="module")
@@ -676,7 +536,7 @@ def two_releases(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> tu
             r["patient_id"] = f"{CANARY}6"
         elif r["case_id"] == _k(9):
             r["typical"], r["consensus_grade"] = 1, 2
-    _write_cases(root / "cases.parquet", rows)
+    write_cases(root / "cases.parquet", rows)
     new = root / "new" / "release"
     params = PARAMS.model_copy(update={"shard_max_cases": 4})
     pack.run(
@@ -691,6 +551,7 @@ def two_releases(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> tu
     return old, new
 
 
+@pytest.mark.slow
 def test_diff_names_every_change_between_two_releases(two_releases: tuple[Path, Path]) -> None:
     from ctcurate.release import diff
 
@@ -723,6 +584,7 @@ def test_diff_names_every_change_between_two_releases(two_releases: tuple[Path, 
     assert result["rules"]["select/c.sql"]["old"] is None
 
 
+@pytest.mark.slow
 def test_diff_markdown_is_a_pr_comment(two_releases: tuple[Path, Path]) -> None:
     from typer.testing import CliRunner
 

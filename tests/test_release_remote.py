@@ -144,6 +144,7 @@ def test_default_remote_is_a_local_directory_users_can_override() -> None:
     assert "/dvc-remote" in (ROOT / ".gitignore").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_push_clone_pull_verify(origin: Path, pushed: Path, tmp_path: Path) -> None:
     release_id = json.loads((origin / RELEASE / MANIFEST).read_text())["release_id"]
     clone = _clone(origin, tmp_path / "clone", pushed)
@@ -153,6 +154,7 @@ def test_push_clone_pull_verify(origin: Path, pushed: Path, tmp_path: Path) -> N
     assert f"release {release_id[:16]} verified: 3 cases in 2 shards" in verified.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_a_damaged_remote_object_fails_the_pull_without_output(
     origin: Path, pushed: Path, tmp_path: Path, damage: str
@@ -188,6 +190,7 @@ def _documented_example(heading: str) -> str:
     return section.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
+@pytest.mark.slow
 def test_documented_training_example_runs_on_a_pulled_release(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -250,6 +253,7 @@ def s3_endpoint() -> Iterator[str]:
             server.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_push_clone_pull_verify_through_s3(origin: Path, s3_endpoint: str, tmp_path: Path) -> None:
     url = f"s3://{BUCKET}/ctcurate"
     config = origin / ".dvc" / "config.local"

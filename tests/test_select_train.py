@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_pneumonia import chest, ct_slices
+from helpers.chest import chest, ct_slices
 
 from ctcurate.demo import audit
 from ctcurate.errors import InputError
@@ -159,6 +159,7 @@ def test_select_train_is_deterministic_and_separates_the_audit_list(tmp_path: Pa
     assert [bool(p >= model.threshold) for p in probs] == [sick for _, _, sick in series]
 
 
+@pytest.mark.slow
 def test_select_train_gives_the_same_model_on_a_pool_and_on_dask(tmp_path: Path) -> None:
     from distributed import LocalCluster
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_index import run_index, table, write_series
-from test_region import TCIA
+from helpers.index import run_index, table, write_series
+from helpers.realdata import TCIA
 
 from ctcurate.catalog.site import site_of
 from ctcurate.errors import ParamsError

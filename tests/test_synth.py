@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from helpers.synth import TINY_ARCHIVE as SMALL
 from pydantic import ValidationError
 from scipy import ndimage
 
@@ -39,7 +40,6 @@ from ctcurate.labels import CONSOLIDATION, GGO, NORMAL
 from ctcurate.params import SynthParams
 from ctcurate.pipeline.synth import run, write_header_heavy
 
-SMALL = SynthParams(patients=6, seed=11, matrix=32, pandemic_start=dt.date(2020, 3, 1))
 CHEST_TRAPS = {
     "duplicate_site",
     "shuffled_names",
@@ -83,10 +83,9 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "synth"
-    run(out, SMALL)
-    return out
+def small(tiny_archive: Path) -> Path:
+    """The session's tiny archive, generated with ``SMALL``."""
+    return tiny_archive
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +101,7 @@ def trap_files(small: Path) -> list[dict[str, object]]:
 # -- determinism ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_tree(small: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     run(again, SMALL)
@@ -110,6 +110,7 @@ def test_same_seed_gives_identical_tree(small: Path, tmp_path: Path) -> None:
     assert len(first) > 100
 
 
+@pytest.mark.slow
 def test_other_seed_replaces_output_with_another_archive(tmp_path: Path) -> None:
     out = tmp_path / "out"
     params = SynthParams(patients=2, seed=12, matrix=32)
@@ -337,6 +338,7 @@ def test_negative_has_only_normal_lung_and_patterns_are_checked() -> None:
 # -- SEG alignment ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seg_masks_align_with_their_images(small: Path, truth: list[dict[str, object]]) -> None:
     archive = small / "archive"
     thin = {

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers.train import make_release, tiny_params
 from phantom import PhantomParams, build_archive
-from test_train import make_release, tiny_params
 
 from ctcurate.dicom.seg import read_seg_labels
 from ctcurate.pipeline import predict, train
@@ -80,6 +80,7 @@ def test_dice_and_accuracy_on_known_cases() -> None:
         zs.score_series(truth[:3], truth, 0.5, 0.5, 1)
 
 
+@pytest.mark.slow
 def test_truth_and_prediction_meet_on_the_series_grid(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
