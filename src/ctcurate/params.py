@@ -269,20 +269,20 @@ class AugmentParams(Section):
     are drawn uniformly. docs/models.md gives where each range comes from.
     """
 
-    affine_prob: Fraction = 0.5  # random scale / rotation, image and labels alike
+    affine_prob: Fraction = 0.2  # random scale / rotation, image and labels alike
     scale: tuple[PositiveFloat, PositiveFloat] = (0.85, 1.15)  # per axis
     rotate_deg: tuple[
         Annotated[float, Field(ge=0.0, le=45.0)], Annotated[float, Field(ge=0.0, le=45.0)]
     ] = (10.0, 5.0)  # max |angle| in the axial plane, about the two in-plane axes
-    intensity_prob: Fraction = 0.5  # HU scale about water and offset
+    intensity_prob: Fraction = 0.15  # HU scale about water and offset
     hu_scale: tuple[PositiveFloat, PositiveFloat] = (0.9, 1.1)
     hu_offset: tuple[float, float] = (-20.0, 20.0)
-    noise_prob: Fraction = 0.5  # white Gaussian noise (coloured by the kernel step after it)
+    noise_prob: Fraction = 0.15  # white Gaussian noise (coloured by the kernel step after it)
     noise_sd_hu: tuple[NonNegativeFloat, NonNegativeFloat] = (0.0, 50.0)
-    kernel_prob: Fraction = 0.5  # Gaussian blur or unsharp-mask sharpening, half each
+    kernel_prob: Fraction = 0.2  # Gaussian blur or unsharp-mask sharpening, half each
     blur_sigma_vox: tuple[PositiveFloat, PositiveFloat] = (0.3, 1.0)
     sharpen_amount: tuple[PositiveFloat, PositiveFloat] = (0.3, 1.0)
-    resolution_prob: Fraction = 0.5  # resample down then up (thick slices, coarse pixels)
+    resolution_prob: Fraction = 0.25  # resample down then up (thick slices, coarse pixels)
     resolution_z: tuple[
         Annotated[float, Field(ge=1.0, le=8.0)], Annotated[float, Field(ge=1.0, le=8.0)]
     ] = (1.0, 2.5)  # down-sampling factor along z
