@@ -313,9 +313,9 @@ class AugmentParams(Section):
 class TrainParams(Section):
     """``train``: segmentation and typicality models.
 
-    The defaults are the CPU demo profile (about 2.5 minutes on 2 CPU cores for the demo
-    release of 48x64x64 volumes); docs/models.md documents the larger profile and both
-    measurements.
+    The defaults are the CPU demo profile (a few minutes on 2 CPU cores for the demo
+    release of 64x64x64 volumes at 5 mm); docs/models.md documents the larger profile and
+    the measurements.
     """
 
     EXECUTION: ClassVar[frozenset[str]] = frozenset({"device", "threads"})
