@@ -30,6 +30,7 @@ from ctcurate.errors import ParamsError
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 #: HU values written into (or compared with) the int16 volumes of a release: outside this
 #: range a value would wrap around (-40000 HU written as int16 reads +25536).
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
@@ -261,12 +262,62 @@ class PackParams(Section):
         return self
 
 
+class AugmentParams(Section):
+    """``train.augment``: seeded augmentation of the training patches.
+
+    The transforms live in :mod:`ctcurate.models.augment_ops`.
+
+    Each transform runs on a patch with its probability (0 switches it off); the ranges
+    are drawn uniformly. docs/models.md gives where each range comes from.
+    """
+
+    affine_prob: Fraction = 0.2  # random scale / rotation, image and labels alike
+    scale: tuple[PositiveFloat, PositiveFloat] = (0.85, 1.15)  # per axis
+    rotate_deg: tuple[
+        Annotated[float, Field(ge=0.0, le=45.0)], Annotated[float, Field(ge=0.0, le=45.0)]
+    ] = (10.0, 5.0)  # max |angle| in the axial plane, about the two in-plane axes
+    intensity_prob: Fraction = 0.15  # HU scale about water and offset
+    hu_scale: tuple[PositiveFloat, PositiveFloat] = (0.9, 1.1)
+    hu_offset: tuple[float, float] = (-20.0, 20.0)
+    noise_prob: Fraction = 0.15  # white Gaussian noise (coloured by the kernel step after it)
+    noise_sd_hu: tuple[NonNegativeFloat, NonNegativeFloat] = (0.0, 50.0)
+    kernel_prob: Fraction = 0.2  # Gaussian blur or unsharp-mask sharpening, half each
+    blur_sigma_vox: tuple[PositiveFloat, PositiveFloat] = (0.3, 1.0)
+    sharpen_amount: tuple[PositiveFloat, PositiveFloat] = (0.3, 1.0)
+    resolution_prob: Fraction = 0.25  # resample down then up (thick slices, coarse pixels)
+    resolution_z: tuple[
+        Annotated[float, Field(ge=1.0, le=8.0)], Annotated[float, Field(ge=1.0, le=8.0)]
+    ] = (1.0, 2.5)  # down-sampling factor along z
+    resolution_xy: tuple[
+        Annotated[float, Field(ge=1.0, le=8.0)], Annotated[float, Field(ge=1.0, le=8.0)]
+    ] = (1.0, 1.5)  # down-sampling factor in the axial plane
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> AugmentParams:
+        for name in (
+            "scale",
+            "rotate_deg",
+            "hu_scale",
+            "hu_offset",
+            "noise_sd_hu",
+            "blur_sigma_vox",
+            "sharpen_amount",
+            "resolution_z",
+            "resolution_xy",
+        ):
+            lo, hi = getattr(self, name)
+            if name != "rotate_deg" and lo > hi:
+                msg = f"{name}: the low end ({lo:g}) is above the high end ({hi:g})"
+                raise ValueError(msg)
+        return self
+
+
 class TrainParams(Section):
     """``train``: segmentation and typicality models.
 
-    The defaults are the CPU demo profile (about 2.5 minutes on 2 CPU cores for the demo
-    release of 48x64x64 volumes); docs/models.md documents the larger profile and both
-    measurements.
+    The defaults are the CPU demo profile (a few minutes on 2 CPU cores for the demo
+    release of 64x64x64 volumes at 5 mm); docs/models.md documents the larger profile and
+    the measurements.
     """
 
     EXECUTION: ClassVar[frozenset[str]] = frozenset({"device", "threads"})
@@ -306,6 +357,7 @@ class TrainParams(Section):
     min_lesion_mm3: tuple[Annotated[float, Field(ge=0.0)], ...] = Field(
         default=(0.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0), min_length=1
     )
+    augment: AugmentParams = AugmentParams()  # all probabilities 0: no augmentation
 
 
 class EvaluateParams(Section):

@@ -525,7 +525,11 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
     )
     seed_everything(params.seed, params.threads, device)
     augment = train_transform(
-        None if patch == roi else patch, params.lesion_crop_fraction, params.flip, params.seed
+        None if patch == roi else patch,
+        params.lesion_crop_fraction,
+        params.flip,
+        params.seed,
+        params.augment,
     )
     tensor_set = ctcurate.release.open(release, split="train", transform=augment)
     live.mkdir(parents=True, exist_ok=True)
