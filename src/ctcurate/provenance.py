@@ -1,19 +1,26 @@
-"""What built an output: the source files of the stage's code and the environment lock.
+"""What built an output: the source files of the stage's code, their commit, the lock.
 
-A release's manifest and a model card name the code that wrote them by content, not by
-commit: ``code_sha256`` hashes every ``ctcurate`` source file the stage's module imports
-(followed through the package, lazy imports included: the files ``dvc.yaml`` lists as the
-stage's deps), and ``environment_lock_sha256`` hashes ``requirements.lock``, the pinned
-environment ``scripts/setup.sh`` installs. Same code and lock → same fingerprint, on any
-machine and after any unrelated commit; a changed file a stage imports → another one.
-(A git commit id would change the release bytes with every commit, docs included, and
-say nothing of a working tree with local changes.)
+A release's manifest and a model card name the code that wrote them:
+
+- ``code_sha256`` hashes every ``ctcurate`` source file the stage's module imports
+  (followed through the package, lazy imports included: the files ``dvc.yaml`` lists as the
+  stage's deps). Same code → same fingerprint, on any machine, with or without git.
+- ``git_commit``: the last commit that changed one of those files, when the sources are a git
+  checkout and none of them differs from that commit (``None`` otherwise: a wheel, a copy
+  without ``.git``, local changes — ``code_sha256`` still pins the content). It is the
+  commit to check out to get the code back, and, unlike ``HEAD``, it does not move with
+  commits that leave the stage's code alone (docs, other stages), so those never change a
+  release's bytes.
+- ``environment_lock_sha256`` hashes ``requirements.lock``, the pinned environment
+  ``scripts/setup.sh`` installs.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import shutil
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -81,8 +88,45 @@ def code_sha256(modules: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def _git(root: Path, *args: str) -> str | None:
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        done = subprocess.run(
+            [git, "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def last_commit(files: Iterable[Path], root: Path) -> str | None:
+    """The last commit of the git checkout at ``root`` that changed one of ``files``;
+    ``None`` when ``root`` is no checkout, git is missing, a file is untracked or differs
+    from that commit (staged or not)."""
+    names = [str(Path(f).resolve()) for f in files]
+    if not names or _git(root, "rev-parse", "--is-inside-work-tree") is None:
+        return None
+    tracked = _git(root, "ls-files", "--error-unmatch", "--", *names)
+    status = _git(root, "status", "--porcelain", "--", *names)
+    if tracked is None or status is None or status.strip():
+        return None
+    commit = (_git(root, "log", "-1", "--format=%H", "--", *names) or "").strip()
+    return commit if len(commit) == 40 else None
+
+
 def provenance(*modules: str) -> dict[str, str | None]:
-    """``{"code_sha256", "environment_lock_sha256"}`` of a stage whose code is ``modules``
-    (the lock's hash is ``None`` where no lock file is beside the sources)."""
+    """``{"code_sha256", "git_commit", "environment_lock_sha256"}`` of a stage whose code is
+    ``modules`` (``git_commit`` per :func:`last_commit`; the lock's hash is ``None`` where no
+    lock file is beside the sources)."""
     lock = hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest() if LOCK_FILE.is_file() else None
-    return {"code_sha256": code_sha256(modules), "environment_lock_sha256": lock}
+    return {
+        "code_sha256": code_sha256(modules),
+        "git_commit": last_commit(source_files(modules), _SRC),
+        "environment_lock_sha256": lock,
+    }
