@@ -340,6 +340,49 @@ class ReleaseGrid:
     shape: tuple[int, int, int]
 
 
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """What the headers of a series say about its grid, checked (no pixel read)."""
+
+    rows: int
+    cols: int
+    row_spacing: float
+    col_spacing: float
+    order: list[int]  # instance indices along the slice normal
+    along: npt.NDArray[np.float64]  # their positions on the normal (mm), sorted
+    normal: npt.NDArray[np.float64]
+    transposed: bool
+    x_sign: int
+    y_sign: int
+
+
+def check_series(datasets: Sequence[Any]) -> SeriesGeometry:
+    """The header checks of every series assembly (pack, predict, lung-mask and the
+    selector's working grid): CT images only, one plane geometry, sorted along one axial
+    orientation. Raises :class:`ExcludedSeries` naming the reason."""
+    _check_kind(datasets)
+    rows, cols, row_spacing, col_spacing = _check_plane(datasets)
+    order, along, normal = sort_slices(datasets)
+    orientation = _floats(datasets[order[0]], "ImageOrientationPatient", 6)
+    transposed, x_sign, y_sign = _axis_map(orientation[:3], orientation[3:])
+    return SeriesGeometry(
+        rows, cols, row_spacing, col_spacing, order, along, normal, transposed, x_sign, y_sign
+    )
+
+
+def check_stack(
+    datasets: Sequence[Any],
+    kept: Sequence[int],
+    along_kept: npt.NDArray[np.float64],
+    normal: npt.NDArray[np.float64],
+) -> float:
+    """The stack checks on the distinct slices ``kept`` (sorted, positions ``along_kept``):
+    no gantry tilt, one slice spacing without gaps; returns that spacing (mm)."""
+    positions = np.stack([_floats(datasets[i], "ImagePositionPatient", 3) for i in kept])
+    _check_tilt(positions, normal)
+    return _check_spacing(along_kept)
+
+
 def assemble_series(datasets: Sequence[Any]) -> SeriesStack:
     """Check, sort, de-duplicate and orient one CT series: the first half of ``pack``.
 
@@ -350,20 +393,24 @@ def assemble_series(datasets: Sequence[Any]) -> SeriesStack:
     """
     if len(datasets) < MIN_SLICES:
         raise ExcludedSeries(reason="too_few_slices", detail=f"{len(datasets)} instances")
-    _check_kind(datasets)
-    rows, cols, row_spacing, col_spacing = _check_plane(datasets)
-    order, along, normal = sort_slices(datasets)
-    orientation = _floats(datasets[order[0]], "ImageOrientationPatient", 6)
-    transposed, x_sign, y_sign = _axis_map(orientation[:3], orientation[3:])
+    geometry = check_series(datasets)
+    rows, cols, order, along, normal = (
+        geometry.rows,
+        geometry.cols,
+        geometry.order,
+        geometry.along,
+        geometry.normal,
+    )
+    row_spacing, col_spacing = geometry.row_spacing, geometry.col_spacing
+    transposed, x_sign, y_sign = geometry.transposed, geometry.x_sign, geometry.y_sign
     hu = {i: _hu_slice(datasets[i]) for i in order}
     if any(h.shape != (rows, cols) for h in hu.values()):
         raise ExcludedSeries(reason="pixel_data", detail="pixel data does not match Rows / Columns")
     kept, along_kept = _dedupe(order, along, hu)
     if len(kept) < MIN_SLICES:
         raise ExcludedSeries(reason="too_few_slices", detail=f"{len(kept)} distinct positions")
+    sz = check_stack(datasets, kept, along_kept, normal)
     positions = np.stack([_floats(datasets[i], "ImagePositionPatient", 3) for i in kept])
-    _check_tilt(positions, normal)
-    sz = _check_spacing(along_kept)
     # every instance's slot: the kept position nearest its own (its twin for a duplicate)
     all_along = np.empty(len(datasets), dtype=np.float64)
     all_along[order] = along

@@ -234,11 +234,13 @@ def working_volume(datasets: Iterable[Any], spacing_mm: float) -> WorkingVolume:
 
     ``datasets`` is consumed one instance at a time (pass a generator of ``dcmread`` calls to
     hold one instance's pixels at a time); each instance's pixel data is dropped once
-    resampled. Raises :class:`ctcurate.imaging.volume.ExcludedSeries` for unusable geometry and
+    resampled. The headers go through the checks of every series assembly
+    (:func:`ctcurate.imaging.volume.check_series` and :func:`~ctcurate.imaging.volume.check_stack`,
+    as pack's): :class:`ctcurate.imaging.volume.ExcludedSeries` names what is refused;
     ``ValueError`` for fewer than 3 instances or slices of other shapes; pydicom's pixel
     errors (:data:`ctcurate.imaging.volume.PIXEL_ERRORS`) pass through.
     """
-    from ctcurate.imaging.volume import sort_slices
+    from ctcurate.imaging.volume import DUPLICATE_TOL_MM, check_series, check_stack
 
     if not spacing_mm > 0:
         msg = f"working spacing must be positive, got {spacing_mm}"
@@ -272,7 +274,13 @@ def working_volume(datasets: Iterable[Any], spacing_mm: float) -> WorkingVolume:
     if len(headers) < 3 or shape is None or by_row is None or by_col is None:
         msg = f"{len(headers)} instances: too few for a volume"
         raise ValueError(msg)
-    order, along, normal = sort_slices(headers)
+    geometry = check_series(headers)  # the header checks of every series assembly
+    order, along, normal = geometry.order, geometry.along, geometry.normal
+    distinct = [0]  # one slice per position, as assembly keeps them
+    for k in range(1, len(order)):
+        if along[k] - along[distinct[-1]] >= DUPLICATE_TOL_MM:
+            distinct.append(k)
+    check_stack(headers, [order[k] for k in distinct], along[distinct], normal)
     steps = np.diff(along)
     dz = abs(float(np.median(steps))) or 1.0
     sz = max(spacing_mm, dz)
