@@ -55,7 +55,7 @@ def test_map_ordered_on_a_dask_cluster_matches_this_process() -> None:
 
     items = list(range(5))
     with LocalCluster(
-        processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None
+        processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0"
     ) as cluster:
         got = executor.map_ordered(
             slow_first, items, workers=1, scheduler=cluster.scheduler_address
@@ -179,7 +179,7 @@ def test_a_dask_worker_killed_on_one_item_costs_that_item_only() -> None:
     with (
         dask.config.set({"distributed.scheduler.allowed-failures": 0}),
         LocalCluster(
-            processes=True, n_workers=1, threads_per_worker=1, dashboard_address=None
+            processes=True, n_workers=1, threads_per_worker=1, dashboard_address=":0"
         ) as cluster,
     ):
         got = executor.map_ordered(

@@ -484,7 +484,7 @@ def test_dask_cluster_gives_the_local_bytes(tmp_path: Path) -> None:
     snap = listing(archive, tmp_path)
     index.index_archive(archive, snap, tmp_path / "local", IndexParams(workers=1, **SMALL))
     with LocalCluster(
-        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0"
     ) as cluster:
         stats = index.index_archive(
             archive, snap, tmp_path / "dask", IndexParams(**SMALL), cluster.scheduler_address

@@ -138,7 +138,7 @@ def test_time_cap_holds_on_dask_worker_threads(
     monkeypatch.setattr(dicom, "read_instance", busy_read("2.dcm"))
     params = IndexParams(timeout_s=0.3, chunk_files=2)
     with LocalCluster(
-        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
+        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"
     ) as cluster:
         index.index_archive(archive, snap, tmp_path / "out", params, cluster.scheduler_address)
     quarantined = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()

@@ -161,7 +161,7 @@ def test_pack_gives_the_same_bytes_in_one_process_on_a_pool_and_on_dask(
     assert PARAMS.workers == 2  # the fixture's release was built on a pool of two
     _pack(inputs, tmp_path / "one", params=PARAMS.model_copy(update={"workers": 1}))
     with LocalCluster(
-        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0"
     ) as cluster:
         _pack(inputs, tmp_path / "dask", scheduler=cluster.scheduler_address)
     assert _hashes(tmp_path / "one") == _hashes(release)

@@ -168,7 +168,7 @@ def test_select_train_gives_the_same_model_on_a_pool_and_on_dask(tmp_path: Path)
     select_train.run(*args, tmp_path / "one.json", PARAMS)
     select_train.run(*args, tmp_path / "pool.json", SelectParams(workers=2))
     with LocalCluster(
-        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0"
     ) as cluster:
         select_train.run(*args, tmp_path / "dask.json", PARAMS, cluster.scheduler_address)
     one = (tmp_path / "one.json").read_bytes()
