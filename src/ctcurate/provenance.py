@@ -81,8 +81,12 @@ def source_files(modules: Iterable[str]) -> list[Path]:
 
 def code_sha256(modules: Iterable[str]) -> str:
     """sha256 over the relative path and bytes of each of :func:`source_files`."""
+    return _files_sha256(source_files(modules))
+
+
+def _files_sha256(files: Iterable[Path]) -> str:
     digest = hashlib.sha256()
-    for path in source_files(modules):
+    for path in files:
         digest.update(path.relative_to(_SRC).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
@@ -125,8 +129,9 @@ def provenance(*modules: str) -> dict[str, str | None]:
     ``modules`` (``git_commit`` per :func:`last_commit`; the lock's hash is ``None`` where no
     lock file is beside the sources)."""
     lock = hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest() if LOCK_FILE.is_file() else None
+    files = source_files(modules)
     return {
-        "code_sha256": code_sha256(modules),
-        "git_commit": last_commit(source_files(modules), _SRC),
+        "code_sha256": _files_sha256(files),
+        "git_commit": last_commit(files, _SRC),
         "environment_lock_sha256": lock,
     }

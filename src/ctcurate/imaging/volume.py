@@ -375,12 +375,13 @@ def check_stack(
     kept: Sequence[int],
     along_kept: npt.NDArray[np.float64],
     normal: npt.NDArray[np.float64],
-) -> float:
+) -> tuple[float, npt.NDArray[np.float64]]:
     """The stack checks on the distinct slices ``kept`` (sorted, positions ``along_kept``):
-    no gantry tilt, one slice spacing without gaps; returns that spacing (mm)."""
+    no gantry tilt, one slice spacing without gaps; returns that spacing (mm) and the
+    slices' ImagePositionPatient (one row each)."""
     positions = np.stack([_floats(datasets[i], "ImagePositionPatient", 3) for i in kept])
     _check_tilt(positions, normal)
-    return _check_spacing(along_kept)
+    return _check_spacing(along_kept), positions
 
 
 def assemble_series(datasets: Sequence[Any]) -> SeriesStack:
@@ -409,8 +410,7 @@ def assemble_series(datasets: Sequence[Any]) -> SeriesStack:
     kept, along_kept = _dedupe(order, along, hu)
     if len(kept) < MIN_SLICES:
         raise ExcludedSeries(reason="too_few_slices", detail=f"{len(kept)} distinct positions")
-    sz = check_stack(datasets, kept, along_kept, normal)
-    positions = np.stack([_floats(datasets[i], "ImagePositionPatient", 3) for i in kept])
+    sz, positions = check_stack(datasets, kept, along_kept, normal)
     # every instance's slot: the kept position nearest its own (its twin for a duplicate)
     all_along = np.empty(len(datasets), dtype=np.float64)
     all_along[order] = along

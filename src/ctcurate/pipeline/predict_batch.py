@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from ctcurate import __version__, executor
+from ctcurate.catalog.paths import series_paths
 from ctcurate.dicom.seg import SegWriteError
 from ctcurate.dicom.series_dir import READ_ERRORS
 from ctcurate.errors import AccountingError, InputError, one_line
 from ctcurate.imaging.volume import ExcludedSeries
 from ctcurate.io.atomic import dumps_json
 from ctcurate.io.outputs import check_output_dir, publish_dir
-from ctcurate.io.shards import read_shards
 from ctcurate.io.tables import read_parquet
 from ctcurate.log import get_logger
 from ctcurate.models.checkpoint import resolve_device
@@ -131,17 +131,6 @@ def _selected_series(selected: Path) -> list[tuple[str, str]]:
     return sorted({(str(r["site"]), str(r["series_instance_uid"])) for r in rows})
 
 
-def _instance_paths(index_dir: Path, archive: Path) -> dict[tuple[str, str], list[Path]]:
-    table = read_shards(
-        Path(index_dir) / "instances", columns=["path", "site", "series_instance_uid"]
-    )
-    out: dict[tuple[str, str], list[Path]] = {}
-    for r in sorted(table.to_pylist(), key=lambda r: str(r["path"])):
-        key = (str(r["site"]), str(r["series_instance_uid"]))
-        out.setdefault(key, []).append(Path(archive) / str(r["path"]))
-    return out
-
-
 def batch_report(seen: int, rows: Sequence[Mapping[str, Any]], model_id: str) -> dict[str, Any]:
     """``report.json``: counts, reasons, and every series with its outcome."""
     failed = [r for r in rows if r["status"] == "failed"]
@@ -191,7 +180,7 @@ def run_batch(
         log.info("device cuda: the series are predicted one at a time in this process")
         workers = 1
     series = _selected_series(Path(selected))
-    paths = _instance_paths(Path(index_dir), Path(archive))
+    paths = series_paths(Path(index_dir) / "instances")
     with publish_dir(out, STAGE, inputs=inputs, own=OWN_FILES) as tmp:
         tasks, named = [], set()
         for site, uid in series:  # sorted by (site, uid)
@@ -209,7 +198,7 @@ def run_batch(
                 _Task(
                     site,
                     uid,
-                    tuple(paths.get((site, uid), [])),
+                    tuple(Path(archive) / p for p in paths.get((site, uid), [])),
                     tmp,
                     Path(models_dir).resolve(),
                     models.model_id,

@@ -75,10 +75,6 @@ AUDIT_SAMPLE_COLUMNS = (
 _DIGITS = 6
 
 
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(float(value), _DIGITS)
-
-
 def apply_scores(
     selection: pa.Table,
     results: Sequence[ScoreResult],
