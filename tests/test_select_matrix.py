@@ -100,7 +100,9 @@ def features(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, bool],
     for n in (96, 256, 512):
         for sick in (False, True):
             paths = write_chest(root / f"{n}_{int(sick)}", n, sick)
-            result = score_series(ScoreTask("H01", f"{n}.{int(sick)}", paths, None, 2.0))
+            result = score_series(
+                ScoreTask("H01", f"{n}.{int(sick)}", paths, None, working_spacing_mm=2.0)
+            )
             assert result.features is not None, result.error
             out[n, sick] = dict(zip(FEATURES, result.features, strict=True))
     return out

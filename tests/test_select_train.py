@@ -323,3 +323,27 @@ def test_select_refuses_a_selector_of_another_working_grid(tmp_path: Path) -> No
             model=path,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_select_train_scores_on_the_params_working_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audited series are measured on ``select.working_spacing_mm``, the grid the model
+    file records, and with no lung-volume bar (an earlier version passed the spacing where
+    the bar goes, and measured every model's features on the default grid)."""
+    tiny_archive(tmp_path)
+    seen: list[select_train.ScoreTask] = []
+    real = select_train.score_all
+
+    def spy(tasks: list[select_train.ScoreTask], *args: object, **kw: object) -> object:
+        seen.extend(tasks)
+        return real(tasks, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(select_train, "score_all", spy)
+    params = SelectParams(workers=1, working_spacing_mm=3.0)
+    out = tmp_path / "selector.json"
+    select_train.run(tmp_path / "index", tmp_path / "archive", tmp_path / "audit.csv", out, params)
+    assert len(seen) == 4
+    assert {t.working_spacing_mm for t in seen} == {3.0}
+    assert {t.min_lung_ml for t in seen} == {0.0}
+    assert read_model(out)[0].working_spacing_mm == 3.0

@@ -211,7 +211,7 @@ def run(
             r.series_instance_uid,
             tuple(str(archive / p) for p in paths[(r.site, r.series_instance_uid)]),
             None,
-            params.working_spacing_mm,
+            working_spacing_mm=params.working_spacing_mm,
         )
         for r in audit
         if (r.site, r.series_instance_uid) in paths

@@ -49,7 +49,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +375,7 @@ class ScoreTask:
     series_instance_uid: str
     paths: tuple[str, ...]  # absolute instance paths
     seg_path: str | None  # the series' DICOM SEG, for the lung-mask audit
+    _: KW_ONLY  # the rest by name: two floats side by side are easily swapped
     min_lung_ml: float = 0.0  # a smaller robust lung mask is `no_lung` (unknown body region)
     working_spacing_mm: float = 2.0  # the working grid (select.working_spacing_mm)
 
