@@ -316,7 +316,7 @@ class TrainParams(Section):
     """``train``: segmentation and typicality models.
 
     The defaults are the CPU demo profile (a few minutes on 2 CPU cores for the demo
-    release of 64x64x64 volumes at 5 mm); docs/models.md documents the larger profile and
+    release of 48x64x64 volumes at 4 mm); docs/models.md documents the larger profile and
     the measurements.
     """
 
