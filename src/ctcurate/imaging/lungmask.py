@@ -136,8 +136,23 @@ def threshold_lung_mask(
 
 
 def _hull_2d(mask: BoolArray) -> BoolArray:
-    """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included)."""
-    pts = np.argwhere(mask).astype(np.float64)
+    """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included).
+
+    The hull is taken of each row's first and last pixel (the same polygon: every other
+    pixel lies between them)."""
+    rows_in = np.flatnonzero(mask.any(axis=1))
+    if not rows_in.size:
+        return mask.copy()
+    part = mask[rows_in]
+    first_in = np.argmax(part, axis=1)
+    last_in = mask.shape[1] - 1 - np.argmax(part[:, ::-1], axis=1)
+    both = first_in != last_in
+    pts = np.concatenate(
+        [
+            np.stack([rows_in, first_in], axis=1),
+            np.stack([rows_in[both], last_in[both]], axis=1),
+        ]
+    ).astype(np.float64)
     if len(pts) < 3:
         return mask.copy()
     try:
@@ -159,9 +174,10 @@ def _hull_2d(mask: BoolArray) -> BoolArray:
     first = np.ceil(left.min(axis=1) - _EDGE_TOL).astype(np.int64)
     last = np.floor(right.max(axis=1) + _EDGE_TOL).astype(np.int64)
     out = mask.copy()
-    cols = np.arange(mask.shape[1])[None, :]
+    c0, c1 = int(hull[:, 1].min()), int(hull[:, 1].max()) + 1  # the hull's columns
+    cols = np.arange(c0, c1)[None, :]
     span = (cols >= first[:, None]) & (cols <= last[:, None])
-    out[rows.astype(np.int64)] |= span
+    out[int(rows[0]) : int(rows[-1]) + 1, c0:c1] |= span
     return out
 
 
@@ -186,7 +202,7 @@ def _close_lung_slice(
     ``distance`` is each column's distance from the midline (a (1, x) row), ``innermost``
     the lung's :func:`_innermost`.
     """
-    hull = _hull_2d(_boundary(lung))
+    hull = _hull_2d(lung)  # the hull of its outline: the same polygon
     # rows without lung pixels (a consolidated band across the whole lung) keep the hull
     allowed = (distance >= innermost[:, None]) | ~np.isfinite(innermost)[:, None]
     closed: BoolArray = lung | (hull & allowed)
@@ -218,29 +234,48 @@ def _outward(bay: BoolArray, lungs: BoolArray, centre: tuple[float, float], col0
     return out
 
 
-def _near(mask: BoolArray, reach_mm: float, spacing: tuple[float, float]) -> BoolArray:
-    """Pixels of the 2D array within ``reach_mm`` of a pixel of ``mask`` — inside the box
-    of ``mask`` only (what the lung's hull can hold): the distance transform of that box is
-    exact, since every pixel of ``mask`` lies in it, and several times cheaper."""
-    out = np.zeros(mask.shape, dtype=bool)
-    if not mask.any():
-        return out
-    box = bounding_box(mask)
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= reach_mm
-    return out
+def _within(
+    mask: BoolArray, reach_mm: float, spacing: tuple[float, ...], where: BoolArray, grow: bool
+) -> BoolArray:
+    """The elements of ``where`` within ``reach_mm`` of an element of ``mask`` (non-empty).
 
-
-def _within(mask: BoolArray, reach_mm: float, spacing: tuple[float, ...]) -> BoolArray:
-    """Voxels within ``reach_mm`` of a voxel of ``mask`` (non-empty), from the distance
-    transform of the mask's box grown by ``reach_mm`` only: every voxel of ``mask`` lies in
-    it (exact distances there) and every voxel outside it is farther than ``reach_mm``."""
+    Distances come from the nearest-element transform of the mask's box — grown by
+    ``reach_mm`` when ``grow`` (every element outside it is farther), else the box itself
+    (for elements of ``where`` inside it: what a lung's hull can hold) — exact there, since
+    every element of ``mask`` lies in it. They are those of ``distance_transform_edt`` (the
+    same products and sums), taken at the elements of ``where`` only."""
     out = np.zeros(mask.shape, dtype=bool)
     box = tuple(
         slice(max(b.start - math.ceil(reach_mm / s), 0), min(b.stop + math.ceil(reach_mm / s), n))
+        if grow
+        else b
         for b, s, n in zip(bounding_box(mask), spacing, mask.shape, strict=True)
     )
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= reach_mm
+    at = np.nonzero(where[box])
+    close = distances_at(~mask[box], spacing, at) <= reach_mm
+    out[tuple(a[close] + b.start for a, b in zip(at, box, strict=True))] = True
     return out
+
+
+def distances_at(
+    inside: BoolArray, spacing: tuple[float, ...], at: tuple[npt.NDArray[np.intp], ...]
+) -> npt.NDArray[np.float64]:
+    """``ndimage.distance_transform_edt(inside, sampling=spacing)[at]`` (``at`` as from
+    ``np.nonzero``), bit for bit: the same nearest-background transform, with the same
+    products and sums, turned into distances at the elements of ``at`` only (the whole
+    volume's distances in float64 cost more than the transform itself)."""
+    if not at[0].size:
+        return np.zeros(0, dtype=np.float64)
+    nearest = ndimage.distance_transform_edt(
+        inside, sampling=spacing, return_distances=False, return_indices=True
+    )
+    step = np.asarray(spacing, dtype=np.float64)
+    dt = np.stack([nearest[i][at] - at[i] for i in range(inside.ndim)]).astype(np.float64)
+    for i in range(inside.ndim):
+        dt[i] *= step[i]
+    np.multiply(dt, dt, dt)
+    distance: npt.NDArray[np.float64] = np.sqrt(np.add.reduce(dt, axis=0))
+    return distance
 
 
 def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
@@ -345,8 +380,10 @@ def median_in_plane(img: npt.NDArray[np.float32], size: tuple[int, int, int]) ->
 
 
 def _boundary(mask: BoolArray) -> BoolArray:
-    """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others)."""
-    edge: BoolArray = mask & ~ndimage.binary_erosion(mask)
+    """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others); of a
+    3D mask, each slice's."""
+    structure = _IN_PLANE if mask.ndim == 3 else None
+    edge: BoolArray = mask & ~ndimage.binary_erosion(mask, structure=structure)
     return edge
 
 
@@ -403,9 +440,11 @@ def _lung_masks_in_box(
     bone = (img >= BONE_HU_MIN) & body
     # the cage is the ribs and spine against the pleura: bone within CAGE_RIB_MM of the
     # aerated lung (the scapulae, arms and spinous processes lie farther out, behind muscle)
-    near = _within(base, CAGE_RIB_MM, (dz, dy, dx))
     cage_bone = ndimage.maximum_filter1d(
-        bone & near, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
+        _within(base, CAGE_RIB_MM, (dz, dy, dx), bone, grow=True),
+        size=2 * round(CAGE_WINDOW_MM / dz) + 1,
+        axis=0,
+        mode="nearest",
     )
     dense = (img >= hu_max) & (img < DENSE_HU_MAX) & ~bone & body
     reach_px = _mm_to_px(WALL_REACH_MM, dy)
@@ -418,38 +457,51 @@ def _lung_masks_in_box(
     area = base.sum(axis=(1, 2))
     min_area = WALL_MIN_AREA_FRACTION * float(area.max()) / 2.0
     min_hull = max(3, round(MIN_HULL_MM2 / (dy * dx)))
-    for k in range(img.shape[0]):
-        if not base[k].any():
-            continue
-        in_body = body[k].any(axis=0)
-        midline = float(cols[in_body].mean()) if in_body.any() else (img.shape[2] - 1) / 2.0
-        # airways on the midline (trachea, main bronchi) are not lung: drop the slice's
-        # components that reach the midline column before taking hulls
-        parts, n = ndimage.label(base[k])
+    # per slice, the body's midline column and middle row: means of pixel indices (exact
+    # integer sums, so the same numbers as the means of each slice's indices)
+    body_cols = body.any(axis=1)
+    n_cols = body_cols.sum(axis=1)
+    col_sums = (body_cols * np.arange(img.shape[2])).sum(axis=1)
+    body_rows = body.sum(axis=2)
+    n_body = body_rows.sum(axis=1)
+    row_sums = (body_rows * np.arange(img.shape[1])).sum(axis=1)
+    slices = [k for k in np.flatnonzero(area) if n_cols[k]]  # the lung lies in the body
+    midlines = {int(k): float(col_sums[k]) / float(n_cols[k]) for k in slices}
+    # airways on the midline (trachea, main bronchi) are not lung: drop each slice's
+    # components that reach its midline column before taking hulls (one labelling of every
+    # slice's components: in-plane connectivity only)
+    parts, _ = ndimage.label(base, structure=_IN_PLANE)
+    airway = np.zeros(int(parts.max()) + 1, dtype=bool)
+    for k, midline in midlines.items():
         centre = round(midline)
-        on_midline = np.unique(parts[:, max(centre - 1, 0) : centre + 2])
-        lungs = base[k] & ~np.isin(parts, on_midline[on_midline > 0]) if n else base[k]
+        airway[parts[k, :, max(centre - 1, 0) : centre + 2]] = True
+    airway[0] = False
+    lungs = base & ~airway[parts]
+    del parts
+    # the cage's points: the outlines of the cage's bone and of the lungs, every slice at once
+    cage_pts = _boundary(cage_bone) | _boundary(lungs)
+    cage_any = cage_bone.any(axis=(1, 2))
+    n_cage_pts = cage_pts.sum(axis=(1, 2))
+    for k, midline in midlines.items():
+        lungs_k = lungs[k]
         distance = np.abs(cols - midline)[None, :]
-        body_rows = np.nonzero(body[k])[0]
-        centre_k = (float(body_rows.mean()), midline)  # the body's middle (row, column)
-        inner = np.zeros_like(lungs)
-        cage_pts = _boundary(cage_bone[k]) | _boundary(lungs)
-        if cage_bone[k].any() and int(cage_pts.sum()) >= 3:
-            cage = _hull_2d(cage_pts)
-            inner = _deeper(cage, CAGE_WALL_MM, (dy, dx))
+        centre_k = (float(row_sums[k]) / float(n_body[k]), midline)  # the body's middle
+        inner = np.zeros_like(lungs_k)
+        if cage_any[k] and int(n_cage_pts[k]) >= 3:
+            inner = _deeper(_hull_2d(cage_pts[k]), CAGE_WALL_MM, (dy, dx))
         # each lung on its own half of the slice: everything below lies within its side
         half = int(np.count_nonzero(cols < midline))
         for cs in (slice(0, half), slice(half, img.shape[2])):
-            lung = lungs[:, cs]
-            n_lung = int(lung.sum())
+            lung = lungs_k[:, cs]
+            n_lung = int(np.count_nonzero(lung))
             if n_lung < min_hull:
                 out[k, :, cs] |= lung
                 continue
             dist = distance[:, cs]
             innermost = _innermost(lung, dist)
-            closed = _close_lung_slice(lung, dist, innermost) & body[k, :, cs]
-            closed &= _near(lung, BAY_REACH_MM, (dy, dx))
-            closed = lung | _outward(closed & ~lung, lungs, centre_k, cs.start or 0)
+            bay = _close_lung_slice(lung, dist, innermost) & body[k, :, cs] & ~lung
+            bay = _within(lung, BAY_REACH_MM, (dy, dx), bay, grow=False)
+            closed = lung | _outward(bay, lungs_k, centre_k, cs.start or 0)
             if n_lung < min_area:  # a lung tip: no chest-wall fill
                 out[k, :, cs] |= closed
                 continue
@@ -470,16 +522,19 @@ def _lung_masks_in_box(
                     and sizes[c] <= WALL_MAX_FRACTION * n_lung
                     and contact[c] <= WALL_MAX_CONTACT * n_edge
                 ]
+                take = np.zeros(n_wall + 1, dtype=bool)
                 if keep:
                     # consolidation against the chest wall lies outward of the aerated lung
-                    fill = np.isin(wall, keep)
+                    take[keep] = True
                     hidden = np.bincount(
-                        wall[_outward(fill, lungs, centre_k, cs.start or 0)],
+                        wall[_outward(take[wall], lungs_k, centre_k, cs.start or 0)],
                         minlength=n_wall + 1,
                     )
                     keep = [c for c in keep if 2 * hidden[c] >= sizes[c]]
                 if keep:
-                    closed |= np.isin(wall, keep)
+                    take[:] = False
+                    take[keep] = True
+                    closed |= take[wall]
             out[k, :, cs] |= closed
     return base, _fill_slices(out)
 
