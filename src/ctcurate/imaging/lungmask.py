@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
 #: Voxels below this (HU) are air-like: aerated lung, airways, air outside the body.
 LUNG_HU_MAX = -400.0
@@ -77,8 +76,6 @@ WALL_REACH_MM = 20.0
 #: of the lung's crescent round the diaphragm would span the liver, spleen or stomach;
 #: consolidation deeper than this against the chest wall is the chest-wall fill's.
 BAY_REACH_MM = 15.0
-#: Pixel centres this close to a hull edge (pixels) count as inside.
-_EDGE_TOL = 1e-6
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -136,48 +133,72 @@ def threshold_lung_mask(
 
 
 def _hull_2d(mask: BoolArray) -> BoolArray:
-    """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included).
+    """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included)."""
+    return _hulls(mask[None])[0]
 
-    The hull is taken of each row's first and last pixel (the same polygon: every other
-    pixel lies between them)."""
-    rows_in = np.flatnonzero(mask.any(axis=1))
-    if not rows_in.size:
-        return mask.copy()
-    part = mask[rows_in]
-    first_in = np.argmax(part, axis=1)
-    last_in = mask.shape[1] - 1 - np.argmax(part[:, ::-1], axis=1)
-    both = first_in != last_in
-    pts = np.concatenate(
-        [
-            np.stack([rows_in, first_in], axis=1),
-            np.stack([rows_in[both], last_in[both]], axis=1),
-        ]
-    ).astype(np.float64)
-    if len(pts) < 3:
-        return mask.copy()
-    try:
-        hull = pts[ConvexHull(pts).vertices]
-    except QhullError:  # all on one line: the mask is its own hull
-        return mask.copy()
-    # a convex polygon covers one span of columns per row: intersect each row with the edges
-    a, b = hull, np.roll(hull, -1, axis=0)
-    rows = np.arange(int(hull[:, 0].min()), int(hull[:, 0].max()) + 1, dtype=np.float64)
-    r = rows[:, None]
-    lo_r, hi_r = np.minimum(a[:, 0], b[:, 0])[None, :], np.maximum(a[:, 0], b[:, 0])[None, :]
-    crosses = (r >= lo_r) & (r <= hi_r)
-    dr = (b[:, 0] - a[:, 0])[None, :]
-    t = np.where(dr != 0, (r - a[:, 0][None, :]) / np.where(dr != 0, dr, 1.0), 0.0)
-    col_a = a[:, 1][None, :] + t * (b[:, 1] - a[:, 1])[None, :]
-    flat = dr == 0  # a horizontal edge covers its whole column range
-    left = np.where(crosses, np.where(flat, np.minimum(a[:, 1], b[:, 1])[None, :], col_a), np.inf)
-    right = np.where(crosses, np.where(flat, np.maximum(a[:, 1], b[:, 1])[None, :], col_a), -np.inf)
-    first = np.ceil(left.min(axis=1) - _EDGE_TOL).astype(np.int64)
-    last = np.floor(right.max(axis=1) + _EDGE_TOL).astype(np.int64)
-    out = mask.copy()
-    c0, c1 = int(hull[:, 1].min()), int(hull[:, 1].max()) + 1  # the hull's columns
-    cols = np.arange(c0, c1)[None, :]
-    span = (cols >= first[:, None]) & (cols <= last[:, None])
-    out[int(rows[0]) : int(rows[-1]) + 1, c0:c1] |= span
+
+def _hulls(masks: BoolArray) -> BoolArray:
+    """Each 2D mask of a (n, y, x) stack with its filled convex hull (pixel centres, edges
+    included), all at once; a mask on one line (or of fewer than 3 pixels) is its own hull.
+
+    The hull of a mask is the hull of each row's first and last pixel. A convex polygon
+    covers one span of columns per row: from the lower convex envelope of the rows' first
+    columns to the upper concave envelope of their last columns (both taken by dropping
+    every point on or beyond the chord of its neighbours until none is), rounded inward in
+    integer arithmetic.
+    """
+    out = masks.copy()
+    units, rows = np.nonzero(masks.any(axis=2))  # sorted by mask, then row
+    if not units.size:
+        return out
+    n_x = masks.shape[2]
+    first = np.argmax(masks[units, rows], axis=1).astype(np.int64)
+    last = n_x - 1 - np.argmax(masks[units, rows, ::-1], axis=1).astype(np.int64)
+    rows = rows.astype(np.int64)
+    start = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])  # each mask's first row
+    stop = np.r_[start[1:], len(units)] - 1  # and last
+    unit = np.repeat(np.arange(len(start)), np.diff(np.r_[start, len(units)]))
+    # on one line: one row, or one pixel per row, all on the line of the first and last
+    r0, c0 = rows[start][unit], first[start][unit]
+    r1, c1 = rows[stop][unit], first[stop][unit]
+    on_line = ((rows - r0) * (c1 - c0) - (first - c0) * (r1 - r0) == 0) & (first == last)
+    flat = (start == stop) | np.logical_and.reduceat(on_line, start)
+
+    def envelope(col: npt.NDArray[np.int64], sign: int) -> npt.NDArray[np.intp]:
+        idx = np.arange(len(units))
+        while len(idx) >= 3:
+            a, b, c = idx[:-2], idx[1:-1], idx[2:]
+            cross = (rows[b] - rows[a]) * (col[c] - col[a]) - (col[b] - col[a]) * (
+                rows[c] - rows[a]
+            )
+            drop = (unit[a] == unit[c]) & (sign * cross <= 0)
+            if not drop.any():
+                break
+            idx = idx[np.r_[True, ~drop, True]]
+        return idx
+
+    span_unit = np.repeat(np.arange(len(start)), rows[stop] - rows[start] + 1)
+    span_row = rows[start][span_unit] + (
+        np.arange(len(span_unit)) - np.searchsorted(span_unit, span_unit)
+    )
+    key = span_unit * (masks.shape[1] + 1) + span_row
+
+    def bound(col: npt.NDArray[np.int64], sign: int) -> npt.NDArray[np.int64]:
+        vertex = envelope(col, sign)
+        j = np.searchsorted(unit[vertex] * (masks.shape[1] + 1) + rows[vertex], key, "right") - 1
+        a, b = vertex[j], vertex[np.minimum(j + 1, len(vertex) - 1)]
+        at_vertex = span_row == rows[a]
+        num = np.where(at_vertex, 0, (span_row - rows[a]) * (col[b] - col[a]))
+        den = np.where(at_vertex, 1, rows[b] - rows[a])
+        # the left edge rounds up, the right edge down
+        return col[a] + (-(-num // den) if sign > 0 else num // den)
+
+    left, right = bound(first, 1), bound(last, -1)
+    fill = ~flat[span_unit]
+    cols = np.arange(n_x)
+    span = (cols >= left[fill, None]) & (cols <= right[fill, None])
+    where = (units[start][span_unit[fill]], span_row[fill])
+    out[where] |= span
     return out
 
 
@@ -195,14 +216,17 @@ def _innermost(lung: BoolArray, distance: npt.NDArray[np.float64]) -> npt.NDArra
 
 
 def _close_lung_slice(
-    lung: BoolArray, distance: npt.NDArray[np.float64], innermost: npt.NDArray[np.float64]
+    lung: BoolArray,
+    hull: BoolArray,
+    distance: npt.NDArray[np.float64],
+    innermost: npt.NDArray[np.float64],
 ) -> BoolArray:
-    """One slice of one lung: its hull, minus what lies medial of each row's innermost pixel.
+    """One slice of one lung: its ``hull`` (:func:`_hulls`), minus what lies medial of each
+    row's innermost pixel.
 
     ``distance`` is each column's distance from the midline (a (1, x) row), ``innermost``
     the lung's :func:`_innermost`.
     """
-    hull = _hull_2d(lung)  # the hull of its outline: the same polygon
     # rows without lung pixels (a consolidated band across the whole lung) keep the hull
     allowed = (distance >= innermost[:, None]) | ~np.isfinite(innermost)[:, None]
     closed: BoolArray = lung | (hull & allowed)
@@ -480,17 +504,32 @@ def _lung_masks_in_box(
     del parts
     # the cage's points: the outlines of the cage's bone and of the lungs, every slice at once
     cage_pts = _boundary(cage_bone) | _boundary(lungs)
-    cage_any = cage_bone.any(axis=(1, 2))
+    # the hulls of every slice's cage and of every lung at once: the cage of the slices with
+    # cage bone and 3 outline points; each lung on its own half of the slice (everything
+    # below lies within its side), hulls of the lungs of at least min_hull pixels
     n_cage_pts = cage_pts.sum(axis=(1, 2))
+    caged = [k for k in midlines if cage_bone[k].any() and int(n_cage_pts[k]) >= 3]
+    cages = dict(zip(caged, _hulls(cage_pts[caged]), strict=True))
+    halves = {k: int(np.count_nonzero(cols < midline)) for k, midline in midlines.items()}
+    sides = [
+        (k, cs)
+        for k, half in halves.items()
+        for cs in (slice(0, half), slice(half, img.shape[2]))
+        if np.count_nonzero(lungs[k, :, cs]) >= min_hull
+    ]
+    side_masks = np.zeros((len(sides), *img.shape[1:]), dtype=bool)
+    for i, (k, cs) in enumerate(sides):
+        side_masks[i, :, cs] = lungs[k, :, cs]
+    hulls = dict(zip(((k, cs.start) for k, cs in sides), _hulls(side_masks), strict=True))
+    del side_masks
     for k, midline in midlines.items():
         lungs_k = lungs[k]
         distance = np.abs(cols - midline)[None, :]
         centre_k = (float(row_sums[k]) / float(n_body[k]), midline)  # the body's middle
         inner = np.zeros_like(lungs_k)
-        if cage_any[k] and int(n_cage_pts[k]) >= 3:
-            inner = _deeper(_hull_2d(cage_pts[k]), CAGE_WALL_MM, (dy, dx))
-        # each lung on its own half of the slice: everything below lies within its side
-        half = int(np.count_nonzero(cols < midline))
+        if k in cages:
+            inner = _deeper(cages[k], CAGE_WALL_MM, (dy, dx))
+        half = halves[k]
         for cs in (slice(0, half), slice(half, img.shape[2])):
             lung = lungs_k[:, cs]
             n_lung = int(np.count_nonzero(lung))
@@ -499,7 +538,8 @@ def _lung_masks_in_box(
                 continue
             dist = distance[:, cs]
             innermost = _innermost(lung, dist)
-            bay = _close_lung_slice(lung, dist, innermost) & body[k, :, cs] & ~lung
+            hull = hulls[k, cs.start][:, cs]
+            bay = _close_lung_slice(lung, hull, dist, innermost) & body[k, :, cs] & ~lung
             bay = _within(lung, BAY_REACH_MM, (dy, dx), bay, grow=False)
             closed = lung | _outward(bay, lungs_k, centre_k, cs.start or 0)
             if n_lung < min_area:  # a lung tip: no chest-wall fill
