@@ -233,28 +233,39 @@ def _close_lung_slice(
     return closed
 
 
-def _outward(bay: BoolArray, lungs: BoolArray, centre: tuple[float, float], col0: int) -> BoolArray:
-    """The pixels of ``bay`` (one lung's half of a slice, from column ``col0``) that the
-    slice's aerated ``lungs`` hide from the body's ``centre`` (row, column): a segment from
-    the pixel to the centre crosses aerated lung.
+def _outward(
+    pixels: tuple[npt.NDArray[np.intp], ...],
+    lung_of: npt.NDArray[np.intp],
+    centres: npt.NDArray[np.float64],
+    lungs: BoolArray,
+) -> BoolArray:
+    """Which ``pixels`` ((slice, row, column) of the (z, y, x) ``lungs``), each of one lung
+    (``lung_of``), the slice's aerated ``lungs`` hide from the body's centre of that lung's
+    slice (``centres``: row, column per lung): a segment from the pixel to the centre
+    crosses aerated lung, sampled at as many points as the lung's farthest pixel lies
+    pixels from the centre (at least 2, the pixel itself left out).
 
     Consolidation fills the lung from the chest wall, so aerated lung lies between it and
     the middle of the body; the hull of a basal crescent of lung spans the diaphragm's dome
     (liver, spleen, stomach), which lies between the crescent and the middle of the body.
     """
-    ys, xs = np.nonzero(bay)
-    out = np.zeros_like(bay)
+    ks, ys, xs = pixels
+    out = np.zeros(len(ys), dtype=bool)
     if not ys.size:
         return out
-    xs_full = xs + col0
-    cy, cx = centre
-    reach = float(np.hypot(ys - cy, xs_full - cx).max())
-    steps = np.linspace(0.0, 1.0, max(int(np.ceil(reach)) + 1, 2))[1:, None]
-    ry = np.rint(ys[None, :] + steps * (cy - ys[None, :])).astype(np.int64)
-    rx = np.rint(xs_full[None, :] + steps * (cx - xs_full[None, :])).astype(np.int64)
-    ry = np.clip(ry, 0, lungs.shape[0] - 1)
-    rx = np.clip(rx, 0, lungs.shape[1] - 1)
-    out[ys, xs] = lungs[ry, rx].any(axis=0)
+    cy, cx = centres[lung_of, 0], centres[lung_of, 1]
+    reach = np.zeros(len(centres), dtype=np.float64)
+    np.maximum.at(reach, lung_of, np.hypot(ys - cy, xs - cx))
+    n_steps = np.maximum(np.ceil(reach).astype(np.int64) + 1, 2)[lung_of]
+    for n in np.unique(n_steps):  # the lungs sampled at n points, together
+        sel = np.flatnonzero(n_steps == n)
+        y, x, ty, tx = ys[sel], xs[sel], cy[sel], cx[sel]
+        steps = np.linspace(0.0, 1.0, int(n))[1:, None]
+        ry = np.rint(y[None, :] + steps * (ty - y)[None, :]).astype(np.int64)
+        rx = np.rint(x[None, :] + steps * (tx - x)[None, :]).astype(np.int64)
+        ry = np.clip(ry, 0, lungs.shape[1] - 1)
+        rx = np.clip(rx, 0, lungs.shape[2] - 1)
+        out[sel] = lungs[ks[sel][None, :], ry, rx].any(axis=0)
     return out
 
 
@@ -338,16 +349,26 @@ def _medial_limit(innermost: npt.NDArray[np.float64], reach_px: int) -> Any:
 
 
 def _edge_contact(edge: BoolArray, labels: npt.NDArray[np.int32], n: int) -> Any:
-    """Per label 0..n, the edge pixels that hold it or have a 4-neighbour holding it (what
-    ``(edge & binary_dilation(labels == c)).sum()`` counts, for every c at once)."""
-    ys, xs = np.nonzero(edge)
-    padded = np.pad(labels, 1)
-    near = np.stack(
-        [padded[ys + 1 + dy, xs + 1 + dx] for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))]
-    )
-    pixel = np.broadcast_to(np.arange(len(ys)), near.shape)
-    pairs = np.unique(pixel.ravel() * (n + 1) + near.ravel())
-    return np.bincount(pairs % (n + 1), minlength=n + 1)
+    """Per label 0..n, the edge pixels that hold it or have an in-plane 4-neighbour holding
+    it (what ``(edge & binary_dilation(labels == c)).sum()`` counts, slice by slice, for
+    every c at once); a pixel's five values are counted once each."""
+    at = np.nonzero(edge)
+    ys, xs = at[-2], at[-1]
+    ny, nx = labels.shape[-2:]
+    seen = [labels[at]]
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        y, x = ys + dy, xs + dx
+        ok = (y >= 0) & (y < ny) & (x >= 0) & (x < nx)
+        value = np.zeros_like(seen[0])
+        value[ok] = labels[(*(a[ok] for a in at[:-2]), y[ok], x[ok])]
+        seen.append(value)
+    count = np.zeros(n + 1, dtype=np.int64)
+    for i, value in enumerate(seen):
+        new = np.ones(len(value), dtype=bool)
+        for other in seen[:i]:
+            new &= value != other
+        count += np.bincount(value[new], minlength=n + 1)
+    return count
 
 
 def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
@@ -510,72 +531,95 @@ def _lung_masks_in_box(
     n_cage_pts = cage_pts.sum(axis=(1, 2))
     caged = [k for k in midlines if cage_bone[k].any() and int(n_cage_pts[k]) >= 3]
     cages = dict(zip(caged, _hulls(cage_pts[caged]), strict=True))
-    halves = {k: int(np.count_nonzero(cols < midline)) for k, midline in midlines.items()}
-    sides = [
-        (k, cs)
-        for k, half in halves.items()
-        for cs in (slice(0, half), slice(half, img.shape[2]))
-        if np.count_nonzero(lungs[k, :, cs]) >= min_hull
+    halves = np.zeros(img.shape[0], dtype=np.intp)  # per slice, the columns left of the midline
+    for k, midline in midlines.items():
+        halves[k] = np.count_nonzero(cols < midline)
+    sides = [  # (slice, side: 0 left, 1 right, its columns)
+        (k, side, cs)
+        for k in midlines
+        for side, cs in enumerate((slice(0, halves[k]), slice(halves[k], img.shape[2])))
+        if np.count_nonzero(lungs[k, :, cs]) >= min_hull  # (a smaller lung stays as it is)
     ]
     side_masks = np.zeros((len(sides), *img.shape[1:]), dtype=bool)
-    for i, (k, cs) in enumerate(sides):
-        side_masks[i, :, cs] = lungs[k, :, cs]
-    hulls = dict(zip(((k, cs.start) for k, cs in sides), _hulls(side_masks), strict=True))
+    for u, (k, _, cs) in enumerate(sides):
+        side_masks[u, :, cs] = lungs[k, :, cs]
+    hulls = _hulls(side_masks)
     del side_masks
-    for k, midline in midlines.items():
-        lungs_k = lungs[k]
-        distance = np.abs(cols - midline)[None, :]
-        centre_k = (float(row_sums[k]) / float(n_body[k]), midline)  # the body's middle
-        inner = np.zeros_like(lungs_k)
-        if k in cages:
-            inner = _deeper(cages[k], CAGE_WALL_MM, (dy, dx))
-        half = halves[k]
-        for cs in (slice(0, half), slice(half, img.shape[2])):
-            lung = lungs_k[:, cs]
-            n_lung = int(np.count_nonzero(lung))
-            if n_lung < min_hull:
-                out[k, :, cs] |= lung
-                continue
-            dist = distance[:, cs]
-            innermost = _innermost(lung, dist)
-            hull = hulls[k, cs.start][:, cs]
-            bay = _close_lung_slice(lung, hull, dist, innermost) & body[k, :, cs] & ~lung
-            bay = _within(lung, BAY_REACH_MM, (dy, dx), bay, grow=False)
-            closed = lung | _outward(bay, lungs_k, centre_k, cs.start or 0)
-            if n_lung < min_area:  # a lung tip: no chest-wall fill
-                out[k, :, cs] |= closed
-                continue
-            limit = _medial_limit(innermost, reach_px)
-            allowed = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs] & ~closed
-            # a thin rim of chest-wall muscle is not consolidation: open it away
-            allowed = opening(allowed, rim)
-            wall, n_wall = ndimage.label(allowed)
-            if n_wall:
-                sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
-                edge = _boundary(closed)
-                n_edge = max(int(edge.sum()), 1)
-                contact = _edge_contact(edge, wall, n_wall)
-                keep = [
-                    c
-                    for c in np.flatnonzero(contact)
-                    if c > 0
-                    and sizes[c] <= WALL_MAX_FRACTION * n_lung
-                    and contact[c] <= WALL_MAX_CONTACT * n_edge
-                ]
-                take = np.zeros(n_wall + 1, dtype=bool)
-                if keep:
-                    # consolidation against the chest wall lies outward of the aerated lung
-                    take[keep] = True
-                    hidden = np.bincount(
-                        wall[_outward(take[wall], lungs_k, centre_k, cs.start or 0)],
-                        minlength=n_wall + 1,
-                    )
-                    keep = [c for c in keep if 2 * hidden[c] >= sizes[c]]
-                if keep:
-                    take[:] = False
-                    take[keep] = True
-                    closed |= take[wall]
-            out[k, :, cs] |= closed
+    # the lungs side by side in one stack, the right one `gap` columns farther out: the
+    # in-plane operations below (a rim's opening, labels, outlines) then treat each lung
+    # as on its own half of the slice, the other half outside
+    gap = rim.shape[1]
+    lung_g = np.zeros((img.shape[0], img.shape[1], img.shape[2] + gap), dtype=bool)
+    bay_g, allowed_g = np.zeros_like(lung_g), np.zeros_like(lung_g)
+    centres = np.zeros((len(sides), 2), dtype=np.float64)
+    n_lungs = np.zeros(len(sides), dtype=np.int64)
+    lung_at = np.full((img.shape[0], 2), -1, dtype=np.intp)  # per slice and side
+    inner = np.zeros(img.shape[1:], dtype=bool)
+    inner_k = -1
+    for u, (k, side, cs) in enumerate(sides):
+        gs = slice(cs.start + gap * side, cs.stop + gap * side)
+        lung_at[k, side] = u
+        lung = lungs[k, :, cs]
+        n_lungs[u] = np.count_nonzero(lung)
+        centres[u] = (float(row_sums[k]) / float(n_body[k]), midlines[k])  # the body's middle
+        lung_g[k, :, gs] = lung
+        dist = np.abs(cols - midlines[k])[None, cs]
+        innermost = _innermost(lung, dist)
+        bay = _close_lung_slice(lung, hulls[u, :, cs], dist, innermost) & body[k, :, cs] & ~lung
+        bay_g[k, :, gs] = _within(lung, BAY_REACH_MM, (dy, dx), bay, grow=False)
+        if n_lungs[u] < min_area:  # a lung tip: no chest-wall fill
+            continue
+        if inner_k != k:
+            inner_k = k
+            inner = (
+                _deeper(cages[k], CAGE_WALL_MM, (dy, dx))
+                if k in cages
+                else np.zeros(img.shape[1:], dtype=bool)
+            )
+        limit = _medial_limit(innermost, reach_px)
+        allowed_g[k, :, gs] = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs]
+    del hulls
+
+    def lung_of(at: tuple[npt.NDArray[np.intp], ...]) -> tuple[Any, Any]:
+        """The lung of each pixel of the stack, and its column in the slice."""
+        right = at[2] >= halves[at[0]]
+        return lung_at[at[0], right.astype(np.intp)], at[2] - gap * right
+
+    def hidden(at: tuple[npt.NDArray[np.intp], ...]) -> BoolArray:
+        of, col = lung_of(at)
+        return _outward((at[0], at[1], col), of, centres, lungs)
+
+    # bays: hull pixels hidden from the body's middle by aerated lung
+    at = np.nonzero(bay_g)
+    del bay_g
+    closed_g = lung_g
+    closed_g[tuple(a[hidden(at)] for a in at)] = True
+    # chest wall: dense tissue lateral of the lung inside the cage, a thin rim opened away
+    allowed_g &= ~closed_g
+    wall, n_wall = ndimage.label(opening(allowed_g, rim[None]), structure=_IN_PLANE)
+    del allowed_g
+    if n_wall:
+        sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
+        edge = _boundary(closed_g)
+        contact = _edge_contact(edge, wall, n_wall)
+        at = np.nonzero(wall)
+        wall_lung = np.zeros(n_wall + 1, dtype=np.intp)
+        wall_lung[wall[at]] = lung_of(at)[0]
+        n_edge = np.maximum(np.bincount(lung_of(np.nonzero(edge))[0], minlength=len(sides)), 1)
+        keep = (
+            (contact > 0)
+            & (np.arange(n_wall + 1) > 0)
+            & (sizes <= WALL_MAX_FRACTION * n_lungs[wall_lung])
+            & (contact <= WALL_MAX_CONTACT * n_edge[wall_lung])
+        )
+        if keep.any():
+            # consolidation against the chest wall lies outward of the aerated lung
+            at = np.nonzero(keep[wall])
+            seen = np.bincount(wall[at][hidden(at)], minlength=n_wall + 1)
+            keep &= 2 * seen >= sizes
+            closed_g |= keep[wall]
+    for k, side, cs in sides:
+        out[k, :, cs] |= closed_g[k, :, cs.start + gap * side : cs.stop + gap * side]
     return base, _fill_slices(out)
 
 
