@@ -86,15 +86,27 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _fill_slices(mask: BoolArray) -> BoolArray:
-    """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling)."""
-    background, n = ndimage.label(~mask, structure=_IN_PLANE)
+    """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling), in the
+    mask's in-plane box grown by one pixel: the background outside the box reaches the
+    slice's border, so a hole is background there that does not reach the grown box's."""
+    filled = mask.copy()
+    if not mask.any():
+        return filled
+    _, rows, cols = bounding_box(mask)
+    box = (
+        slice(None),
+        slice(max(rows.start - 1, 0), rows.stop + 1),
+        slice(max(cols.start - 1, 0), cols.stop + 1),
+    )
+    part = mask[box]
+    background, n = ndimage.label(~part, structure=_IN_PLANE)
     if n == 0:
-        return mask.copy()
+        return filled
     edge = np.zeros(n + 1, dtype=bool)
     for border in (background[:, 0, :], background[:, -1, :], background[:, :, 0]):
         edge[border] = True
     edge[background[:, :, -1]] = True
-    filled: BoolArray = mask | ~edge[background]
+    filled[box] = part | ~edge[background]
     return filled
 
 
@@ -113,8 +125,9 @@ def _threshold_in_body(img: npt.NDArray[np.float32], body: BoolArray, hu_max: fl
     if n == 0:
         return np.zeros(img.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())[1:]
-    keep = np.flatnonzero(sizes >= MIN_COMPONENT_FRACTION * sizes.max()) + 1
-    return _fill_slices(np.isin(labels, keep))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = sizes >= MIN_COMPONENT_FRACTION * sizes.max()
+    return _fill_slices(keep[labels])
 
 
 def threshold_lung_mask(
