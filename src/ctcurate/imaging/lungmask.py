@@ -147,7 +147,8 @@ def threshold_lung_mask(
 
 def _hull_2d(mask: BoolArray) -> BoolArray:
     """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included)."""
-    return _hulls(mask[None])[0]
+    hull: BoolArray = _hulls(mask[None])[0]
+    return hull
 
 
 def _hulls(masks: BoolArray) -> BoolArray:
@@ -204,7 +205,8 @@ def _hulls(masks: BoolArray) -> BoolArray:
         num = np.where(at_vertex, 0, (span_row - rows[a]) * (col[b] - col[a]))
         den = np.where(at_vertex, 1, rows[b] - rows[a])
         # the left edge rounds up, the right edge down
-        return col[a] + (-(-num // den) if sign > 0 else num // den)
+        edge: npt.NDArray[np.int64] = col[a] + (-(-num // den) if sign > 0 else num // den)
+        return edge
 
     left, right = bound(first, 1), bound(last, -1)
     fill = ~flat[span_unit]
@@ -255,8 +257,9 @@ def _outward(
     """Which ``pixels`` ((slice, row, column) of the (z, y, x) ``lungs``), each of one lung
     (``lung_of``), the slice's aerated ``lungs`` hide from the body's centre of that lung's
     slice (``centres``: row, column per lung): a segment from the pixel to the centre
-    crosses aerated lung, sampled at as many points as the lung's farthest pixel lies
-    pixels from the centre (at least 2, the pixel itself left out).
+    crosses aerated lung. The segment is sampled at ceil(r) + 1 evenly spaced points (at
+    least 2; r: the distance in pixels of the lung's farthest given pixel from the centre),
+    the pixel itself left out.
 
     Consolidation fills the lung from the chest wall, so aerated lung lies between it and
     the middle of the body; the hull of a basal crescent of lung spans the diaphragm's dome
