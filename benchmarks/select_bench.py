@@ -223,7 +223,7 @@ def main() -> None:
                 f"s{i}",
                 write_series(Path(tmp) / f"p{i}", n, nz, 2.5, seed=100 + i),
                 None,
-                args.spacing,
+                working_spacing_mm=args.spacing,
             )
             for i in range(pool_series)
         ]

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
 #: Voxels below this (HU) are air-like: aerated lung, airways, air outside the body.
 LUNG_HU_MAX = -400.0
@@ -77,8 +76,6 @@ WALL_REACH_MM = 20.0
 #: of the lung's crescent round the diaphragm would span the liver, spleen or stomach;
 #: consolidation deeper than this against the chest wall is the chest-wall fill's.
 BAY_REACH_MM = 15.0
-#: Pixel centres this close to a hull edge (pixels) count as inside.
-_EDGE_TOL = 1e-6
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -89,15 +86,27 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _fill_slices(mask: BoolArray) -> BoolArray:
-    """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling)."""
-    background, n = ndimage.label(~mask, structure=_IN_PLANE)
+    """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling), in the
+    mask's in-plane box grown by one pixel: the background outside the box reaches the
+    slice's border, so a hole is background there that does not reach the grown box's."""
+    filled = mask.copy()
+    if not mask.any():
+        return filled
+    _, rows, cols = bounding_box(mask)
+    box = (
+        slice(None),
+        slice(max(rows.start - 1, 0), rows.stop + 1),
+        slice(max(cols.start - 1, 0), cols.stop + 1),
+    )
+    part = mask[box]
+    background, n = ndimage.label(~part, structure=_IN_PLANE)
     if n == 0:
-        return mask.copy()
+        return filled
     edge = np.zeros(n + 1, dtype=bool)
     for border in (background[:, 0, :], background[:, -1, :], background[:, :, 0]):
         edge[border] = True
     edge[background[:, :, -1]] = True
-    filled: BoolArray = mask | ~edge[background]
+    filled[box] = part | ~edge[background]
     return filled
 
 
@@ -116,8 +125,9 @@ def _threshold_in_body(img: npt.NDArray[np.float32], body: BoolArray, hu_max: fl
     if n == 0:
         return np.zeros(img.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())[1:]
-    keep = np.flatnonzero(sizes >= MIN_COMPONENT_FRACTION * sizes.max()) + 1
-    return _fill_slices(np.isin(labels, keep))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = sizes >= MIN_COMPONENT_FRACTION * sizes.max()
+    return _fill_slices(keep[labels])
 
 
 def threshold_lung_mask(
@@ -137,31 +147,73 @@ def threshold_lung_mask(
 
 def _hull_2d(mask: BoolArray) -> BoolArray:
     """Filled convex hull of the pixels of a 2D mask (pixel centres, edges included)."""
-    pts = np.argwhere(mask).astype(np.float64)
-    if len(pts) < 3:
-        return mask.copy()
-    try:
-        hull = pts[ConvexHull(pts).vertices]
-    except QhullError:  # all on one line: the mask is its own hull
-        return mask.copy()
-    # a convex polygon covers one span of columns per row: intersect each row with the edges
-    a, b = hull, np.roll(hull, -1, axis=0)
-    rows = np.arange(int(hull[:, 0].min()), int(hull[:, 0].max()) + 1, dtype=np.float64)
-    r = rows[:, None]
-    lo_r, hi_r = np.minimum(a[:, 0], b[:, 0])[None, :], np.maximum(a[:, 0], b[:, 0])[None, :]
-    crosses = (r >= lo_r) & (r <= hi_r)
-    dr = (b[:, 0] - a[:, 0])[None, :]
-    t = np.where(dr != 0, (r - a[:, 0][None, :]) / np.where(dr != 0, dr, 1.0), 0.0)
-    col_a = a[:, 1][None, :] + t * (b[:, 1] - a[:, 1])[None, :]
-    flat = dr == 0  # a horizontal edge covers its whole column range
-    left = np.where(crosses, np.where(flat, np.minimum(a[:, 1], b[:, 1])[None, :], col_a), np.inf)
-    right = np.where(crosses, np.where(flat, np.maximum(a[:, 1], b[:, 1])[None, :], col_a), -np.inf)
-    first = np.ceil(left.min(axis=1) - _EDGE_TOL).astype(np.int64)
-    last = np.floor(right.max(axis=1) + _EDGE_TOL).astype(np.int64)
-    out = mask.copy()
-    cols = np.arange(mask.shape[1])[None, :]
-    span = (cols >= first[:, None]) & (cols <= last[:, None])
-    out[rows.astype(np.int64)] |= span
+    hull: BoolArray = _hulls(mask[None])[0]
+    return hull
+
+
+def _hulls(masks: BoolArray) -> BoolArray:
+    """Each 2D mask of a (n, y, x) stack with its filled convex hull (pixel centres, edges
+    included), all at once; a mask on one line (or of fewer than 3 pixels) is its own hull.
+
+    The hull of a mask is the hull of each row's first and last pixel. A convex polygon
+    covers one span of columns per row: from the lower convex envelope of the rows' first
+    columns to the upper concave envelope of their last columns (both taken by dropping
+    every point on or beyond the chord of its neighbours until none is), rounded inward in
+    integer arithmetic.
+    """
+    out = masks.copy()
+    units, rows = np.nonzero(masks.any(axis=2))  # sorted by mask, then row
+    if not units.size:
+        return out
+    n_x = masks.shape[2]
+    first = np.argmax(masks[units, rows], axis=1).astype(np.int64)
+    last = n_x - 1 - np.argmax(masks[units, rows, ::-1], axis=1).astype(np.int64)
+    rows = rows.astype(np.int64)
+    start = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])  # each mask's first row
+    stop = np.r_[start[1:], len(units)] - 1  # and last
+    unit = np.repeat(np.arange(len(start)), np.diff(np.r_[start, len(units)]))
+    # on one line: one row, or one pixel per row, all on the line of the first and last
+    r0, c0 = rows[start][unit], first[start][unit]
+    r1, c1 = rows[stop][unit], first[stop][unit]
+    on_line = ((rows - r0) * (c1 - c0) - (first - c0) * (r1 - r0) == 0) & (first == last)
+    flat = (start == stop) | np.logical_and.reduceat(on_line, start)
+
+    def envelope(col: npt.NDArray[np.int64], sign: int) -> npt.NDArray[np.intp]:
+        idx = np.arange(len(units))
+        while len(idx) >= 3:
+            a, b, c = idx[:-2], idx[1:-1], idx[2:]
+            cross = (rows[b] - rows[a]) * (col[c] - col[a]) - (col[b] - col[a]) * (
+                rows[c] - rows[a]
+            )
+            drop = (unit[a] == unit[c]) & (sign * cross <= 0)
+            if not drop.any():
+                break
+            idx = idx[np.r_[True, ~drop, True]]
+        return idx
+
+    span_unit = np.repeat(np.arange(len(start)), rows[stop] - rows[start] + 1)
+    span_row = rows[start][span_unit] + (
+        np.arange(len(span_unit)) - np.searchsorted(span_unit, span_unit)
+    )
+    key = span_unit * (masks.shape[1] + 1) + span_row
+
+    def bound(col: npt.NDArray[np.int64], sign: int) -> npt.NDArray[np.int64]:
+        vertex = envelope(col, sign)
+        j = np.searchsorted(unit[vertex] * (masks.shape[1] + 1) + rows[vertex], key, "right") - 1
+        a, b = vertex[j], vertex[np.minimum(j + 1, len(vertex) - 1)]
+        at_vertex = span_row == rows[a]
+        num = np.where(at_vertex, 0, (span_row - rows[a]) * (col[b] - col[a]))
+        den = np.where(at_vertex, 1, rows[b] - rows[a])
+        # the left edge rounds up, the right edge down
+        edge: npt.NDArray[np.int64] = col[a] + (-(-num // den) if sign > 0 else num // den)
+        return edge
+
+    left, right = bound(first, 1), bound(last, -1)
+    fill = ~flat[span_unit]
+    cols = np.arange(n_x)
+    span = (cols >= left[fill, None]) & (cols <= right[fill, None])
+    where = (units[start][span_unit[fill]], span_row[fill])
+    out[where] |= span
     return out
 
 
@@ -179,68 +231,102 @@ def _innermost(lung: BoolArray, distance: npt.NDArray[np.float64]) -> npt.NDArra
 
 
 def _close_lung_slice(
-    lung: BoolArray, distance: npt.NDArray[np.float64], innermost: npt.NDArray[np.float64]
+    lung: BoolArray,
+    hull: BoolArray,
+    distance: npt.NDArray[np.float64],
+    innermost: npt.NDArray[np.float64],
 ) -> BoolArray:
-    """One slice of one lung: its hull, minus what lies medial of each row's innermost pixel.
+    """One slice of one lung: its ``hull`` (:func:`_hulls`), minus what lies medial of each
+    row's innermost pixel.
 
     ``distance`` is each column's distance from the midline (a (1, x) row), ``innermost``
     the lung's :func:`_innermost`.
     """
-    hull = _hull_2d(_boundary(lung))
     # rows without lung pixels (a consolidated band across the whole lung) keep the hull
     allowed = (distance >= innermost[:, None]) | ~np.isfinite(innermost)[:, None]
     closed: BoolArray = lung | (hull & allowed)
     return closed
 
 
-def _outward(bay: BoolArray, lungs: BoolArray, centre: tuple[float, float], col0: int) -> BoolArray:
-    """The pixels of ``bay`` (one lung's half of a slice, from column ``col0``) that the
-    slice's aerated ``lungs`` hide from the body's ``centre`` (row, column): a segment from
-    the pixel to the centre crosses aerated lung.
+def _outward(
+    pixels: tuple[npt.NDArray[np.intp], ...],
+    lung_of: npt.NDArray[np.intp],
+    centres: npt.NDArray[np.float64],
+    lungs: BoolArray,
+) -> BoolArray:
+    """Which ``pixels`` ((slice, row, column) of the (z, y, x) ``lungs``), each of one lung
+    (``lung_of``), the slice's aerated ``lungs`` hide from the body's centre of that lung's
+    slice (``centres``: row, column per lung): a segment from the pixel to the centre
+    crosses aerated lung. The segment is sampled at ceil(r) + 1 evenly spaced points (at
+    least 2; r: the distance in pixels of the lung's farthest given pixel from the centre),
+    the pixel itself left out.
 
     Consolidation fills the lung from the chest wall, so aerated lung lies between it and
     the middle of the body; the hull of a basal crescent of lung spans the diaphragm's dome
     (liver, spleen, stomach), which lies between the crescent and the middle of the body.
     """
-    ys, xs = np.nonzero(bay)
-    out = np.zeros_like(bay)
+    ks, ys, xs = pixels
+    out = np.zeros(len(ys), dtype=bool)
     if not ys.size:
         return out
-    xs_full = xs + col0
-    cy, cx = centre
-    reach = float(np.hypot(ys - cy, xs_full - cx).max())
-    steps = np.linspace(0.0, 1.0, max(int(np.ceil(reach)) + 1, 2))[1:, None]
-    ry = np.rint(ys[None, :] + steps * (cy - ys[None, :])).astype(np.int64)
-    rx = np.rint(xs_full[None, :] + steps * (cx - xs_full[None, :])).astype(np.int64)
-    ry = np.clip(ry, 0, lungs.shape[0] - 1)
-    rx = np.clip(rx, 0, lungs.shape[1] - 1)
-    out[ys, xs] = lungs[ry, rx].any(axis=0)
+    cy, cx = centres[lung_of, 0], centres[lung_of, 1]
+    reach = np.zeros(len(centres), dtype=np.float64)
+    np.maximum.at(reach, lung_of, np.hypot(ys - cy, xs - cx))
+    n_steps = np.maximum(np.ceil(reach).astype(np.int64) + 1, 2)[lung_of]
+    for n in np.unique(n_steps):  # the lungs sampled at n points, together
+        sel = np.flatnonzero(n_steps == n)
+        y, x, ty, tx = ys[sel], xs[sel], cy[sel], cx[sel]
+        steps = np.linspace(0.0, 1.0, int(n))[1:, None]
+        ry = np.rint(y[None, :] + steps * (ty - y)[None, :]).astype(np.int64)
+        rx = np.rint(x[None, :] + steps * (tx - x)[None, :]).astype(np.int64)
+        ry = np.clip(ry, 0, lungs.shape[1] - 1)
+        rx = np.clip(rx, 0, lungs.shape[2] - 1)
+        out[sel] = lungs[ks[sel][None, :], ry, rx].any(axis=0)
     return out
 
 
-def _near(mask: BoolArray, reach_mm: float, spacing: tuple[float, float]) -> BoolArray:
-    """Pixels of the 2D array within ``reach_mm`` of a pixel of ``mask`` — inside the box
-    of ``mask`` only (what the lung's hull can hold): the distance transform of that box is
-    exact, since every pixel of ``mask`` lies in it, and several times cheaper."""
-    out = np.zeros(mask.shape, dtype=bool)
-    if not mask.any():
-        return out
-    box = bounding_box(mask)
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= reach_mm
-    return out
+def _within(
+    mask: BoolArray, reach_mm: float, spacing: tuple[float, ...], where: BoolArray, grow: bool
+) -> BoolArray:
+    """The elements of ``where`` within ``reach_mm`` of an element of ``mask`` (non-empty).
 
-
-def _within(mask: BoolArray, reach_mm: float, spacing: tuple[float, ...]) -> BoolArray:
-    """Voxels within ``reach_mm`` of a voxel of ``mask`` (non-empty), from the distance
-    transform of the mask's box grown by ``reach_mm`` only: every voxel of ``mask`` lies in
-    it (exact distances there) and every voxel outside it is farther than ``reach_mm``."""
+    Distances come from the nearest-element transform of the mask's box — grown by
+    ``reach_mm`` when ``grow`` (every element outside it is farther), else the box itself
+    (for elements of ``where`` inside it: what a lung's hull can hold) — exact there, since
+    every element of ``mask`` lies in it. They are those of ``distance_transform_edt`` (the
+    same products and sums), taken at the elements of ``where`` only."""
     out = np.zeros(mask.shape, dtype=bool)
     box = tuple(
         slice(max(b.start - math.ceil(reach_mm / s), 0), min(b.stop + math.ceil(reach_mm / s), n))
+        if grow
+        else b
         for b, s, n in zip(bounding_box(mask), spacing, mask.shape, strict=True)
     )
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= reach_mm
+    at = np.nonzero(where[box])
+    close = distances_at(~mask[box], spacing, at) <= reach_mm
+    out[tuple(a[close] + b.start for a, b in zip(at, box, strict=True))] = True
     return out
+
+
+def distances_at(
+    inside: BoolArray, spacing: tuple[float, ...], at: tuple[npt.NDArray[np.intp], ...]
+) -> npt.NDArray[np.float64]:
+    """``ndimage.distance_transform_edt(inside, sampling=spacing)[at]`` (``at`` as from
+    ``np.nonzero``), bit for bit: the same nearest-background transform, with the same
+    products and sums, turned into distances at the elements of ``at`` only (the whole
+    volume's distances in float64 cost more than the transform itself)."""
+    if not at[0].size:
+        return np.zeros(0, dtype=np.float64)
+    nearest = ndimage.distance_transform_edt(
+        inside, sampling=spacing, return_distances=False, return_indices=True
+    )
+    step = np.asarray(spacing, dtype=np.float64)
+    dt = np.stack([nearest[i][at] - at[i] for i in range(inside.ndim)]).astype(np.float64)
+    for i in range(inside.ndim):
+        dt[i] *= step[i]
+    np.multiply(dt, dt, dt)
+    distance: npt.NDArray[np.float64] = np.sqrt(np.add.reduce(dt, axis=0))
+    return distance
 
 
 def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
@@ -279,16 +365,26 @@ def _medial_limit(innermost: npt.NDArray[np.float64], reach_px: int) -> Any:
 
 
 def _edge_contact(edge: BoolArray, labels: npt.NDArray[np.int32], n: int) -> Any:
-    """Per label 0..n, the edge pixels that hold it or have a 4-neighbour holding it (what
-    ``(edge & binary_dilation(labels == c)).sum()`` counts, for every c at once)."""
-    ys, xs = np.nonzero(edge)
-    padded = np.pad(labels, 1)
-    near = np.stack(
-        [padded[ys + 1 + dy, xs + 1 + dx] for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))]
-    )
-    pixel = np.broadcast_to(np.arange(len(ys)), near.shape)
-    pairs = np.unique(pixel.ravel() * (n + 1) + near.ravel())
-    return np.bincount(pairs % (n + 1), minlength=n + 1)
+    """Per label 0..n, the edge pixels that hold it or have an in-plane 4-neighbour holding
+    it (what ``(edge & binary_dilation(labels == c)).sum()`` counts, slice by slice, for
+    every c at once); a pixel's five values are counted once each."""
+    at = np.nonzero(edge)
+    ys, xs = at[-2], at[-1]
+    ny, nx = labels.shape[-2:]
+    seen = [labels[at]]
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        y, x = ys + dy, xs + dx
+        ok = (y >= 0) & (y < ny) & (x >= 0) & (x < nx)
+        value = np.zeros_like(seen[0])
+        value[ok] = labels[(*(a[ok] for a in at[:-2]), y[ok], x[ok])]
+        seen.append(value)
+    count = np.zeros(n + 1, dtype=np.int64)
+    for i, value in enumerate(seen):
+        new = np.ones(len(value), dtype=bool)
+        for other in seen[:i]:
+            new &= value != other
+        count += np.bincount(value[new], minlength=n + 1)
+    return count
 
 
 def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
@@ -345,8 +441,10 @@ def median_in_plane(img: npt.NDArray[np.float32], size: tuple[int, int, int]) ->
 
 
 def _boundary(mask: BoolArray) -> BoolArray:
-    """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others)."""
-    edge: BoolArray = mask & ~ndimage.binary_erosion(mask)
+    """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others); of a
+    3D mask, each slice's."""
+    structure = _IN_PLANE if mask.ndim == 3 else None
+    edge: BoolArray = mask & ~ndimage.binary_erosion(mask, structure=structure)
     return edge
 
 
@@ -403,9 +501,11 @@ def _lung_masks_in_box(
     bone = (img >= BONE_HU_MIN) & body
     # the cage is the ribs and spine against the pleura: bone within CAGE_RIB_MM of the
     # aerated lung (the scapulae, arms and spinous processes lie farther out, behind muscle)
-    near = _within(base, CAGE_RIB_MM, (dz, dy, dx))
     cage_bone = ndimage.maximum_filter1d(
-        bone & near, size=2 * round(CAGE_WINDOW_MM / dz) + 1, axis=0, mode="nearest"
+        _within(base, CAGE_RIB_MM, (dz, dy, dx), bone, grow=True),
+        size=2 * round(CAGE_WINDOW_MM / dz) + 1,
+        axis=0,
+        mode="nearest",
     )
     dense = (img >= hu_max) & (img < DENSE_HU_MAX) & ~bone & body
     reach_px = _mm_to_px(WALL_REACH_MM, dy)
@@ -418,69 +518,124 @@ def _lung_masks_in_box(
     area = base.sum(axis=(1, 2))
     min_area = WALL_MIN_AREA_FRACTION * float(area.max()) / 2.0
     min_hull = max(3, round(MIN_HULL_MM2 / (dy * dx)))
-    for k in range(img.shape[0]):
-        if not base[k].any():
-            continue
-        in_body = body[k].any(axis=0)
-        midline = float(cols[in_body].mean()) if in_body.any() else (img.shape[2] - 1) / 2.0
-        # airways on the midline (trachea, main bronchi) are not lung: drop the slice's
-        # components that reach the midline column before taking hulls
-        parts, n = ndimage.label(base[k])
+    # per slice, the body's midline column and middle row: means of pixel indices (exact
+    # integer sums, so the same numbers as the means of each slice's indices)
+    body_cols = body.any(axis=1)
+    n_cols = body_cols.sum(axis=1)
+    col_sums = (body_cols * np.arange(img.shape[2])).sum(axis=1)
+    body_rows = body.sum(axis=2)
+    n_body = body_rows.sum(axis=1)
+    row_sums = (body_rows * np.arange(img.shape[1])).sum(axis=1)
+    slices = [k for k in np.flatnonzero(area) if n_cols[k]]  # the lung lies in the body
+    midlines = {int(k): float(col_sums[k]) / float(n_cols[k]) for k in slices}
+    # airways on the midline (trachea, main bronchi) are not lung: drop each slice's
+    # components that reach its midline column before taking hulls (one labelling of every
+    # slice's components: in-plane connectivity only)
+    parts, _ = ndimage.label(base, structure=_IN_PLANE)
+    airway = np.zeros(int(parts.max()) + 1, dtype=bool)
+    for k, midline in midlines.items():
         centre = round(midline)
-        on_midline = np.unique(parts[:, max(centre - 1, 0) : centre + 2])
-        lungs = base[k] & ~np.isin(parts, on_midline[on_midline > 0]) if n else base[k]
-        distance = np.abs(cols - midline)[None, :]
-        body_rows = np.nonzero(body[k])[0]
-        centre_k = (float(body_rows.mean()), midline)  # the body's middle (row, column)
-        inner = np.zeros_like(lungs)
-        cage_pts = _boundary(cage_bone[k]) | _boundary(lungs)
-        if cage_bone[k].any() and int(cage_pts.sum()) >= 3:
-            cage = _hull_2d(cage_pts)
-            inner = _deeper(cage, CAGE_WALL_MM, (dy, dx))
-        # each lung on its own half of the slice: everything below lies within its side
-        half = int(np.count_nonzero(cols < midline))
-        for cs in (slice(0, half), slice(half, img.shape[2])):
-            lung = lungs[:, cs]
-            n_lung = int(lung.sum())
-            if n_lung < min_hull:
-                out[k, :, cs] |= lung
-                continue
-            dist = distance[:, cs]
-            innermost = _innermost(lung, dist)
-            closed = _close_lung_slice(lung, dist, innermost) & body[k, :, cs]
-            closed &= _near(lung, BAY_REACH_MM, (dy, dx))
-            closed = lung | _outward(closed & ~lung, lungs, centre_k, cs.start or 0)
-            if n_lung < min_area:  # a lung tip: no chest-wall fill
-                out[k, :, cs] |= closed
-                continue
-            limit = _medial_limit(innermost, reach_px)
-            allowed = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs] & ~closed
-            # a thin rim of chest-wall muscle is not consolidation: open it away
-            allowed = opening(allowed, rim)
-            wall, n_wall = ndimage.label(allowed)
-            if n_wall:
-                sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
-                edge = _boundary(closed)
-                n_edge = max(int(edge.sum()), 1)
-                contact = _edge_contact(edge, wall, n_wall)
-                keep = [
-                    c
-                    for c in np.flatnonzero(contact)
-                    if c > 0
-                    and sizes[c] <= WALL_MAX_FRACTION * n_lung
-                    and contact[c] <= WALL_MAX_CONTACT * n_edge
-                ]
-                if keep:
-                    # consolidation against the chest wall lies outward of the aerated lung
-                    fill = np.isin(wall, keep)
-                    hidden = np.bincount(
-                        wall[_outward(fill, lungs, centre_k, cs.start or 0)],
-                        minlength=n_wall + 1,
-                    )
-                    keep = [c for c in keep if 2 * hidden[c] >= sizes[c]]
-                if keep:
-                    closed |= np.isin(wall, keep)
-            out[k, :, cs] |= closed
+        airway[parts[k, :, max(centre - 1, 0) : centre + 2]] = True
+    airway[0] = False
+    lungs = base & ~airway[parts]
+    del parts
+    # the cage's points: the outlines of the cage's bone and of the lungs, every slice at once
+    cage_pts = _boundary(cage_bone) | _boundary(lungs)
+    # the hulls of every slice's cage and of every lung at once: the cage of the slices with
+    # cage bone and 3 outline points; each lung on its own half of the slice (everything
+    # below lies within its side), hulls of the lungs of at least min_hull pixels
+    n_cage_pts = cage_pts.sum(axis=(1, 2))
+    caged = [k for k in midlines if cage_bone[k].any() and int(n_cage_pts[k]) >= 3]
+    cages = dict(zip(caged, _hulls(cage_pts[caged]), strict=True))
+    halves = np.zeros(img.shape[0], dtype=np.intp)  # per slice, the columns left of the midline
+    for k, midline in midlines.items():
+        halves[k] = np.count_nonzero(cols < midline)
+    sides = [  # (slice, side: 0 left, 1 right, its columns)
+        (k, side, cs)
+        for k in midlines
+        for side, cs in enumerate((slice(0, halves[k]), slice(halves[k], img.shape[2])))
+        if np.count_nonzero(lungs[k, :, cs]) >= min_hull  # (a smaller lung stays as it is)
+    ]
+    side_masks = np.zeros((len(sides), *img.shape[1:]), dtype=bool)
+    for u, (k, _, cs) in enumerate(sides):
+        side_masks[u, :, cs] = lungs[k, :, cs]
+    hulls = _hulls(side_masks)
+    del side_masks
+    # the lungs side by side in one stack, the right one `gap` columns farther out: the
+    # in-plane operations below (a rim's opening, labels, outlines) then treat each lung
+    # as on its own half of the slice, the other half outside
+    gap = rim.shape[1]
+    lung_g = np.zeros((img.shape[0], img.shape[1], img.shape[2] + gap), dtype=bool)
+    bay_g, allowed_g = np.zeros_like(lung_g), np.zeros_like(lung_g)
+    centres = np.zeros((len(sides), 2), dtype=np.float64)
+    n_lungs = np.zeros(len(sides), dtype=np.int64)
+    lung_at = np.full((img.shape[0], 2), -1, dtype=np.intp)  # per slice and side
+    inner = np.zeros(img.shape[1:], dtype=bool)
+    inner_k = -1
+    for u, (k, side, cs) in enumerate(sides):
+        gs = slice(cs.start + gap * side, cs.stop + gap * side)
+        lung_at[k, side] = u
+        lung = lungs[k, :, cs]
+        n_lungs[u] = np.count_nonzero(lung)
+        centres[u] = (float(row_sums[k]) / float(n_body[k]), midlines[k])  # the body's middle
+        lung_g[k, :, gs] = lung
+        dist = np.abs(cols - midlines[k])[None, cs]
+        innermost = _innermost(lung, dist)
+        bay = _close_lung_slice(lung, hulls[u, :, cs], dist, innermost) & body[k, :, cs] & ~lung
+        bay_g[k, :, gs] = _within(lung, BAY_REACH_MM, (dy, dx), bay, grow=False)
+        if n_lungs[u] < min_area:  # a lung tip: no chest-wall fill
+            continue
+        if inner_k != k:
+            inner_k = k
+            inner = (
+                _deeper(cages[k], CAGE_WALL_MM, (dy, dx))
+                if k in cages
+                else np.zeros(img.shape[1:], dtype=bool)
+            )
+        limit = _medial_limit(innermost, reach_px)
+        allowed_g[k, :, gs] = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs]
+    del hulls
+
+    def lung_of(at: tuple[npt.NDArray[np.intp], ...]) -> tuple[Any, Any]:
+        """The lung of each pixel of the stack, and its column in the slice."""
+        right = at[2] >= halves[at[0]]
+        return lung_at[at[0], right.astype(np.intp)], at[2] - gap * right
+
+    def hidden(at: tuple[npt.NDArray[np.intp], ...]) -> BoolArray:
+        of, col = lung_of(at)
+        return _outward((at[0], at[1], col), of, centres, lungs)
+
+    # bays: hull pixels hidden from the body's middle by aerated lung
+    at = np.nonzero(bay_g)
+    del bay_g
+    closed_g = lung_g
+    closed_g[tuple(a[hidden(at)] for a in at)] = True
+    # chest wall: dense tissue lateral of the lung inside the cage, a thin rim opened away
+    allowed_g &= ~closed_g
+    wall, n_wall = ndimage.label(opening(allowed_g, rim[None]), structure=_IN_PLANE)
+    del allowed_g
+    if n_wall:
+        sizes = np.bincount(wall.ravel(), minlength=n_wall + 1)
+        edge = _boundary(closed_g)
+        contact = _edge_contact(edge, wall, n_wall)
+        at = np.nonzero(wall)
+        wall_lung = np.zeros(n_wall + 1, dtype=np.intp)
+        wall_lung[wall[at]] = lung_of(at)[0]
+        n_edge = np.maximum(np.bincount(lung_of(np.nonzero(edge))[0], minlength=len(sides)), 1)
+        keep = (
+            (contact > 0)
+            & (np.arange(n_wall + 1) > 0)
+            & (sizes <= WALL_MAX_FRACTION * n_lungs[wall_lung])
+            & (contact <= WALL_MAX_CONTACT * n_edge[wall_lung])
+        )
+        if keep.any():
+            # consolidation against the chest wall lies outward of the aerated lung
+            at = np.nonzero(keep[wall])
+            seen = np.bincount(wall[at][hidden(at)], minlength=n_wall + 1)
+            keep &= 2 * seen >= sizes
+            closed_g |= keep[wall]
+    for k, side, cs in sides:
+        out[k, :, cs] |= closed_g[k, :, cs.start + gap * side : cs.stop + gap * side]
     return base, _fill_slices(out)
 
 

@@ -57,7 +57,13 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from ctcurate.imaging.lungmask import bounding_box, lung_masks, median_in_plane, opening
+from ctcurate.imaging.lungmask import (
+    bounding_box,
+    distances_at,
+    lung_masks,
+    median_in_plane,
+    opening,
+)
 from ctcurate.imaging.workgrid import WorkingVolume, working_volume
 from ctcurate.models.logistic import StandardisedLogistic, fit_newton, predict_standardised
 from ctcurate.models.metrics import dice
@@ -195,9 +201,14 @@ def opacity_features(
     # isolated small dense components well inside the lung, on the unfiltered HU; depth is
     # the distance to the nearest voxel outside the lung (outside the box, unless the box
     # ends at the volume's edge: a lung cut by the scan's end has no surface there)
+    # (only where a feature reads it: lung voxels of the opacity or at NODULE_HU_MIN, 0 elsewhere)
     pads = [(int(b.start > 0), int(b.stop < full)) for b, full in zip(box, shape, strict=True)]
-    depth = ndimage.distance_transform_edt(np.pad(lung, pads), sampling=spacing_mm)
-    depth = depth[tuple(slice(a, depth.shape[i] - b) for i, (a, b) in enumerate(pads))]
+    needed = lung & ((img >= NODULE_HU_MIN) | opacity)
+    at = np.nonzero(needed)
+    depth = np.zeros(lung.shape, dtype=np.float64)
+    depth[at] = distances_at(
+        np.pad(lung, pads), spacing_mm, tuple(a + p[0] for a, p in zip(at, pads, strict=True))
+    )
     labels, n_comp = ndimage.label((depth > NODULE_MARGIN_MM) & (img >= NODULE_HU_MIN))
     small = nodules = 0
     voxel_mm3 = float(np.prod(spacing_mm))
