@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ctcurate.io.report import ratio, rounded
 from ctcurate.io.tables import read_parquet
 from ctcurate.selection.pneumonia import ScoreResult
 
@@ -33,18 +34,6 @@ TRUTH_COLUMNS = (
 SERIES_TRAPS = ("duplicate_slice", "missing_slice")
 
 
-#: Decimals of the ratios in the report.
-_DIGITS = 6
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(float(value), _DIGITS)
-
-
-def _ratio(num: int, den: int) -> float | None:
-    return round(num / den, _DIGITS) if den else None
-
-
 def lung_mask_audit(results: Sequence[ScoreResult]) -> dict[str, Any]:
     """Mean Dice (and kept consolidation) of both lung masks on the audited series."""
     audited = sorted(
@@ -54,7 +43,7 @@ def lung_mask_audit(results: Sequence[ScoreResult]) -> dict[str, Any]:
 
     def mean(values: list[float | None]) -> float | None:
         kept = [v for v in values if v is not None]
-        return _rounded(float(np.mean(kept))) if kept else None
+        return rounded(float(np.mean(kept))) if kept else None
 
     return {
         "series": len(audited),
@@ -131,20 +120,20 @@ def audit_against_truth(
     sites = sorted(set(sel_per_site) | set(pos_site) | set(eli_site))
     per_site = {
         site: {
-            "precision": _ratio(hits[site], sel_per_site[site]),
-            "recall": _ratio(
+            "precision": ratio(hits[site], sel_per_site[site]),
+            "recall": ratio(
                 len(pos_site.get(site, set()) & chosen_studies), len(pos_site.get(site, set()))
             ),
-            "eligible_recall": _ratio(
+            "eligible_recall": ratio(
                 len(eli_site.get(site, set()) & chosen_studies), len(eli_site.get(site, set()))
             ),
         }
         for site in sites
     }
     return {
-        "precision": _ratio(sum(hits.values()), len(picked)),
-        "recall": _ratio(positives["found"], positives["total"]),
-        "eligible_recall": _ratio(eligible["found"], eligible["total"]),
+        "precision": ratio(sum(hits.values()), len(picked)),
+        "recall": ratio(positives["found"], positives["total"]),
+        "eligible_recall": ratio(eligible["found"], eligible["total"]),
         "pneumonia_studies": {
             "total": positives["total"],
             "found": positives["found"],

@@ -54,6 +54,7 @@ from ctcurate.annotations.screen import check_reject_fraction, match_sites, scre
 from ctcurate.errors import AccountingError, CtcurateError, InputError
 from ctcurate.io.atomic import write_json
 from ctcurate.io.outputs import check_output_dir, publish_dir
+from ctcurate.io.report import ratio, rounded
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import AnnotateJoinParams
@@ -103,7 +104,6 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("detail", pa.string(), nullable=False),
     ]
 )
-_DIGITS = 6
 
 
 def case_id(site: str, series_instance_uid: str) -> str:
@@ -194,14 +194,6 @@ def cohort_of(
             return "covid", None
         return None, f"pandemic_pcr_{pcr}"
     return None, "no_era"
-
-
-def _ratio(num: int, den: int) -> float | None:
-    return round(num / den, _DIGITS) if den else None
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, _DIGITS)
 
 
 @dataclass(frozen=True)
@@ -298,13 +290,13 @@ def join_annotations(
     pandemic = [c for c in cases if c["era"] == "pandemic"]
     pandemic_with_pcr = sum(c["pcr_tests"] > 0 for c in pandemic)
     coverage = {
-        "ct_with_pcr": _ratio(sum(c["pcr_tests"] > 0 for c in cases), n),
-        "pcr_tests_with_ct": _ratio(len(linked_lines), len(pcr.rows)),
-        "studies_with_2_reads": _ratio(
+        "ct_with_pcr": ratio(sum(c["pcr_tests"] > 0 for c in cases), n),
+        "pcr_tests_with_ct": ratio(len(linked_lines), len(pcr.rows)),
+        "studies_with_2_reads": ratio(
             sum(len(reads.get(s, {})) >= 2 for s in selected_studies), len(selected_studies)
         ),
-        "graded": _ratio(graded, n),
-        "pandemic_ct_with_pcr": _ratio(pandemic_with_pcr, len(pandemic)),
+        "graded": ratio(graded, n),
+        "pandemic_ct_with_pcr": ratio(pandemic_with_pcr, len(pandemic)),
     }
     if n == 0 or graded / n < params.min_coverage:
         msg = (
@@ -331,7 +323,7 @@ def join_annotations(
     pairwise = pairwise_cohen(subjects)
     for value in pairwise.values():
         kappa = value["kappa"]
-        value["kappa"] = _rounded(kappa if isinstance(kappa, float) else None)
+        value["kappa"] = rounded(kappa if isinstance(kappa, float) else None)
 
     rejects = sorted(pcr.rejects + grades.rejects)
     report: dict[str, Any] = {
@@ -348,10 +340,10 @@ def join_annotations(
             "ties": ties,
             "graded": graded,
         },
-        "fleiss_kappa": _rounded(fleiss_kappa([list(v.values()) for v in subjects.values()])),
+        "fleiss_kappa": rounded(fleiss_kappa([list(v.values()) for v in subjects.values()])),
         "fleiss_subjects": sum(len(v) >= 2 for v in subjects.values()),
         "fleiss_kappa_per_site": {
-            site: _rounded(fleiss_kappa(rows)) for site, rows in sorted(per_site.items())
+            site: rounded(fleiss_kappa(rows)) for site, rows in sorted(per_site.items())
         },
         "cohen_kappa_pairs": pairwise,
         "coverage": coverage,

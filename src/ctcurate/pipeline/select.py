@@ -34,6 +34,7 @@ from ctcurate.demo.audit import TRUTH_COLUMNS, audit_against_truth, blocked_seri
 from ctcurate.errors import AccountingError, InputError
 from ctcurate.io.atomic import write_bytes, write_json
 from ctcurate.io.outputs import check_output_dir, publish_dir
+from ctcurate.io.report import rounded
 from ctcurate.io.tables import read_parquet, write_parquet
 from ctcurate.log import get_logger
 from ctcurate.params import SelectParams
@@ -72,8 +73,6 @@ AUDIT_SAMPLE_COLUMNS = (
     "selector_version",
 )
 
-_DIGITS = 6
-
 
 def apply_scores(
     selection: pa.Table,
@@ -109,7 +108,7 @@ def apply_scores(
             row["selected"], row["cohort"] = False, None
             continue
         score = float(scores[key])
-        row["pneumonia_score"] = round(score, _DIGITS)
+        row["pneumonia_score"] = rounded(score)
         row["pneumonia"] = threshold is not None and score >= threshold
         if not row["pneumonia"]:
             row["selected"], row["cohort"] = False, None
