@@ -308,3 +308,15 @@ def test_a_pulled_index_without_its_catalog_gets_it_rebuilt(catalog: Path, tmp_p
     assert (pulled / "catalog.duckdb").is_file()
     with pytest.raises(InputError, match="catalog not found"):  # no index there either
         query.run(tmp_path / "catalog.duckdb", "SELECT 1", "table")
+
+
+def test_show_tables_lists_each_view_once(catalog: Path) -> None:
+    """The views live in one views-only database: nothing is listed twice (an earlier
+    version shadowed the catalog's views with temporary ones, and both were listed)."""
+    from ctcurate.catalog.tables import PHI_CENSUS_VIEW, VIEWS
+
+    names = query.run(catalog, "SHOW TABLES", "csv").splitlines()[1:]
+    assert sorted(names) == sorted([*VIEWS, PHI_CENSUS_VIEW])
+    assert query.run(catalog, f"SELECT count(*) AS n FROM {PHI_CENSUS_VIEW}", "csv").startswith(
+        "n\n"
+    )

@@ -1,10 +1,12 @@
 """query: ad-hoc SQL over the index catalog (views instances, series, quarantine, skipped).
 
-Read-only by construction: :func:`connect` opens the catalog read-only, defines the views
-over the Parquet files of the catalog's folder by absolute path (the catalog's own views
-name them relative to it, which DuckDB would resolve against the working directory first),
-then confines the connection to that folder (``allowed_directories``, external access off,
-configuration locked, no extension loading). :func:`fetch` runs one SELECT (or EXPLAIN)
+Read-only by construction: :func:`connect` checks the catalog, writes the same views over
+the Parquet files of the catalog's folder by absolute path (the catalog's own views name
+them relative to it, which DuckDB would resolve against the working directory first) into
+a views-only database in the caller's scratch folder, opens that read-only (so the views
+are listed once: ``SHOW TABLES`` shows ``instances``, ``series`` ... and nothing twice),
+then confines the connection to the catalog's folder (``allowed_directories``, external
+access off, configuration locked, no extension loading). :func:`fetch` runs one SELECT (or EXPLAIN)
 statement and refuses anything else before it runs: COPY, CREATE, INSERT, ATTACH, EXPORT,
 INSTALL / LOAD, SET, PRAGMA, CALL ...
 """
@@ -47,13 +49,17 @@ def _sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def connect(catalog: Path, temp_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
-    """Open ``catalog.duckdb`` read-only, its views over its folder, confined to that folder.
+#: The views-only database :func:`connect` writes into its scratch folder.
+VIEWS_FILE = "views.duckdb"
 
-    A query larger than memory spills into ``temp_dir`` (an empty folder of the caller's,
-    never the index folder); without it, nothing spills. A catalog missing beside an
-    index's ``series.parquet`` (after a ``dvc pull``: DVC does not track it, its bytes are
-    not reproducible) is rebuilt first."""
+
+def connect(catalog: Path, temp_dir: Path) -> duckdb.DuckDBPyConnection:
+    """The catalog's views, read-only, confined to the catalog's folder.
+
+    ``temp_dir`` is an empty scratch folder of the caller's, never the index folder: it
+    holds the views-only database and what a query larger than memory spills. A catalog
+    missing beside an index's ``series.parquet`` (after a ``dvc pull``: DVC does not track
+    it, its bytes are not reproducible) is rebuilt first."""
     import duckdb
 
     from ctcurate.catalog.build import CATALOG_FILE, write_catalog
@@ -75,40 +81,51 @@ def connect(catalog: Path, temp_dir: Path | None = None) -> duckdb.DuckDBPyConne
         msg = f"{catalog}: catalog not found (run `ctcurate index` first)"
         raise InputError(msg)
     try:
-        con = duckdb.connect(str(catalog), read_only=True, config=CONNECT_CONFIG)
+        duckdb.connect(str(catalog), read_only=True, config=CONNECT_CONFIG).close()
     except duckdb.Error as exc:
         msg = f"{catalog}: not a readable DuckDB catalog ({_first_line(exc)})"
         raise InputError(msg) from exc
+    views = Path(temp_dir).resolve() / VIEWS_FILE
+    _write_views(views, catalog.resolve().parent)
+    con = duckdb.connect(str(views), read_only=True, config=CONNECT_CONFIG)
     try:
-        _confine(con, catalog.resolve().parent, temp_dir)
-    except (InputError, duckdb.Error):
+        _confine(con, catalog.resolve().parent, Path(temp_dir))
+    except duckdb.Error:
         con.close()
         raise
     return con
 
 
-def _confine(con: duckdb.DuckDBPyConnection, folder: Path, temp_dir: Path | None) -> None:
-    """Views over ``folder``'s Parquet files by absolute path, then no file access beyond it.
-
-    The temporary views shadow the catalog's (same names); after them the connection reads
-    only under ``folder``, spills only into ``temp_dir`` (DuckDB's default would be a
-    ``catalog.duckdb.tmp`` folder inside the index) and cannot change its settings back.
-    """
+def _write_views(views: Path, folder: Path) -> None:
+    """``views``: a database of the catalog's views over ``folder``'s Parquet files by
+    absolute path, and the PHI census by the index's layout rule; nothing else."""
     import duckdb
 
     from ctcurate.catalog.build import view_source
-    from ctcurate.catalog.tables import VIEWS
+    from ctcurate.catalog.site import site_sql
+    from ctcurate.catalog.tables import PHI_CENSUS_VIEW, VIEWS, phi_census_sql
 
-    for view in VIEWS:
-        source = folder / view_source(view)
-        try:
-            con.execute(
-                f"CREATE TEMP VIEW {view} AS SELECT * FROM read_parquet({_sql_text(str(source))})"
-            )
-        except duckdb.Error as exc:
-            msg = f"{source}: cannot be read as the view {view} ({_first_line(exc)})"
-            raise InputError(msg) from exc
-    spill = "" if temp_dir is None else str(Path(temp_dir).resolve())
+    con = duckdb.connect(str(views), config=CONNECT_CONFIG)
+    try:
+        for view in VIEWS:
+            source = folder / view_source(view)
+            try:
+                con.execute(
+                    f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_sql_text(str(source))})"
+                )
+            except duckdb.Error as exc:
+                msg = f"{source}: cannot be read as the view {view} ({_first_line(exc)})"
+                raise InputError(msg) from exc
+        census = phi_census_sql("instances", "quarantine", site_sql(_site_rule(folder)))
+        con.execute(f"CREATE VIEW {PHI_CENSUS_VIEW} AS {census}")
+    finally:
+        con.close()
+
+
+def _confine(con: duckdb.DuckDBPyConnection, folder: Path, temp_dir: Path) -> None:
+    """Read only under ``folder``, spill only into ``temp_dir`` (DuckDB's default would be a
+    folder beside the database), and never change the settings back."""
+    spill = str(Path(temp_dir).resolve())
     con.execute(f"SET temp_directory = {_sql_text(spill)}")
     con.execute(f"SET allowed_directories = [{_sql_text(str(folder) + os.sep)}]")
     con.execute("SET enable_external_access = false")
