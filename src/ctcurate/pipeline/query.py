@@ -111,13 +111,13 @@ def _write_views(views: Path, folder: Path) -> None:
             source = folder / view_source(view)
             try:
                 con.execute(
-                    f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_sql_text(str(source))})"
+                    f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({_sql_text(str(source))})"
                 )
             except duckdb.Error as exc:
                 msg = f"{source}: cannot be read as the view {view} ({_first_line(exc)})"
                 raise InputError(msg) from exc
         census = phi_census_sql("instances", "quarantine", site_sql(_site_rule(folder)))
-        con.execute(f"CREATE VIEW {PHI_CENSUS_VIEW} AS {census}")
+        con.execute(f"CREATE OR REPLACE VIEW {PHI_CENSUS_VIEW} AS {census}")
     finally:
         con.close()
 
