@@ -110,9 +110,8 @@ def _write_views(views: Path, folder: Path) -> None:
         for view in VIEWS:
             source = folder / view_source(view)
             try:
-                con.execute(
-                    f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({_sql_text(str(source))})"
-                )
+                parquet = _sql_text(str(source))
+                con.execute(f"CREATE OR REPLACE VIEW {view} AS FROM read_parquet({parquet})")
             except duckdb.Error as exc:
                 msg = f"{source}: cannot be read as the view {view} ({_first_line(exc)})"
                 raise InputError(msg) from exc
