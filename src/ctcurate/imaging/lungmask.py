@@ -290,11 +290,10 @@ def _within(
 ) -> BoolArray:
     """The elements of ``where`` within ``reach_mm`` of an element of ``mask`` (non-empty).
 
-    Distances come from the nearest-element transform of the mask's box — grown by
-    ``reach_mm`` when ``grow`` (every element outside it is farther), else the box itself
-    (for elements of ``where`` inside it: what a lung's hull can hold) — exact there, since
-    every element of ``mask`` lies in it. They are those of ``distance_transform_edt`` (the
-    same products and sums), taken at the elements of ``where`` only."""
+    Taken in the mask's box — grown by ``reach_mm`` when ``grow`` (every element outside it
+    is farther), else the box itself (for elements of ``where`` inside it: what a lung's
+    hull can hold) — by :func:`within_reach`: what ``distance_transform_edt`` of the box
+    compared with ``reach_mm`` gives, at the elements of ``where`` only."""
     out = np.zeros(mask.shape, dtype=bool)
     box = tuple(
         slice(max(b.start - math.ceil(reach_mm / s), 0), min(b.stop + math.ceil(reach_mm / s), n))
@@ -303,30 +302,85 @@ def _within(
         for b, s, n in zip(bounding_box(mask), spacing, mask.shape, strict=True)
     )
     at = np.nonzero(where[box])
-    close = distances_at(~mask[box], spacing, at) <= reach_mm
+    close = within_reach(mask[box], reach_mm, spacing, at)
     out[tuple(a[close] + b.start for a, b in zip(at, box, strict=True))] = True
     return out
 
 
-def distances_at(
-    inside: BoolArray, spacing: tuple[float, ...], at: tuple[npt.NDArray[np.intp], ...]
-) -> npt.NDArray[np.float64]:
-    """``ndimage.distance_transform_edt(inside, sampling=spacing)[at]`` (``at`` as from
-    ``np.nonzero``), bit for bit: the same nearest-background transform, with the same
-    products and sums, turned into distances at the elements of ``at`` only (the whole
-    volume's distances in float64 cost more than the transform itself)."""
-    if not at[0].size:
-        return np.zeros(0, dtype=np.float64)
-    nearest = ndimage.distance_transform_edt(
-        inside, sampling=spacing, return_distances=False, return_indices=True
-    )
-    step = np.asarray(spacing, dtype=np.float64)
-    dt = np.stack([nearest[i][at] - at[i] for i in range(inside.ndim)]).astype(np.float64)
-    for i in range(inside.ndim):
-        dt[i] *= step[i]
+def _reach_rows(
+    reach_mm: float, spacing: tuple[float, ...]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The elements within ``reach_mm`` of the origin, row by row along the last axis.
+
+    Distances as ``ndimage.distance_transform_edt`` computes them from its nearest-element
+    offsets (float64 offsets times the spacing, squared, summed in axis order, square
+    root), so an offset is in exactly when such a distance is ``<= reach_mm``; along the
+    last axis that is a run ``-c..c`` (the distance grows with the offset). Returns each
+    row's offsets along the leading axes (rows, ndim - 1) and its ``c``, nearest rows
+    first."""
+    radii = [math.floor(reach_mm / s) + 1 for s in spacing]
+    offsets = np.indices([2 * r + 1 for r in radii]).reshape(len(radii), -1)
+    offsets -= np.asarray(radii)[:, None]
+    dt = offsets.astype(np.float64)
+    for i, s in enumerate(spacing):
+        dt[i] *= np.float64(s)
     np.multiply(dt, dt, dt)
-    distance: npt.NDArray[np.float64] = np.sqrt(np.add.reduce(dt, axis=0))
-    return distance
+    inside = np.sqrt(np.add.reduce(dt, axis=0)) <= reach_mm
+    lead = offsets[:-1, inside].T
+    widths = np.abs(offsets[-1, inside])
+    rows, where = np.unique(lead, axis=0, return_inverse=True)
+    c = np.zeros(len(rows), dtype=np.intp)
+    np.maximum.at(c, where.ravel(), widths)
+    order = np.argsort(np.add.reduce((rows * np.asarray(spacing[:-1])) ** 2, axis=1), kind="stable")
+    return rows[order].astype(np.intp), c[order]
+
+
+def within_reach(
+    targets: BoolArray,
+    reach_mm: float,
+    spacing: tuple[float, ...],
+    at: tuple[npt.NDArray[np.intp], ...],
+) -> BoolArray:
+    """Whether each element ``at`` (as from ``np.nonzero``) has an element of ``targets``
+    within ``reach_mm``: ``ndimage.distance_transform_edt(~targets, sampling=spacing)[at] <=
+    reach_mm``, without a distance transform (whose cost grows with the whole array).
+
+    The ball of :func:`_reach_rows` is scanned row by row: ``targets`` dilated along the last
+    axis by each row's half-width ``c`` (runs of ``2c + 1``), read at each element shifted by
+    the row's leading offsets; an element is settled at the first row that finds a target.
+    The transform's nearest target lies in the ball exactly when some target does, so the
+    answers are the same whenever the distances' floating-point products and sums are exact
+    (spacings of a few significant bits, such as whole or half millimetres: the 2 mm working
+    grid's); for other spacings they could differ only where two targets at equal distances
+    (or within rounding of each other) fall on both sides of ``reach_mm`` by a rounding
+    error."""
+    n = len(at[0])
+    out = np.zeros(n, dtype=bool)
+    if not n or not targets.any():
+        return out
+    rows, widths = _reach_rows(reach_mm, spacing)
+    pads = [int(np.abs(rows[:, i]).max()) if len(rows) else 0 for i in range(targets.ndim - 1)]
+    pads.append(int(widths.max()))
+    padded = np.pad(targets, [(p, p) for p in pads])
+    flat = padded.ravel()
+    strides = np.asarray(padded.strides[:-1], dtype=np.intp) // padded.itemsize
+    # the last axis' pad (>= every c) keeps a shifted run from reaching the next line
+    runs = [flat]
+    for c in range(1, pads[-1] + 1):
+        run = runs[-1].copy()
+        run[c:] |= flat[:-c]
+        run[:-c] |= flat[c:]
+        runs.append(run)
+    index = np.ravel_multi_index(tuple(a + p for a, p in zip(at, pads, strict=True)), padded.shape)
+    todo = np.arange(n)
+    for lead, c in zip(rows, widths, strict=True):
+        hit = runs[c][index + int(lead @ strides)]
+        if hit.any():
+            out[todo[hit]] = True
+            todo, index = todo[~hit], index[~hit]
+            if not todo.size:
+                break
+    return out
 
 
 def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
