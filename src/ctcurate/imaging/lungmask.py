@@ -398,6 +398,47 @@ def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> B
     return out
 
 
+def _deeper_all(masks: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
+    """:func:`_deeper` of each 2D mask of a (n, y, x) stack, the same pixels.
+
+    A mask each row of which is one run of pixels (a filled convex hull) is eroded by the
+    disk of :func:`_reach_rows` (the pixels whose distance from the origin, as the
+    distance transform computes it, is at most ``depth_mm``; nothing beyond the image's
+    edge) row by row: a pixel is deeper when every row the disk reaches, inside the image,
+    holds the disk's run around it; one run per row keeps that two bounds per row. Other
+    masks go through :func:`_deeper`. The same pixels as the transform whenever its sums are
+    exact (see :func:`within_reach`)."""
+    _, ny, nx = masks.shape
+    out = np.zeros(masks.shape, dtype=bool)
+    has = np.asarray(masks.any(axis=2))
+    first = np.argmax(masks, axis=2)
+    last = nx - 1 - np.argmax(masks[:, :, ::-1], axis=2)
+    runs = ~has | (masks.sum(axis=2) == last - first + 1)
+    simple = np.asarray(runs.all(axis=1), dtype=bool)
+    for k in np.flatnonzero(~simple):
+        out[k] = _deeper(masks[k], depth_mm, spacing)
+    if not simple.any():
+        return out
+    has, first, last = has[simple], first[simple], last[simple]
+    rows, widths = _reach_rows(depth_mm, spacing)
+    lo = np.zeros(has.shape, dtype=np.intp)
+    hi = np.full(has.shape, nx - 1, dtype=np.intp)
+    alive = has.copy()
+    for (j,), c in zip(rows, widths, strict=True):
+        if abs(j) >= ny:
+            continue
+        dst = slice(max(-j, 0), ny - max(j, 0))  # rows y with y + j inside the image
+        src = slice(max(j, 0), ny - max(-j, 0))
+        alive[:, dst] &= has[:, src]
+        np.maximum(lo[:, dst], np.where(first[:, src] > 0, first[:, src] + c, 0), out=lo[:, dst])
+        np.minimum(
+            hi[:, dst], np.where(last[:, src] < nx - 1, last[:, src] - c, nx - 1), out=hi[:, dst]
+        )
+    x = np.arange(nx)
+    out[simple] = alive[:, :, None] & (x >= lo[:, :, None]) & (x <= hi[:, :, None])
+    return out
+
+
 def _mm_to_px(mm: float, spacing: float) -> int:
     return max(round(mm / spacing), 1)
 
@@ -600,7 +641,10 @@ def _lung_masks_in_box(
     # below lies within its side), hulls of the lungs of at least min_hull pixels
     n_cage_pts = cage_pts.sum(axis=(1, 2))
     caged = [k for k in midlines if cage_bone[k].any() and int(n_cage_pts[k]) >= 3]
-    cages = dict(zip(caged, _hulls(cage_pts[caged]), strict=True))
+    # inside each cage: its hull pulled in by the ribs' thickness (every slice at once)
+    inners = dict(
+        zip(caged, _deeper_all(_hulls(cage_pts[caged]), CAGE_WALL_MM, (dy, dx)), strict=True)
+    )
     halves = np.zeros(img.shape[0], dtype=np.intp)  # per slice, the columns left of the midline
     for k, midline in midlines.items():
         halves[k] = np.count_nonzero(cols < midline)
@@ -624,8 +668,7 @@ def _lung_masks_in_box(
     centres = np.zeros((len(sides), 2), dtype=np.float64)
     n_lungs = np.zeros(len(sides), dtype=np.int64)
     lung_at = np.full((img.shape[0], 2), -1, dtype=np.intp)  # per slice and side
-    inner = np.zeros(img.shape[1:], dtype=bool)
-    inner_k = -1
+    no_cage = np.zeros(img.shape[1:], dtype=bool)
     for u, (k, side, cs) in enumerate(sides):
         gs = slice(cs.start + gap * side, cs.stop + gap * side)
         lung_at[k, side] = u
@@ -639,13 +682,7 @@ def _lung_masks_in_box(
         bay_g[k, :, gs] = _within(lung, BAY_REACH_MM, (dy, dx), bay, grow=False)
         if n_lungs[u] < min_area:  # a lung tip: no chest-wall fill
             continue
-        if inner_k != k:
-            inner_k = k
-            inner = (
-                _deeper(cages[k], CAGE_WALL_MM, (dy, dx))
-                if k in cages
-                else np.zeros(img.shape[1:], dtype=bool)
-            )
+        inner = inners.get(k, no_cage)
         limit = _medial_limit(innermost, reach_px)
         allowed_g[k, :, gs] = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs]
     del hulls
