@@ -537,9 +537,16 @@ def median_in_plane(img: npt.NDArray[np.float32], size: tuple[int, int, int]) ->
 
 def _boundary(mask: BoolArray) -> BoolArray:
     """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others); of a
-    3D mask, each slice's."""
-    structure = _IN_PLANE if mask.ndim == 3 else None
-    edge: BoolArray = mask & ~ndimage.binary_erosion(mask, structure=structure)
+    3D mask, each slice's. The pixels ``mask & ~binary_erosion(mask)`` (in-plane
+    4-neighbours, the border outside) gives, by shifted copies (several times faster)."""
+    inner = mask.copy()
+    inner[..., 1:, :] &= mask[..., :-1, :]
+    inner[..., :-1, :] &= mask[..., 1:, :]
+    inner[..., 1:] &= mask[..., :-1]
+    inner[..., :-1] &= mask[..., 1:]
+    for border in ((..., 0, slice(None)), (..., -1, slice(None)), (..., 0), (..., -1)):
+        inner[border] = False
+    edge: BoolArray = mask & ~inner
     return edge
 
 
