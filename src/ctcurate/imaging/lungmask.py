@@ -33,6 +33,7 @@ thicknesses get the same anatomy. Two masks:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -307,6 +308,7 @@ def _within(
     return out
 
 
+@functools.lru_cache(maxsize=32)
 def _reach_rows(
     reach_mm: float, spacing: tuple[float, ...]
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
@@ -317,7 +319,7 @@ def _reach_rows(
     root), so an offset is in exactly when such a distance is ``<= reach_mm``; along the
     last axis that is a run ``-c..c`` (the distance grows with the offset). Returns each
     row's offsets along the leading axes (rows, ndim - 1) and its ``c``, nearest rows
-    first."""
+    first (read-only arrays: the answer is kept for the next call)."""
     radii = [math.floor(reach_mm / s) + 1 for s in spacing]
     offsets = np.indices([2 * r + 1 for r in radii]).reshape(len(radii), -1)
     offsets -= np.asarray(radii)[:, None]
@@ -332,7 +334,10 @@ def _reach_rows(
     c = np.zeros(len(rows), dtype=np.intp)
     np.maximum.at(c, where.ravel(), widths)
     order = np.argsort(np.add.reduce((rows * np.asarray(spacing[:-1])) ** 2, axis=1), kind="stable")
-    return rows[order].astype(np.intp), c[order]
+    rows, c = rows[order].astype(np.intp), c[order]
+    rows.setflags(write=False)
+    c.setflags(write=False)
+    return rows, c
 
 
 def within_reach(
@@ -358,7 +363,7 @@ def within_reach(
     out = np.zeros(n, dtype=bool)
     if not n or not targets.any():
         return out
-    rows, widths = _reach_rows(reach_mm, spacing)
+    rows, widths = _reach_rows(float(reach_mm), tuple(float(s) for s in spacing))
     pads = [int(np.abs(rows[:, i]).max()) if len(rows) else 0 for i in range(targets.ndim - 1)]
     pads.append(int(widths.max()))
     padded = np.pad(targets, [(p, p) for p in pads])
@@ -420,7 +425,7 @@ def _deeper_all(masks: BoolArray, depth_mm: float, spacing: tuple[float, float])
     if not simple.any():
         return out
     has, first, last = has[simple], first[simple], last[simple]
-    rows, widths = _reach_rows(depth_mm, spacing)
+    rows, widths = _reach_rows(float(depth_mm), tuple(float(s) for s in spacing))
     lo = np.zeros(has.shape, dtype=np.intp)
     hi = np.full(has.shape, nx - 1, dtype=np.intp)
     alive = has.copy()
