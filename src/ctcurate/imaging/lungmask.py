@@ -33,6 +33,7 @@ thicknesses get the same anatomy. Two masks:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -290,11 +291,10 @@ def _within(
 ) -> BoolArray:
     """The elements of ``where`` within ``reach_mm`` of an element of ``mask`` (non-empty).
 
-    Distances come from the nearest-element transform of the mask's box — grown by
-    ``reach_mm`` when ``grow`` (every element outside it is farther), else the box itself
-    (for elements of ``where`` inside it: what a lung's hull can hold) — exact there, since
-    every element of ``mask`` lies in it. They are those of ``distance_transform_edt`` (the
-    same products and sums), taken at the elements of ``where`` only."""
+    Taken in the mask's box — grown by ``reach_mm`` when ``grow`` (every element outside it
+    is farther), else the box itself (for elements of ``where`` inside it: what a lung's
+    hull can hold) — by :func:`within_reach`: what ``distance_transform_edt`` of the box
+    compared with ``reach_mm`` gives, at the elements of ``where`` only."""
     out = np.zeros(mask.shape, dtype=bool)
     box = tuple(
         slice(max(b.start - math.ceil(reach_mm / s), 0), min(b.stop + math.ceil(reach_mm / s), n))
@@ -303,30 +303,89 @@ def _within(
         for b, s, n in zip(bounding_box(mask), spacing, mask.shape, strict=True)
     )
     at = np.nonzero(where[box])
-    close = distances_at(~mask[box], spacing, at) <= reach_mm
+    close = within_reach(mask[box], reach_mm, spacing, at)
     out[tuple(a[close] + b.start for a, b in zip(at, box, strict=True))] = True
     return out
 
 
-def distances_at(
-    inside: BoolArray, spacing: tuple[float, ...], at: tuple[npt.NDArray[np.intp], ...]
-) -> npt.NDArray[np.float64]:
-    """``ndimage.distance_transform_edt(inside, sampling=spacing)[at]`` (``at`` as from
-    ``np.nonzero``), bit for bit: the same nearest-background transform, with the same
-    products and sums, turned into distances at the elements of ``at`` only (the whole
-    volume's distances in float64 cost more than the transform itself)."""
-    if not at[0].size:
-        return np.zeros(0, dtype=np.float64)
-    nearest = ndimage.distance_transform_edt(
-        inside, sampling=spacing, return_distances=False, return_indices=True
-    )
-    step = np.asarray(spacing, dtype=np.float64)
-    dt = np.stack([nearest[i][at] - at[i] for i in range(inside.ndim)]).astype(np.float64)
-    for i in range(inside.ndim):
-        dt[i] *= step[i]
+@functools.lru_cache(maxsize=32)
+def _reach_rows(
+    reach_mm: float, spacing: tuple[float, ...]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The elements within ``reach_mm`` of the origin, row by row along the last axis.
+
+    Distances as ``ndimage.distance_transform_edt`` computes them from its nearest-element
+    offsets (float64 offsets times the spacing, squared, summed in axis order, square
+    root), so an offset is in exactly when such a distance is ``<= reach_mm``; along the
+    last axis that is a run ``-c..c`` (the distance grows with the offset). Returns each
+    row's offsets along the leading axes (rows, ndim - 1) and its ``c``, nearest rows
+    first (read-only arrays: the answer is kept for the next call)."""
+    radii = [math.floor(reach_mm / s) + 1 for s in spacing]
+    offsets = np.indices([2 * r + 1 for r in radii]).reshape(len(radii), -1)
+    offsets -= np.asarray(radii)[:, None]
+    dt = offsets.astype(np.float64)
+    for i, s in enumerate(spacing):
+        dt[i] *= np.float64(s)
     np.multiply(dt, dt, dt)
-    distance: npt.NDArray[np.float64] = np.sqrt(np.add.reduce(dt, axis=0))
-    return distance
+    inside = np.sqrt(np.add.reduce(dt, axis=0)) <= reach_mm
+    lead = offsets[:-1, inside].T
+    widths = np.abs(offsets[-1, inside])
+    rows, where = np.unique(lead, axis=0, return_inverse=True)
+    c = np.zeros(len(rows), dtype=np.intp)
+    np.maximum.at(c, where.ravel(), widths)
+    order = np.argsort(np.add.reduce((rows * np.asarray(spacing[:-1])) ** 2, axis=1), kind="stable")
+    rows, c = rows[order].astype(np.intp), c[order]
+    rows.setflags(write=False)
+    c.setflags(write=False)
+    return rows, c
+
+
+def within_reach(
+    targets: BoolArray,
+    reach_mm: float,
+    spacing: tuple[float, ...],
+    at: tuple[npt.NDArray[np.intp], ...],
+) -> BoolArray:
+    """Whether each element ``at`` (as from ``np.nonzero``) has an element of ``targets``
+    within ``reach_mm``: ``ndimage.distance_transform_edt(~targets, sampling=spacing)[at] <=
+    reach_mm``, without a distance transform (whose cost grows with the whole array).
+
+    The ball of :func:`_reach_rows` is scanned row by row: ``targets`` dilated along the last
+    axis by each row's half-width ``c`` (runs of ``2c + 1``), read at each element shifted by
+    the row's leading offsets; an element is settled at the first row that finds a target.
+    The transform's nearest target lies in the ball exactly when some target does, so the
+    answers are the same whenever the distances' floating-point products and sums are exact
+    (spacings of a few significant bits, such as whole or half millimetres: the 2 mm working
+    grid's); for other spacings they could differ only where two targets at equal distances
+    (or within rounding of each other) fall on both sides of ``reach_mm`` by a rounding
+    error."""
+    n = len(at[0])
+    out = np.zeros(n, dtype=bool)
+    if not n or not targets.any():
+        return out
+    rows, widths = _reach_rows(float(reach_mm), tuple(float(s) for s in spacing))
+    pads = [int(np.abs(rows[:, i]).max()) if len(rows) else 0 for i in range(targets.ndim - 1)]
+    pads.append(int(widths.max()))
+    padded = np.pad(targets, [(p, p) for p in pads])
+    flat = padded.ravel()
+    strides = np.asarray(padded.strides[:-1], dtype=np.intp) // padded.itemsize
+    # the last axis' pad (>= every c) keeps a shifted run from reaching the next line
+    runs = [flat]
+    for c in range(1, pads[-1] + 1):
+        run = runs[-1].copy()
+        run[c:] |= flat[:-c]
+        run[:-c] |= flat[c:]
+        runs.append(run)
+    index = np.ravel_multi_index(tuple(a + p for a, p in zip(at, pads, strict=True)), padded.shape)
+    todo = np.arange(n)
+    for lead, c in zip(rows, widths, strict=True):
+        hit = runs[c][index + int(lead @ strides)]
+        if hit.any():
+            out[todo[hit]] = True
+            todo, index = todo[~hit], index[~hit]
+            if not todo.size:
+                break
+    return out
 
 
 def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
@@ -341,6 +400,47 @@ def _deeper(mask: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> B
         for b, n in zip(bounding_box(mask), mask.shape, strict=True)
     )
     out[box] = ndimage.distance_transform_edt(mask[box], sampling=spacing) > depth_mm
+    return out
+
+
+def _deeper_all(masks: BoolArray, depth_mm: float, spacing: tuple[float, float]) -> BoolArray:
+    """:func:`_deeper` of each 2D mask of a (n, y, x) stack, the same pixels.
+
+    A mask each row of which is one run of pixels (a filled convex hull) is eroded by the
+    disk of :func:`_reach_rows` (the pixels whose distance from the origin, as the
+    distance transform computes it, is at most ``depth_mm``; nothing beyond the image's
+    edge) row by row: a pixel is deeper when every row the disk reaches, inside the image,
+    holds the disk's run around it; one run per row keeps that two bounds per row. Other
+    masks go through :func:`_deeper`. The same pixels as the transform whenever its sums are
+    exact (see :func:`within_reach`)."""
+    _, ny, nx = masks.shape
+    out = np.zeros(masks.shape, dtype=bool)
+    has = np.asarray(masks.any(axis=2))
+    first = np.argmax(masks, axis=2)
+    last = nx - 1 - np.argmax(masks[:, :, ::-1], axis=2)
+    runs = ~has | (masks.sum(axis=2) == last - first + 1)
+    simple = np.asarray(runs.all(axis=1), dtype=bool)
+    for k in np.flatnonzero(~simple):
+        out[k] = _deeper(masks[k], depth_mm, spacing)
+    if not simple.any():
+        return out
+    has, first, last = has[simple], first[simple], last[simple]
+    rows, widths = _reach_rows(float(depth_mm), tuple(float(s) for s in spacing))
+    lo = np.zeros(has.shape, dtype=np.intp)
+    hi = np.full(has.shape, nx - 1, dtype=np.intp)
+    alive = has.copy()
+    for (j,), c in zip(rows, widths, strict=True):
+        if abs(j) >= ny:
+            continue
+        dst = slice(max(-j, 0), ny - max(j, 0))  # rows y with y + j inside the image
+        src = slice(max(j, 0), ny - max(-j, 0))
+        alive[:, dst] &= has[:, src]
+        np.maximum(lo[:, dst], np.where(first[:, src] > 0, first[:, src] + c, 0), out=lo[:, dst])
+        np.minimum(
+            hi[:, dst], np.where(last[:, src] < nx - 1, last[:, src] - c, nx - 1), out=hi[:, dst]
+        )
+    x = np.arange(nx)
+    out[simple] = alive[:, :, None] & (x >= lo[:, :, None]) & (x <= hi[:, :, None])
     return out
 
 
@@ -442,9 +542,16 @@ def median_in_plane(img: npt.NDArray[np.float32], size: tuple[int, int, int]) ->
 
 def _boundary(mask: BoolArray) -> BoolArray:
     """Pixels of a 2D mask with a 4-neighbour outside it (the hull needs no others); of a
-    3D mask, each slice's."""
-    structure = _IN_PLANE if mask.ndim == 3 else None
-    edge: BoolArray = mask & ~ndimage.binary_erosion(mask, structure=structure)
+    3D mask, each slice's. The pixels ``mask & ~binary_erosion(mask)`` (in-plane
+    4-neighbours, the border outside) gives, by shifted copies (several times faster)."""
+    inner = mask.copy()
+    inner[..., 1:, :] &= mask[..., :-1, :]
+    inner[..., :-1, :] &= mask[..., 1:, :]
+    inner[..., 1:] &= mask[..., :-1]
+    inner[..., :-1] &= mask[..., 1:]
+    for border in ((..., 0, slice(None)), (..., -1, slice(None)), (..., 0), (..., -1)):
+        inner[border] = False
+    edge: BoolArray = mask & ~inner
     return edge
 
 
@@ -546,7 +653,10 @@ def _lung_masks_in_box(
     # below lies within its side), hulls of the lungs of at least min_hull pixels
     n_cage_pts = cage_pts.sum(axis=(1, 2))
     caged = [k for k in midlines if cage_bone[k].any() and int(n_cage_pts[k]) >= 3]
-    cages = dict(zip(caged, _hulls(cage_pts[caged]), strict=True))
+    # inside each cage: its hull pulled in by the ribs' thickness (every slice at once)
+    inners = dict(
+        zip(caged, _deeper_all(_hulls(cage_pts[caged]), CAGE_WALL_MM, (dy, dx)), strict=True)
+    )
     halves = np.zeros(img.shape[0], dtype=np.intp)  # per slice, the columns left of the midline
     for k, midline in midlines.items():
         halves[k] = np.count_nonzero(cols < midline)
@@ -570,8 +680,7 @@ def _lung_masks_in_box(
     centres = np.zeros((len(sides), 2), dtype=np.float64)
     n_lungs = np.zeros(len(sides), dtype=np.int64)
     lung_at = np.full((img.shape[0], 2), -1, dtype=np.intp)  # per slice and side
-    inner = np.zeros(img.shape[1:], dtype=bool)
-    inner_k = -1
+    no_cage = np.zeros(img.shape[1:], dtype=bool)
     for u, (k, side, cs) in enumerate(sides):
         gs = slice(cs.start + gap * side, cs.stop + gap * side)
         lung_at[k, side] = u
@@ -585,13 +694,7 @@ def _lung_masks_in_box(
         bay_g[k, :, gs] = _within(lung, BAY_REACH_MM, (dy, dx), bay, grow=False)
         if n_lungs[u] < min_area:  # a lung tip: no chest-wall fill
             continue
-        if inner_k != k:
-            inner_k = k
-            inner = (
-                _deeper(cages[k], CAGE_WALL_MM, (dy, dx))
-                if k in cages
-                else np.zeros(img.shape[1:], dtype=bool)
-            )
+        inner = inners.get(k, no_cage)
         limit = _medial_limit(innermost, reach_px)
         allowed_g[k, :, gs] = (dist >= limit[:, None]) & inner[:, cs] & dense[k, :, cs]
     del hulls

@@ -59,10 +59,10 @@ from scipy import ndimage
 
 from ctcurate.imaging.lungmask import (
     bounding_box,
-    distances_at,
     lung_masks,
     median_in_plane,
     opening,
+    within_reach,
 )
 from ctcurate.imaging.workgrid import WorkingVolume, working_volume
 from ctcurate.models.logistic import StandardisedLogistic, fit_newton, predict_standardised
@@ -200,16 +200,35 @@ def opacity_features(
 
     # isolated small dense components well inside the lung, on the unfiltered HU; depth is
     # the distance to the nearest voxel outside the lung (outside the box, unless the box
-    # ends at the volume's edge: a lung cut by the scan's end has no surface there)
-    # (only where a feature reads it: lung voxels of the opacity or at NODULE_HU_MIN, 0 elsewhere)
+    # ends at the volume's edge: a lung cut by the scan's end has no surface there). Depth
+    # is only compared with thresholds, so each comparison is made where a feature reads it
+    # (lung voxels of the opacity or at NODULE_HU_MIN) by ``within_reach``, as a distance
+    # transform of the padded box would answer it
     pads = [(int(b.start > 0), int(b.stop < full)) for b, full in zip(box, shape, strict=True)]
+    outside = ~np.pad(lung, pads)
     needed = lung & ((img >= NODULE_HU_MIN) | opacity)
     at = np.nonzero(needed)
-    depth = np.zeros(lung.shape, dtype=np.float64)
-    depth[at] = distances_at(
-        np.pad(lung, pads), spacing_mm, tuple(a + p[0] for a, p in zip(at, pads, strict=True))
-    )
-    labels, n_comp = ndimage.label((depth > NODULE_MARGIN_MM) & (img >= NODULE_HU_MIN))
+    at_padded = tuple(a + p[0] for a, p in zip(at, pads, strict=True))
+    # per reach (the widest first), depth <= reach at the needed voxels
+    shallow: dict[float, npt.NDArray[np.bool_]] = {}
+    for reach in sorted({PERIPHERAL_MM, DEEP_MM, NODULE_MARGIN_MM}, reverse=True):
+        near = np.zeros(len(at[0]), dtype=bool)
+        wider = [shallow[r] for r in shallow if r > reach]  # within a wider reach
+        ask = wider[-1] if wider else np.ones(len(at[0]), dtype=bool)
+        near[ask] = within_reach(outside, reach, spacing_mm, tuple(a[ask] for a in at_padded))
+        shallow[reach] = near
+
+    def deeper(reach: float) -> npt.NDArray[np.bool_]:
+        out = np.zeros(lung.shape, dtype=bool)
+        out[at] = ~shallow[reach]
+        return out
+
+    def within(reach: float) -> npt.NDArray[np.bool_]:
+        out = np.zeros(lung.shape, dtype=bool)
+        out[at] = shallow[reach]
+        return out
+
+    labels, n_comp = ndimage.label(deeper(NODULE_MARGIN_MM) & (img >= NODULE_HU_MIN))
     small = nodules = 0
     voxel_mm3 = float(np.prod(spacing_mm))
     if n_comp:
@@ -227,7 +246,7 @@ def opacity_features(
     if n_opacity:
         a, b = int(opacity[:, :, left].sum()), int(opacity[:, :, right].sum())
         bilateral = 2.0 * _share(min(a, b), n_opacity)
-        peripheral = _share(int((opacity & (depth <= PERIPHERAL_MM)).sum()), n_opacity)
+        peripheral = _share(int((opacity & within(PERIPHERAL_MM)).sum()), n_opacity)
         z_lung = np.flatnonzero(lung.any(axis=(1, 2)))
         z_half = (z_lung[0] + z_lung[-1]) / 2.0
         lower = _share(int(opacity[: int(np.floor(z_half)) + 1].sum()), n_opacity)
@@ -240,7 +259,7 @@ def opacity_features(
         _share(int(consolidation.sum()), n),
         _share(int(blob.sum()), n),
         _share(int((lung & ~thr).sum()), n),
-        _share(int((opacity & (depth > DEEP_MM)).sum()), n),
+        _share(int((opacity & deeper(DEEP_MM)).sum()), n),
         symmetry,
         small / litres,
         nodules / litres,
