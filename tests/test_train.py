@@ -70,6 +70,7 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert card["checkpoint"]["epoch"] in (1, 2)
     post = card["postprocess"]
     assert post["min_lesion_mm3"] in TrainParams().min_lesion_mm3
+    assert post["lung_from"] == TrainParams().lung_from == "hu"
     assert sorted(post["val_lesion_dice"], key=float) == [
         f"{c:g}" for c in sorted(TrainParams().min_lesion_mm3)
     ]

@@ -357,6 +357,9 @@ class TrainParams(Section):
     min_lesion_mm3: tuple[Annotated[float, Field(ge=0.0)], ...] = Field(
         default=(0.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0), min_length=1
     )
+    # where the post-processed lung comes from: the network, or the HU threshold lung mask
+    # with the network's lesions (docs/models.md, "Lesion post-processing")
+    lung_from: Literal["network", "hu"] = "hu"
     augment: AugmentParams = AugmentParams()  # all probabilities 0: no augmentation
 
 

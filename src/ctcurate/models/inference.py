@@ -37,9 +37,10 @@ from ctcurate.io.atomic import dumps_json
 from ctcurate.labels import CONSOLIDATION, GGO, NORMAL
 from ctcurate.models.checkpoint import MODEL_FILE, load_models
 from ctcurate.models.nets import (
+    LUNG_SOURCES,
     LogisticModel,
+    postprocess_label,
     predict_labels,
-    remove_small_lesions,
     typicality_features,
 )
 from ctcurate.params import PackParams
@@ -55,6 +56,12 @@ def lesion_cut_mm3(card: Mapping[str, Any]) -> float:
     return float(card.get("postprocess", {}).get("min_lesion_mm3", 0.0))
 
 
+def lung_source(card: Mapping[str, Any]) -> str:
+    """Where the post-processed lung comes from (``train.lung_from``), from ``model.json``;
+    ``network`` for models trained before the choice existed."""
+    return str(card.get("postprocess", {}).get("lung_from", "network"))
+
+
 def predict_case(
     net: torch.nn.Module,
     classifier: LogisticModel,
@@ -63,11 +70,13 @@ def predict_case(
     device: torch.device,
     min_lesion_mm3: float,
     spacing_mm: tuple[float, float, float],
+    lung_from: str = "network",
 ) -> tuple[npt.NDArray[np.uint8], float]:
     """One case's post-processed label volume (z, y, x) and typicality probability from its
     HU image (1, z, y, x) on the release grid: what evaluate scores."""
     pred = predict_labels(net, image_hu[None], roi, device)[0]
-    pred = remove_small_lesions(pred, min_lesion_mm3, spacing_mm)
+    hu = image_hu[0].detach().cpu().numpy()
+    pred = postprocess_label(pred, hu, spacing_mm, min_lesion_mm3, lung_from)
     feats = typicality_features(pred, spacing_mm)
     return pred, float(classifier.predict_proba(feats[None])[0])
 
@@ -112,6 +121,7 @@ class Models:
     roi: tuple[int, ...]
     min_lesion_mm3: float
     device: torch.device
+    lung_from: str = "network"
 
 
 def load(models: Path, spacing_mm: Sequence[float], device: torch.device) -> Models:
@@ -136,7 +146,13 @@ def load(models: Path, spacing_mm: Sequence[float], device: torch.device) -> Mod
         raise ParamsError(msg)
     model_id = hashlib.sha256((Path(models) / MODEL_FILE).read_bytes()).hexdigest()
     roi = tuple(int(s) for s in card["input"]["shape"])
-    return Models(net.to(device), classifier, card, model_id, roi, lesion_cut_mm3(card), device)
+    lung_from = lung_source(card)
+    if lung_from not in LUNG_SOURCES:
+        msg = f"{Path(models) / MODEL_FILE}: unknown postprocess lung_from {lung_from!r}"
+        raise ParamsError(msg)
+    return Models(
+        net.to(device), classifier, card, model_id, roi, lesion_cut_mm3(card), device, lung_from
+    )
 
 
 @dataclass(frozen=True)
@@ -198,6 +214,7 @@ def predict_series(
         models.device,
         models.min_lesion_mm3,
         spacing_mm,
+        models.lung_from,
     )
     native = label_to_stack(stack, grid, label)
     return Prediction(

@@ -140,6 +140,57 @@ def remove_small_lesions(
     return lab
 
 
+#: Where the post-processed lung comes from: the network's labels, or the HU lung mask
+#: with the network's lesions (:func:`lung_from_hu`).
+LUNG_SOURCES = ("network", "hu")
+#: A slice where the HU lung mask holds less than this share of the network's lung keeps
+#: the network's lung: there the release grid cuts the chest at its sides, and the HU mask
+#: takes lungs that reach the grid's edge for air outside the body.
+HU_LUNG_MIN_SHARE = 0.5
+
+
+def lung_from_hu(
+    label: npt.NDArray[np.integer[Any]], image_hu: npt.NDArray[np.floating[Any]]
+) -> npt.NDArray[np.uint8]:
+    """``label`` with its lung outline taken from HU, its lesions kept.
+
+    The normal lung becomes the plain threshold lung mask of ``image_hu``
+    (:func:`ctcurate.imaging.lungmask.threshold_lung_mask`: aerated voxels inside the body,
+    vessels filled); every GGO and consolidation voxel of ``label`` stays as it is, so
+    consolidation the threshold mask loses at the pleura is still lung. A slice where the
+    mask holds less than :data:`HU_LUNG_MIN_SHARE` of the network's lung keeps the
+    network's lung. Same shape, (z, y, x).
+    """
+    from ctcurate.imaging.lungmask import threshold_lung_mask
+
+    lab = np.asarray(label).astype(np.uint8)
+    hu_lung = threshold_lung_mask(np.asarray(image_hu, dtype=np.float32))
+    net_lung = lab > 0
+    trusted = hu_lung.sum(axis=(1, 2)) >= HU_LUNG_MIN_SHARE * net_lung.sum(axis=(1, 2))
+    lung = np.where(trusted[:, None, None], hu_lung, net_lung)
+    out: npt.NDArray[np.uint8] = np.where(lab >= GGO, lab, np.where(lung, NORMAL, 0)).astype(
+        np.uint8
+    )
+    return out
+
+
+def postprocess_label(
+    label: npt.NDArray[np.integer[Any]],
+    image_hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: Sequence[float],
+    min_lesion_mm3: float,
+    lung_from: str,
+) -> npt.NDArray[np.uint8]:
+    """The network's label volume as ``evaluate``, ``predict`` and the typicality fit see it:
+    lesions below ``min_lesion_mm3`` become normal lung (:func:`remove_small_lesions`), then
+    with ``lung_from`` ``"hu"`` the lung outline comes from HU (:func:`lung_from_hu`)."""
+    if lung_from not in LUNG_SOURCES:
+        msg = f"unknown lung source {lung_from!r} (expected one of {', '.join(LUNG_SOURCES)})"
+        raise ValueError(msg)
+    lab = remove_small_lesions(label, min_lesion_mm3, spacing_mm)
+    return lung_from_hu(lab, image_hu) if lung_from == "hu" else lab
+
+
 def typicality_features(
     label: npt.NDArray[np.integer[Any]], spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> npt.NDArray[np.float64]:

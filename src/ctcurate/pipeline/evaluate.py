@@ -45,7 +45,13 @@ from ctcurate.io.outputs import check_output_dir, check_output_file, publish_dir
 from ctcurate.labels import CONSOLIDATION, GGO
 from ctcurate.log import get_logger, progress
 from ctcurate.models.checkpoint import load_models, resolve_device, spacing_of
-from ctcurate.models.inference import OTHER, TYPICAL, lesion_cut_mm3, predict_case
+from ctcurate.models.inference import (
+    OTHER,
+    TYPICAL,
+    lesion_cut_mm3,
+    lung_source,
+    predict_case,
+)
 from ctcurate.models.metrics import (
     accuracy,
     balanced_accuracy,
@@ -192,6 +198,7 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
     net = net.to(device)
     roi = [int(s) for s in card["input"]["shape"]]
     min_lesion_mm3 = lesion_cut_mm3(card)
+    lung_from = lung_source(card)
     test_set = ctcurate.release.open(release, split="test")
     release_id = test_set.manifest.get("release_id")
     if card.get("release_id") != release_id:
@@ -203,7 +210,7 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
         image = sample["image"]
         meta: Mapping[str, Any] = sample["meta"]
         pred, prob = predict_case(
-            net, classifier, image, roi, device, min_lesion_mm3, spacing_of(meta)
+            net, classifier, image, roi, device, min_lesion_mm3, spacing_of(meta), lung_from
         )
         truth = sample["label"][0].numpy().astype(np.uint8)
         hu = image[0].numpy()

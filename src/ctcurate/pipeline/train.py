@@ -66,6 +66,7 @@ from ctcurate.models.nets import (
     build_unet,
     fit_logistic,
     normalise_hu,
+    postprocess_label,
     predict_labels,
     remove_small_lesions,
     shape_multiple,
@@ -254,11 +255,13 @@ def case_features(
     device: torch.device,
     amp: bool,
     min_lesion_mm3: float = 0.0,
+    lung_from: str = "network",
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Typicality features and labels of the dataset's cases with a known label.
 
-    With ``net`` the features are measured on its predicted segmentation (lesions below
-    ``min_lesion_mm3`` removed, as evaluate does), without it on the reference labels.
+    With ``net`` the features are measured on its predicted segmentation post-processed
+    as evaluate does it (lesions below ``min_lesion_mm3`` removed, the lung from
+    ``lung_from``), without it on the reference labels.
     """
     rows: list[npt.NDArray[np.float64]] = []
     ys: list[int] = []
@@ -270,7 +273,13 @@ def case_features(
             label = sample["label"][0].numpy().astype(np.uint8)
         else:
             label = predict_labels(net, sample["image"][None], roi, device, amp)[0]
-            label = remove_small_lesions(label, min_lesion_mm3, spacing_of(sample["meta"]))
+            label = postprocess_label(
+                label,
+                sample["image"][0].numpy(),
+                spacing_of(sample["meta"]),
+                min_lesion_mm3,
+                lung_from,
+            )
         rows.append(typicality_features(label, spacing_of(sample["meta"])))
         ys.append(int(sample["typical"]))
     x = np.vstack(rows) if rows else np.zeros((0, len(FEATURES)))
@@ -482,7 +491,7 @@ def fit_classifier(
     use_amp = params.amp and device.type == "cuda"
     xs, ys, seen = [], [], 0
     for ds in datasets:
-        x, y = case_features(net, ds, roi, device, use_amp, min_lesion_mm3)
+        x, y = case_features(net, ds, roi, device, use_amp, min_lesion_mm3, params.lung_from)
         xs.append(x)
         ys.append(y)
         seen += len(ds)  # type: ignore[arg-type]
@@ -589,7 +598,7 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
             log.warning("typicality: the fit cases lack a class; the classifier is a prior")
         dvclive.summary["best_epoch"] = trained.best_epoch
     card = model_card(params, roi, patch, manifest, trained, len(train_set), n_val)
-    card["postprocess"] = lesion_filter.to_json()
+    card["postprocess"] = {**lesion_filter.to_json(), "lung_from": params.lung_from}
     card["provenance"] = provenance("ctcurate.pipeline.train")
     weights = state_dict_bytes(net)
     with publish_dir(out, STAGE, inputs=[release], own=OWN_FILES) as tmp:

@@ -1,0 +1,69 @@
+"""The post-processed lung from HU (``train.lung_from: hu``): the threshold lung mask for the
+outline, the network's lesions kept, the network's lung where the grid cuts the chest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers.chest import chest
+
+from ctcurate.imaging.lungmask import threshold_lung_mask
+from ctcurate.labels import CONSOLIDATION, GGO, NORMAL
+from ctcurate.models.inference import lung_source
+from ctcurate.models.nets import lung_from_hu, postprocess_label, remove_small_lesions
+
+
+def network_like(lung: np.ndarray) -> np.ndarray:
+    """A network's labels: the true lung grown by a pixel everywhere plus a spurious patch
+    of lung below the left lung, a GGO blob inside and consolidation outside the HU lung."""
+    label = np.zeros(lung.shape, dtype=np.uint8)
+    grown = lung.copy()
+    grown[:, 1:] |= lung[:, :-1]
+    grown[:, :-1] |= lung[:, 1:]
+    label[grown] = NORMAL
+    label[:, 33:35, 14:20] = NORMAL  # spurious lung in the body behind the lungs
+    label[2:4, 18:21, 12:15] = GGO
+    label[4:6, 5:8, 20:24] = CONSOLIDATION  # outside the aerated lung (soft tissue)
+    return label
+
+
+def test_the_outline_is_the_threshold_mask_and_the_lesions_stay() -> None:
+    hu, lung = chest(nz=8, n=40)
+    label = network_like(lung)
+    out = lung_from_hu(label, hu)
+    hu_lung = threshold_lung_mask(hu)
+    lesion = label >= GGO
+    assert np.array_equal(out[lesion], label[lesion])  # every lesion voxel as predicted
+    assert np.array_equal(out == NORMAL, hu_lung & ~lesion)  # the outline from HU
+    assert not out[:, 33:35, 14:20].any()  # the spurious patch is gone
+    assert out.dtype == np.uint8
+
+
+def test_a_slice_cut_at_the_grid_side_keeps_the_network_lung() -> None:
+    hu, lung = chest(nz=8, n=40)
+    label = network_like(lung)
+    # slice 5: air reaches the left edge through the body, as where the grid cuts a wide
+    # chest; the threshold mask takes that lung for air outside the body
+    hu[5, 18:22, :] = -850.0
+    assert threshold_lung_mask(hu)[5].sum() < 0.5 * (label[5] > 0).sum()
+    out = lung_from_hu(label, hu)
+    assert np.array_equal(out[5], label[5])  # the network's lung, slice as predicted
+    assert not np.array_equal(out[4], label[4])  # the other slices take the HU outline
+
+
+def test_postprocess_applies_the_size_cut_then_the_lung_source() -> None:
+    hu, lung = chest(nz=8, n=40)
+    label = network_like(lung)
+    spacing = (4.0, 4.0, 4.0)
+    net = postprocess_label(label, hu, spacing, 1000.0, "network")
+    assert np.array_equal(net, remove_small_lesions(label, 1000.0, spacing))
+    fused = postprocess_label(label, hu, spacing, 1000.0, "hu")
+    assert np.array_equal(fused, lung_from_hu(net, hu))
+    with pytest.raises(ValueError, match="unknown lung source 'atlas'"):
+        postprocess_label(label, hu, spacing, 0.0, "atlas")
+
+
+def test_models_without_the_choice_keep_the_network_lung() -> None:
+    assert lung_source({"postprocess": {"min_lesion_mm3": 0.0}}) == "network"
+    assert lung_source({}) == "network"
+    assert lung_source({"postprocess": {"lung_from": "hu"}}) == "hu"
