@@ -39,16 +39,24 @@ def test_the_outline_is_the_threshold_mask_and_the_lesions_stay() -> None:
     assert out.dtype == np.uint8
 
 
-def test_a_slice_cut_at_the_grid_side_keeps_the_network_lung() -> None:
+def test_a_lung_cut_at_the_grid_side_stays_the_network_lung() -> None:
     hu, lung = chest(nz=8, n=40)
     label = network_like(lung)
-    # slice 5: air reaches the left edge through the body, as where the grid cuts a wide
-    # chest; the threshold mask takes that lung for air outside the body
-    hu[5, 18:22, :] = -850.0
-    assert threshold_lung_mask(hu)[5].sum() < 0.5 * (label[5] > 0).sum()
+    # a grid narrower than the chest: its left side cuts through the body and the left lung
+    hu, lung, label = hu[:, :, 10:], lung[:, :, 10:], label[:, :, 10:]
+    hu_lung = threshold_lung_mask(hu)
+    left = lung.copy()
+    left[:, :, 9:] = False  # the cut left lung (the right lung starts at column 12)
+    assert left[:, :, 0].any()  # it reaches the grid's side
+    assert not (hu_lung & left).any()  # the HU mask takes it for air outside the body
     out = lung_from_hu(label, hu)
-    assert np.array_equal(out[5], label[5])  # the network's lung, slice as predicted
-    assert not np.array_equal(out[4], label[4])  # the other slices take the HU outline
+    near = np.zeros(lung.shape, dtype=bool)
+    near[:, :33, :10] = True  # the cut lung's side (the spurious patch lies below row 33)
+    assert np.array_equal(out[near], label[near])  # the cut lung: the network's, as predicted
+    far = ~near
+    want = hu_lung | (label >= GGO)
+    assert np.array_equal((out > 0)[far], want[far])  # the right lung and the rest: from HU
+    assert not out[:, 33:35, 4:10].any()  # the spurious patch is still gone
 
 
 def test_postprocess_applies_the_size_cut_then_the_lung_source() -> None:

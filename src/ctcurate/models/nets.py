@@ -143,9 +143,13 @@ def remove_small_lesions(
 #: Where the post-processed lung comes from: the network's labels, or the HU lung mask
 #: with the network's lesions (:func:`lung_from_hu`).
 LUNG_SOURCES = ("network", "hu")
-#: A slice where the HU lung mask holds less than this share of the network's lung keeps
-#: the network's lung: there the release grid cuts the chest at its sides, and the HU mask
-#: takes lungs that reach the grid's edge for air outside the body.
+#: In-plane connectivity (4-neighbours, never across slices).
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+#: A piece of the network's lung (an in-plane connected region of one slice) that reaches
+#: the volume's side and of which the HU lung mask holds less than this share stays the
+#: network's: there the release grid cuts the chest at its sides, and the HU mask takes a
+#: lung that reaches the grid's edge for air outside the body.
 HU_LUNG_MIN_SHARE = 0.5
 
 
@@ -157,17 +161,24 @@ def lung_from_hu(
     The normal lung becomes the plain threshold lung mask of ``image_hu``
     (:func:`ctcurate.imaging.lungmask.threshold_lung_mask`: aerated voxels inside the body,
     vessels filled); every GGO and consolidation voxel of ``label`` stays as it is, so
-    consolidation the threshold mask loses at the pleura is still lung. A slice where the
-    mask holds less than :data:`HU_LUNG_MIN_SHARE` of the network's lung keeps the
-    network's lung. Same shape, (z, y, x).
+    consolidation the threshold mask loses at the pleura is still lung. A piece of the
+    network's lung (in-plane connected, one slice) that reaches the volume's side and of
+    which the mask holds less than :data:`HU_LUNG_MIN_SHARE` stays the network's. Same
+    shape, (z, y, x).
     """
     from ctcurate.imaging.lungmask import threshold_lung_mask
 
     lab = np.asarray(label).astype(np.uint8)
     hu_lung = threshold_lung_mask(np.asarray(image_hu, dtype=np.float32))
-    net_lung = lab > 0
-    trusted = hu_lung.sum(axis=(1, 2)) >= HU_LUNG_MIN_SHARE * net_lung.sum(axis=(1, 2))
-    lung = np.where(trusted[:, None, None], hu_lung, net_lung)
+    pieces, n = ndimage.label(lab > 0, structure=_IN_PLANE)
+    size = np.bincount(pieces.ravel(), minlength=n + 1)
+    held = np.bincount(pieces[hu_lung], minlength=n + 1)
+    at_edge = np.zeros(n + 1, dtype=bool)
+    for border in (pieces[:, 0, :], pieces[:, -1, :], pieces[:, :, 0], pieces[:, :, -1]):
+        at_edge[border] = True
+    lost = at_edge & (held < HU_LUNG_MIN_SHARE * size)
+    lost[0] = False
+    lung = hu_lung | lost[pieces]
     out: npt.NDArray[np.uint8] = np.where(lab >= GGO, lab, np.where(lung, NORMAL, 0)).astype(
         np.uint8
     )
