@@ -146,10 +146,11 @@ LUNG_SOURCES = ("network", "hu")
 #: In-plane connectivity (4-neighbours, never across slices).
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
-#: A piece of the network's lung (an in-plane connected region of one slice) that reaches
-#: the volume's side and of which the HU lung mask holds less than this share stays the
-#: network's: there the release grid cuts the chest at its sides, and the HU mask takes a
-#: lung that reaches the grid's edge for air outside the body.
+#: A piece of the network's lung (an in-plane connected region of one slice) of which the
+#: HU lung mask holds less than this share, and at least this share lies on air that
+#: reaches the volume's side, stays the network's: there the release grid cuts the chest
+#: at its sides, and the HU mask takes a lung that reaches the grid's edge for air outside
+#: the body.
 HU_LUNG_MIN_SHARE = 0.5
 
 
@@ -162,21 +163,26 @@ def lung_from_hu(
     (:func:`ctcurate.imaging.lungmask.threshold_lung_mask`: aerated voxels inside the body,
     vessels filled); every GGO and consolidation voxel of ``label`` stays as it is, so
     consolidation the threshold mask loses at the pleura is still lung. A piece of the
-    network's lung (in-plane connected, one slice) that reaches the volume's side and of
-    which the mask holds less than :data:`HU_LUNG_MIN_SHARE` stays the network's. Same
-    shape, (z, y, x).
+    network's lung (in-plane connected, one slice) of which the mask holds less than
+    :data:`HU_LUNG_MIN_SHARE`, while as much of it lies on air reaching the volume's side
+    (a lung the grid cuts open), stays the network's. Same shape, (z, y, x).
     """
-    from ctcurate.imaging.lungmask import threshold_lung_mask
+    from ctcurate.imaging.lungmask import LUNG_HU_MAX, threshold_lung_mask
 
     lab = np.asarray(label).astype(np.uint8)
     hu_lung = threshold_lung_mask(np.asarray(image_hu, dtype=np.float32))
     pieces, n = ndimage.label(lab > 0, structure=_IN_PLANE)
     size = np.bincount(pieces.ravel(), minlength=n + 1)
     held = np.bincount(pieces[hu_lung], minlength=n + 1)
-    at_edge = np.zeros(n + 1, dtype=bool)
-    for border in (pieces[:, 0, :], pieces[:, -1, :], pieces[:, :, 0], pieces[:, :, -1]):
-        at_edge[border] = True
-    lost = at_edge & (held < HU_LUNG_MIN_SHARE * size)
+    # air that reaches the volume's side within its slice: outside the body, or a lung the
+    # grid cuts open
+    air, m = ndimage.label(np.asarray(image_hu) < LUNG_HU_MAX, structure=_IN_PLANE)
+    at_side = np.zeros(m + 1, dtype=bool)
+    for border in (air[:, 0, :], air[:, -1, :], air[:, :, 0], air[:, :, -1]):
+        at_side[border] = True
+    at_side[0] = False
+    side_air = np.bincount(pieces[at_side[air]], minlength=n + 1)
+    lost = (held < HU_LUNG_MIN_SHARE * size) & (side_air >= HU_LUNG_MIN_SHARE * size)
     lost[0] = False
     lung = hu_lung | lost[pieces]
     out: npt.NDArray[np.uint8] = np.where(lab >= GGO, lab, np.where(lung, NORMAL, 0)).astype(
