@@ -75,3 +75,10 @@ def test_models_without_the_choice_keep_the_network_lung() -> None:
     assert lung_source({"postprocess": {"min_lesion_mm3": 0.0}}) == "network"
     assert lung_source({}) == "network"
     assert lung_source({"postprocess": {"lung_from": "hu"}}) == "hu"
+
+
+def test_an_unknown_lung_source_in_a_model_card_is_refused() -> None:
+    from ctcurate.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"model\.json: unknown postprocess lung_from 'atlas'"):
+        lung_source({"postprocess": {"lung_from": "atlas"}})

@@ -86,6 +86,29 @@ _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
+def label_in_plane(mask: BoolArray) -> tuple[npt.NDArray[np.int32], int]:
+    """Each slice's 4-connected components of a (z, y, x) mask, in one labelling."""
+    labels, n = ndimage.label(mask, structure=_IN_PLANE)
+    return labels, int(n)
+
+
+def _reaching_side(labels: npt.NDArray[np.int32], n: int) -> BoolArray:
+    """Per label 0..n of an in-plane labelling: does it reach its slice's border (0: no)."""
+    side = np.zeros(n + 1, dtype=bool)
+    for border in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        side[border] = True
+    side[0] = False
+    return side
+
+
+def air_at_side(image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_MAX) -> BoolArray:
+    """Air-like voxels (``< hu_max``) of a (z, y, x) volume connected, within their slice, to
+    the slice's border: air outside the body, or a lung that the volume's side cuts open."""
+    air, n = label_in_plane(np.asarray(image_hu) < hu_max)
+    found: BoolArray = _reaching_side(air, n)[air]
+    return found
+
+
 def _fill_slices(mask: BoolArray) -> BoolArray:
     """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling), in the
     mask's in-plane box grown by one pixel: the background outside the box reaches the
@@ -100,13 +123,10 @@ def _fill_slices(mask: BoolArray) -> BoolArray:
         slice(max(cols.start - 1, 0), cols.stop + 1),
     )
     part = mask[box]
-    background, n = ndimage.label(~part, structure=_IN_PLANE)
+    background, n = label_in_plane(~part)
     if n == 0:
         return filled
-    edge = np.zeros(n + 1, dtype=bool)
-    for border in (background[:, 0, :], background[:, -1, :], background[:, :, 0]):
-        edge[border] = True
-    edge[background[:, :, -1]] = True
+    edge = _reaching_side(background, n)
     filled[box] = part | ~edge[background]
     return filled
 

@@ -58,8 +58,13 @@ def lesion_cut_mm3(card: Mapping[str, Any]) -> float:
 
 def lung_source(card: Mapping[str, Any]) -> str:
     """Where the post-processed lung comes from (``train.lung_from``), from ``model.json``;
-    ``network`` for models trained before the choice existed."""
-    return str(card.get("postprocess", {}).get("lung_from", "network"))
+    ``network`` for models trained before the choice existed. :class:`ParamsError` for a
+    value this version does not know."""
+    source = str(card.get("postprocess", {}).get("lung_from", "network"))
+    if source not in LUNG_SOURCES:
+        msg = f"{MODEL_FILE}: unknown postprocess lung_from {source!r}"
+        raise ParamsError(msg)
+    return source
 
 
 def predict_case(
@@ -146,12 +151,15 @@ def load(models: Path, spacing_mm: Sequence[float], device: torch.device) -> Mod
         raise ParamsError(msg)
     model_id = hashlib.sha256((Path(models) / MODEL_FILE).read_bytes()).hexdigest()
     roi = tuple(int(s) for s in card["input"]["shape"])
-    lung_from = lung_source(card)
-    if lung_from not in LUNG_SOURCES:
-        msg = f"{Path(models) / MODEL_FILE}: unknown postprocess lung_from {lung_from!r}"
-        raise ParamsError(msg)
     return Models(
-        net.to(device), classifier, card, model_id, roi, lesion_cut_mm3(card), device, lung_from
+        net.to(device),
+        classifier,
+        card,
+        model_id,
+        roi,
+        lesion_cut_mm3(card),
+        device,
+        lung_source(card),
     )
 
 

@@ -143,9 +143,6 @@ def remove_small_lesions(
 #: Where the post-processed lung comes from: the network's labels, or the HU lung mask
 #: with the network's lesions (:func:`lung_from_hu`).
 LUNG_SOURCES = ("network", "hu")
-#: In-plane connectivity (4-neighbours, never across slices).
-_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
-_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 #: A piece of the network's lung (an in-plane connected region of one slice) of which the
 #: HU lung mask holds less than this share, and at least this share lies on air that
 #: reaches the volume's side, stays the network's: there the release grid cuts the chest
@@ -167,21 +164,15 @@ def lung_from_hu(
     :data:`HU_LUNG_MIN_SHARE`, while as much of it lies on air reaching the volume's side
     (a lung the grid cuts open), stays the network's. Same shape, (z, y, x).
     """
-    from ctcurate.imaging.lungmask import LUNG_HU_MAX, threshold_lung_mask
+    from ctcurate.imaging.lungmask import air_at_side, label_in_plane, threshold_lung_mask
 
     lab = np.asarray(label).astype(np.uint8)
-    hu_lung = threshold_lung_mask(np.asarray(image_hu, dtype=np.float32))
-    pieces, n = ndimage.label(lab > 0, structure=_IN_PLANE)
+    hu = np.asarray(image_hu, dtype=np.float32)
+    hu_lung = threshold_lung_mask(hu)
+    pieces, n = label_in_plane(lab > 0)
     size = np.bincount(pieces.ravel(), minlength=n + 1)
     held = np.bincount(pieces[hu_lung], minlength=n + 1)
-    # air that reaches the volume's side within its slice: outside the body, or a lung the
-    # grid cuts open
-    air, m = ndimage.label(np.asarray(image_hu) < LUNG_HU_MAX, structure=_IN_PLANE)
-    at_side = np.zeros(m + 1, dtype=bool)
-    for border in (air[:, 0, :], air[:, -1, :], air[:, :, 0], air[:, :, -1]):
-        at_side[border] = True
-    at_side[0] = False
-    side_air = np.bincount(pieces[at_side[air]], minlength=n + 1)
+    side_air = np.bincount(pieces[air_at_side(hu)], minlength=n + 1)
     lost = (held < HU_LUNG_MIN_SHARE * size) & (side_air >= HU_LUNG_MIN_SHARE * size)
     lost[0] = False
     lung = hu_lung | lost[pieces]
