@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,32 @@ def test_lung_centre_finds_the_phantom_lungs(tmp_path: Path) -> None:
     lung = np.argwhere(label > 0)
     truth = (lung.min(axis=0) + lung.max(axis=0)) / 2.0
     assert np.abs(inference.lung_centre(stack, PACK) - truth).max() <= 2.0  # one 4 mm step
+
+
+@pytest.mark.parametrize(("pattern", "seed"), [("typical", 1), ("negative", 3)])
+def test_lung_from_hu_outlines_the_lung_at_the_series_resolution(pattern: str, seed: int) -> None:
+    """With the lung from HU, the native SEG's lung follows the series' own pixels (2 mm
+    here) rather than the 4 mm release grid's steps; the lesions stay those of the grid,
+    and nothing outside the grid is labelled."""
+    from ctcurate.models.metrics import dice
+
+    with tempfile.TemporaryDirectory() as folder:
+        datasets, label = write_phantom(Path(folder) / "s", f"1.2.3.{seed}", pattern, seed)
+    stack = assemble_series(datasets)
+    truth = stack.orient(label)
+    grid = centred_grid(stack, inference.lung_centre(stack, PACK), PACK)
+    on_grid = resample_label(stack, grid, truth)  # a network that is right on its grid
+    stepped = inference.native_labels(stack, grid, on_grid, "network")
+    outlined = inference.native_labels(stack, grid, on_grid, "hu")
+    assert dice(stepped > 0, truth > 0) < 0.9
+    assert dice(outlined > 0, truth > 0) > 0.98
+    np.testing.assert_array_equal(outlined >= 2, stepped >= 2)
+    # a grid that holds only the lower slices labels nothing above them
+    low = PackParams(spacing_mm=PACK.spacing_mm, shape=(4, 16, 16))
+    part = centred_grid(stack, np.array([7.5, 15.5, 15.5]), low)
+    partial = inference.native_labels(stack, part, resample_label(stack, part, truth), "hu")
+    assert partial[:16].any()
+    assert not partial[16:].any()
 
 
 # --------------------------------------------------------------------------- one series

@@ -39,6 +39,7 @@ from ctcurate.models.checkpoint import MODEL_FILE, load_models
 from ctcurate.models.nets import (
     LUNG_SOURCES,
     LogisticModel,
+    lung_from_hu,
     postprocess_label,
     predict_labels,
     typicality_features,
@@ -224,10 +225,30 @@ def predict_series(
         spacing_mm,
         models.lung_from,
     )
-    native = label_to_stack(stack, grid, label)
+    native = native_labels(stack, grid, label, models.lung_from)
     return Prediction(
         stack, grid, image, label, native, stack.unorient(native), probability, centred_on
     )
+
+
+def native_labels(
+    stack: SeriesStack, grid: ReleaseGrid, label: npt.NDArray[np.uint8], lung_from: str
+) -> npt.NDArray[np.uint8]:
+    """The release-grid ``label`` on the stack's own (z, y, x) grid (0 outside the grid).
+
+    With ``lung_from`` ``"hu"`` the lung's outline is taken from HU again at the series' own
+    resolution (:func:`ctcurate.models.nets.lung_from_hu` on the stack's image, inside the
+    part of the series the release grid covers), so the SEG follows the pleura pixel by
+    pixel instead of in release-grid steps; the lesions stay the network's, brought over by
+    nearest neighbour. The release-grid labels (what ``evaluate`` scores) are unchanged.
+    """
+    native = label_to_stack(stack, grid, label)
+    if lung_from != "hu":
+        return native
+    inside = label_to_stack(stack, grid, np.ones(grid.shape, dtype=np.uint8)).astype(bool)
+    refined = lung_from_hu(native, stack.image)
+    out: npt.NDArray[np.uint8] = np.where(inside, refined, 0).astype(np.uint8)
+    return out
 
 
 def summary(
