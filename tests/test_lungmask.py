@@ -89,7 +89,7 @@ def test_bad_spacing_is_refused() -> None:
 def test_fast_opening_and_hole_filling_match_scipy() -> None:
     from scipy import ndimage
 
-    from ctcurate.imaging.lungmask import _fill_slices, opening
+    from ctcurate.imaging.lungmask import fill_slices, opening
 
     rng = np.random.default_rng(0)
     for _ in range(6):
@@ -102,7 +102,7 @@ def test_fast_opening_and_hole_filling_match_scipy() -> None:
         )
         holes = rng.random(mask.shape) < 0.6
         filled = np.stack([ndimage.binary_fill_holes(s) for s in holes])
-        assert np.array_equal(_fill_slices(holes), filled)
+        assert np.array_equal(fill_slices(holes), filled)
     assert not opening(np.zeros((3, 4, 4), bool), np.ones((3, 3, 3), bool)).any()
 
 

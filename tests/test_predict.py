@@ -248,6 +248,22 @@ def test_lung_from_hu_outlines_the_lung_at_the_series_resolution(pattern: str, s
     assert not partial[16:].any()
 
 
+def test_the_native_outline_does_not_depend_on_the_slices_per_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        datasets, label = write_phantom(Path(folder) / "s", "1.2.3.5", "typical", 5)
+    stack = assemble_series(datasets)
+    grid = centred_grid(stack, inference.lung_centre(stack, PACK), PACK)
+    on_grid = resample_label(stack, grid, stack.orient(label))
+    results = []
+    for step in (1, 5, 1000):
+        monkeypatch.setattr(inference, "NATIVE_SLICES", step)
+        results.append(inference.native_labels(stack, grid, on_grid, "hu"))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+
+
 # --------------------------------------------------------------------------- one series
 
 

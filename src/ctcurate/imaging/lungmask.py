@@ -92,7 +92,7 @@ def label_in_plane(mask: BoolArray) -> tuple[npt.NDArray[np.int32], int]:
     return labels, int(n)
 
 
-def _reaching_side(labels: npt.NDArray[np.int32], n: int) -> BoolArray:
+def reaching_side(labels: npt.NDArray[np.int32], n: int) -> BoolArray:
     """Per label 0..n of an in-plane labelling: does it reach its slice's border (0: no)."""
     side = np.zeros(n + 1, dtype=bool)
     for border in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
@@ -105,11 +105,11 @@ def air_at_side(image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU
     """Air-like voxels (``< hu_max``) of a (z, y, x) volume connected, within their slice, to
     the slice's border: air outside the body, or a lung that the volume's side cuts open."""
     air, n = label_in_plane(np.asarray(image_hu) < hu_max)
-    found: BoolArray = _reaching_side(air, n)[air]
+    found: BoolArray = reaching_side(air, n)[air]
     return found
 
 
-def _fill_slices(mask: BoolArray) -> BoolArray:
+def fill_slices(mask: BoolArray) -> BoolArray:
     """Each slice's holes filled (``binary_fill_holes`` per slice, in one labelling), in the
     mask's in-plane box grown by one pixel: the background outside the box reaches the
     slice's border, so a hole is background there that does not reach the grown box's."""
@@ -126,7 +126,7 @@ def _fill_slices(mask: BoolArray) -> BoolArray:
     background, n = label_in_plane(~part)
     if n == 0:
         return filled
-    edge = _reaching_side(background, n)
+    edge = reaching_side(background, n)
     filled[box] = part | ~edge[background]
     return filled
 
@@ -138,7 +138,7 @@ def body_mask(image_hu: npt.NDArray[np.floating[Any]], hu_max: float = LUNG_HU_M
     if n == 0:
         return np.zeros(img.shape, dtype=bool)
     sizes = np.bincount(tissue.ravel())[1:]
-    return _fill_slices(tissue == int(np.argmax(sizes)) + 1)
+    return fill_slices(tissue == int(np.argmax(sizes)) + 1)
 
 
 def _threshold_in_body(img: npt.NDArray[np.float32], body: BoolArray, hu_max: float) -> BoolArray:
@@ -148,7 +148,7 @@ def _threshold_in_body(img: npt.NDArray[np.float32], body: BoolArray, hu_max: fl
     sizes = np.bincount(labels.ravel())[1:]
     keep = np.zeros(n + 1, dtype=bool)
     keep[1:] = sizes >= MIN_COMPONENT_FRACTION * sizes.max()
-    return _fill_slices(keep[labels])
+    return fill_slices(keep[labels])
 
 
 def threshold_lung_mask(
@@ -759,7 +759,7 @@ def _lung_masks_in_box(
             closed_g |= keep[wall]
     for k, side, cs in sides:
         out[k, :, cs] |= closed_g[k, :, cs.start + gap * side : cs.stop + gap * side]
-    return base, _fill_slices(out)
+    return base, fill_slices(out)
 
 
 def robust_lung_mask(

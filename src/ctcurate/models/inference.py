@@ -39,7 +39,7 @@ from ctcurate.models.checkpoint import MODEL_FILE, load_models
 from ctcurate.models.nets import (
     LUNG_SOURCES,
     LogisticModel,
-    lung_from_hu,
+    lung_outline_in_plane,
     postprocess_label,
     predict_labels,
     typicality_features,
@@ -104,6 +104,10 @@ REPORT = "report.json"
 
 
 OWN_FILES = (SEG_FILE, JSON_FILE, PNG_FILE, REPORT)
+
+
+#: Slices of the series' own grid redrawn at a time by :func:`native_labels`.
+NATIVE_SLICES = 16
 
 
 #: Axial slices shown in the overlay: those with the most predicted lesion (else lung).
@@ -236,19 +240,22 @@ def native_labels(
 ) -> npt.NDArray[np.uint8]:
     """The release-grid ``label`` on the stack's own (z, y, x) grid (0 outside the grid).
 
-    With ``lung_from`` ``"hu"`` the lung's outline is taken from HU again at the series' own
-    resolution (:func:`ctcurate.models.nets.lung_from_hu` on the stack's image, inside the
-    part of the series the release grid covers), so the SEG follows the pleura pixel by
-    pixel instead of in release-grid steps; the lesions stay the network's, brought over by
-    nearest neighbour. The release-grid labels (what ``evaluate`` scores) are unchanged.
+    With ``lung_from`` ``"hu"`` the lung's outline is drawn again from HU at the series'
+    own resolution (:func:`ctcurate.models.nets.lung_outline_in_plane`, inside the part of
+    the series the release grid covers), so the SEG follows the pleura pixel by pixel
+    instead of in release-grid steps; the lesions stay the network's, brought over by
+    nearest neighbour. It works on :data:`NATIVE_SLICES` slices at a time, so its memory
+    does not grow with the series' length. The release-grid labels (what ``evaluate``
+    scores) are unchanged.
     """
     native = label_to_stack(stack, grid, label)
     if lung_from != "hu":
         return native
-    inside = label_to_stack(stack, grid, np.ones(grid.shape, dtype=np.uint8)).astype(bool)
-    refined = lung_from_hu(native, stack.image)
-    out: npt.NDArray[np.uint8] = np.where(inside, refined, 0).astype(np.uint8)
-    return out
+    covered = label_to_stack(stack, grid, np.ones(grid.shape, dtype=np.uint8)).astype(bool)
+    for start in range(0, native.shape[0], NATIVE_SLICES):
+        part = slice(start, start + NATIVE_SLICES)
+        native[part] = lung_outline_in_plane(native[part], stack.image[part], covered[part])
+    return native
 
 
 def summary(

@@ -182,6 +182,43 @@ def lung_from_hu(
     return out
 
 
+def lung_outline_in_plane(
+    label: npt.NDArray[np.integer[Any]],
+    image_hu: npt.NDArray[np.floating[Any]],
+    covered: npt.NDArray[np.bool_],
+) -> npt.NDArray[np.uint8]:
+    """``label`` (brought from a coarser grid onto ``image_hu``'s voxels) with its lung
+    outline redrawn from HU, slice by slice, at ``image_hu``'s resolution; lesions kept.
+
+    Each slice's air-like components (``< LUNG_HU_MAX``, 4-connected) of which
+    :data:`HU_LUNG_MIN_SHARE` or more of the part in ``covered`` is ``label``'s lung are
+    lung, their holes (vessels) filled; air outside the body is not (the label's lung is a
+    sliver of it). Where the label's lung lies on air reaching the slice's side (a lung
+    the field of view cuts open) it stays as it is. Voxels outside ``covered`` are 0. Every
+    step is within one slice, so a caller may hand over any run of slices at a time.
+    """
+    from ctcurate.imaging.lungmask import (
+        LUNG_HU_MAX,
+        fill_slices,
+        label_in_plane,
+        reaching_side,
+    )
+
+    lab = np.asarray(label).astype(np.uint8)
+    cover = np.asarray(covered, dtype=bool)
+    air, n = label_in_plane(np.asarray(image_hu) < LUNG_HU_MAX)
+    size = np.bincount(air[cover], minlength=n + 1)
+    held = np.bincount(air[cover & (lab > 0)], minlength=n + 1)
+    keep = held >= HU_LUNG_MIN_SHARE * size
+    keep[0] = False
+    side = reaching_side(air, n)
+    lung = fill_slices(keep[air]) | ((lab > 0) & side[air])
+    out: npt.NDArray[np.uint8] = np.where(
+        cover, np.where(lab >= GGO, lab, np.where(lung, NORMAL, 0)), 0
+    ).astype(np.uint8)
+    return out
+
+
 def postprocess_label(
     label: npt.NDArray[np.integer[Any]],
     image_hu: npt.NDArray[np.floating[Any]],
