@@ -178,6 +178,32 @@ def test_overlay_png_deterministic() -> None:
     assert b"Software" not in first
 
 
+def test_lesion_growth_of_the_model_card_is_applied(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release, models = trained
+    grown = tmp_path / "models"
+    shutil.copytree(models, grown)
+    card = json.loads((grown / "model.json").read_text())
+    card["postprocess"]["lesion_grow_mm"] = 6.5
+    (grown / "model.json").write_text(json.dumps(card))
+    reaches: list[float] = []
+    real = nets.grow_lesions
+
+    def spy(label: Any, hu: Any, spacing: Any, reach_mm: float) -> Any:
+        reaches.append(reach_mm)
+        return real(label, hu, spacing, reach_mm)
+
+    monkeypatch.setattr(nets, "grow_lesions", spy)
+    report, _ = _run(release, grown, tmp_path / "grown", max_overlays=0)
+    assert reaches == [6.5] * report["n_test"]
+    del card["postprocess"]["lesion_grow_mm"]  # a card from before the growth: none
+    (grown / "model.json").write_text(json.dumps(card))
+    reaches.clear()
+    _run(release, grown, tmp_path / "old", max_overlays=0)
+    assert reaches == [0.0] * report["n_test"]
+
+
 def test_lesion_cut_of_the_model_card_is_applied(
     trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

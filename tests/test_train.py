@@ -74,6 +74,10 @@ def test_run_writes_models_and_live(release: Path, tmp_path: Path) -> None:
     assert sorted(post["val_lesion_dice"], key=float) == [
         f"{c:g}" for c in sorted(TrainParams().min_lesion_mm3)
     ]
+    assert post["lesion_grow_mm"] in TrainParams().lesion_grow_mm
+    assert sorted(post["val_lesion_dice_by_grow_mm"], key=float) == [
+        f"{c:g}" for c in sorted(TrainParams().lesion_grow_mm)
+    ]
     clf = json.loads((out / "classifier.json").read_text())
     assert clf["features"] == list(FEATURES)
     assert clf["n_fit"] == 6  # train + val cases with a known label
@@ -338,6 +342,47 @@ def test_choose_lesion_filter_on_val() -> None:
     tie = train.choose_lesion_filter([8, 2], [(pred, truth, one)])
     assert tie.min_lesion_mm3 == 2.0  # equal Dice: the smallest cut
     assert train.choose_lesion_filter([3, 1], []).min_lesion_mm3 == 1.0
+
+
+def test_grow_lesions_takes_dense_lung_within_reach() -> None:
+    from ctcurate.models.nets import GROW_HU_MIN, grow_lesions
+
+    label = np.ones((1, 1, 12), dtype=np.uint8)
+    label[0, 0, 0] = 2  # a lesion voxel at x = 0; voxels are 2 mm along x
+    hu = np.full(label.shape, -850.0)
+    hu[0, 0, 1:6] = GROW_HU_MIN + 50  # ground glass at 2-10 mm
+    hu[0, 0, 3] = -100.0  # consolidation at 6 mm
+    hu[0, 0, 7] = -500.0  # dense, but beyond aerated lung at 12 and 14 mm
+    spacing = (1.0, 1.0, 2.0)
+    grown = grow_lesions(label, hu, spacing, 6.0)
+    assert grown[0, 0].tolist() == [2, 2, 2, 3, 1, 1, 1, 1, 1, 1, 1, 1]  # up to 6 mm
+    assert grow_lesions(label, hu, spacing, 10.0)[0, 0, :6].tolist() == [2, 2, 2, 3, 2, 2]
+    np.testing.assert_array_equal(grow_lesions(label, hu, spacing, 0.0), label)
+    background = label.copy()
+    background[0, 0, 1] = 0  # not lung: never grown into
+    assert grow_lesions(background, hu, spacing, 6.0)[0, 0, 1] == 0
+    no_lesion = np.ones_like(label)
+    np.testing.assert_array_equal(grow_lesions(no_lesion, hu, spacing, 6.0), no_lesion)
+
+
+def test_choose_lesion_growth_on_val() -> None:
+    truth = np.zeros((4, 8, 8), dtype=np.uint8)
+    truth[:, 1:7, 1:7] = 1
+    truth[1:3, 2:6, 2:6] = 2  # the true lesion: 2 x 4 x 4
+    pred = truth.copy()
+    pred[1:3, 2:6, 4:6] = 1  # the network drew half of it
+    hu = np.where(truth == 2, -600.0, -850.0)
+    one = (1.0, 1.0, 1.0)
+    start = train.LesionFilter(min_lesion_mm3=0.0, val_lesion_dice={"0": None})
+    chosen = train.choose_lesion_growth(start, [0, 2, 4], [(pred, truth, one)], [hu], "network")
+    assert chosen.val_lesion_dice_by_grow_mm["0"] == pytest.approx(2 * 16 / 48)
+    assert chosen.val_lesion_dice_by_grow_mm["2"] == 1.0
+    assert chosen.val_lesion_dice_by_grow_mm["4"] == 1.0
+    assert chosen.lesion_grow_mm == 2.0  # 2 and 4 tie: the smallest
+    assert chosen.min_lesion_mm3 == 0.0
+    assert chosen.to_json()["lesion_grow_mm"] == 2.0
+    none = train.choose_lesion_growth(start, [4, 2], [], [], "network")
+    assert none.lesion_grow_mm == 2.0
 
 
 @pytest.mark.parametrize("loss", ["dice_ce", "dice_focal"])

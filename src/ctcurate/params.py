@@ -360,6 +360,11 @@ class TrainParams(Section):
     # where the post-processed lung comes from: the network, or the HU threshold lung mask
     # with the network's lesions (docs/models.md, "Lesion post-processing")
     lung_from: Literal["network", "hu"] = "hu"
+    # how far (mm) predicted lesions grow into dense lung next to them; with several values
+    # the one with the best mean val lesion Dice is kept (the smallest on a tie)
+    lesion_grow_mm: tuple[Annotated[float, Field(ge=0.0)], ...] = Field(
+        default=(0.0, 4.0, 8.0), min_length=1
+    )
     augment: AugmentParams = AugmentParams()  # all probabilities 0: no augmentation
 
 

@@ -68,6 +68,12 @@ def lung_source(card: Mapping[str, Any]) -> str:
     return source
 
 
+def lesion_grow_mm(card: Mapping[str, Any]) -> float:
+    """How far predicted lesions grow into dense lung (``postprocess.lesion_grow_mm`` of
+    ``model.json``, chosen on val by train); 0 for models trained before it existed."""
+    return float(card.get("postprocess", {}).get("lesion_grow_mm", 0.0))
+
+
 def predict_case(
     net: torch.nn.Module,
     classifier: LogisticModel,
@@ -77,12 +83,13 @@ def predict_case(
     min_lesion_mm3: float,
     spacing_mm: tuple[float, float, float],
     lung_from: str = "network",
+    grow_mm: float = 0.0,
 ) -> tuple[npt.NDArray[np.uint8], float]:
     """One case's post-processed label volume (z, y, x) and typicality probability from its
     HU image (1, z, y, x) on the release grid: what evaluate scores."""
     pred = predict_labels(net, image_hu[None], roi, device)[0]
     hu = image_hu[0].detach().cpu().numpy()
-    pred = postprocess_label(pred, hu, spacing_mm, min_lesion_mm3, lung_from)
+    pred = postprocess_label(pred, hu, spacing_mm, min_lesion_mm3, lung_from, grow_mm)
     feats = typicality_features(pred, spacing_mm)
     return pred, float(classifier.predict_proba(feats[None])[0])
 
@@ -132,6 +139,7 @@ class Models:
     min_lesion_mm3: float
     device: torch.device
     lung_from: str = "network"
+    grow_mm: float = 0.0
 
 
 def load(models: Path, spacing_mm: Sequence[float], device: torch.device) -> Models:
@@ -165,6 +173,7 @@ def load(models: Path, spacing_mm: Sequence[float], device: torch.device) -> Mod
         lesion_cut_mm3(card),
         device,
         lung_source(card),
+        lesion_grow_mm(card),
     )
 
 
@@ -228,6 +237,7 @@ def predict_series(
         models.min_lesion_mm3,
         spacing_mm,
         models.lung_from,
+        models.grow_mm,
     )
     native = native_labels(stack, grid, label, models.lung_from)
     return Prediction(

@@ -49,6 +49,7 @@ from ctcurate.models.inference import (
     OTHER,
     TYPICAL,
     lesion_cut_mm3,
+    lesion_grow_mm,
     lung_source,
     predict_case,
 )
@@ -199,6 +200,7 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
     roi = [int(s) for s in card["input"]["shape"]]
     min_lesion_mm3 = lesion_cut_mm3(card)
     lung_from = lung_source(card)
+    grow_mm = lesion_grow_mm(card)
     test_set = ctcurate.release.open(release, split="test")
     release_id = test_set.manifest.get("release_id")
     if card.get("release_id") != release_id:
@@ -210,7 +212,15 @@ def run(release: Path, models: Path, metrics: Path, plots: Path, params: Evaluat
         image = sample["image"]
         meta: Mapping[str, Any] = sample["meta"]
         pred, prob = predict_case(
-            net, classifier, image, roi, device, min_lesion_mm3, spacing_of(meta), lung_from
+            net,
+            classifier,
+            image,
+            roi,
+            device,
+            min_lesion_mm3,
+            spacing_of(meta),
+            lung_from,
+            grow_mm,
         )
         truth = sample["label"][0].numpy().astype(np.uint8)
         hu = image[0].numpy()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,12 +256,13 @@ def case_features(
     amp: bool,
     min_lesion_mm3: float = 0.0,
     lung_from: str = "network",
+    grow_mm: float = 0.0,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Typicality features and labels of the dataset's cases with a known label.
 
     With ``net`` the features are measured on its predicted segmentation post-processed
     as evaluate does it (lesions below ``min_lesion_mm3`` removed, the lung from
-    ``lung_from``), without it on the reference labels.
+    ``lung_from``, lesions grown by ``grow_mm``), without it on the reference labels.
     """
     rows: list[npt.NDArray[np.float64]] = []
     ys: list[int] = []
@@ -279,6 +280,7 @@ def case_features(
                 spacing_of(sample["meta"]),
                 min_lesion_mm3,
                 lung_from,
+                grow_mm,
             )
         rows.append(typicality_features(label, spacing_of(sample["meta"])))
         ys.append(int(sample["typical"]))
@@ -423,6 +425,8 @@ class LesionFilter:
 
     min_lesion_mm3: float
     val_lesion_dice: dict[str, float | None]
+    lesion_grow_mm: float = 0.0
+    val_lesion_dice_by_grow_mm: dict[str, float | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The ``postprocess`` entry of ``model.json``."""
@@ -430,6 +434,12 @@ class LesionFilter:
             "min_lesion_mm3": self.min_lesion_mm3,
             "chosen_by": "best mean val lesion Dice over train.min_lesion_mm3 (smallest on a tie)",
             "val_lesion_dice": self.val_lesion_dice,
+            "lesion_grow_mm": self.lesion_grow_mm,
+            "grow_chosen_by": (
+                "best mean val lesion Dice over train.lesion_grow_mm after the size cut and "
+                "the lung source (smallest on a tie)"
+            ),
+            "val_lesion_dice_by_grow_mm": self.val_lesion_dice_by_grow_mm,
         }
 
 
@@ -457,6 +467,33 @@ def choose_lesion_filter(
     return LesionFilter(min_lesion_mm3=best, val_lesion_dice=scores)
 
 
+def choose_lesion_growth(
+    lesion_filter: LesionFilter,
+    candidates: Sequence[float],
+    cases: Sequence[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], Sequence[float]]],
+    images: Sequence[npt.NDArray[np.floating[Any]]],
+    lung_from: str,
+) -> LesionFilter:
+    """``lesion_filter`` with the reach of :func:`grow_lesions` of the best mean val lesion
+    Dice, measured on the labels as evaluate post-processes them (the filter's size cut,
+    ``lung_from``); ``images`` are the val cases' HU. Candidates in increasing order, a
+    later one must be strictly better (a tie keeps the smallest); without cases the
+    smallest is kept."""
+    ordered = sorted({float(c) for c in candidates})
+    scores: dict[str, float | None] = {}
+    best, best_score = ordered[0], -math.inf
+    cut = lesion_filter.min_lesion_mm3
+    for reach in ordered:
+        score = mean_defined(
+            dice(postprocess_label(pred, hu, spacing, cut, lung_from, reach) >= GGO, truth >= GGO)
+            for (pred, truth, spacing), hu in zip(cases, images, strict=True)
+        )
+        scores[f"{reach:g}"] = score
+        if score is not None and score > best_score:
+            best, best_score = reach, score
+    return replace(lesion_filter, lesion_grow_mm=best, val_lesion_dice_by_grow_mm=scores)
+
+
 def predict_dataset(
     net: torch.nn.Module,
     dataset: Dataset[dict[str, Any]],
@@ -481,6 +518,7 @@ def fit_classifier(
     roi: Sequence[int],
     device: torch.device,
     min_lesion_mm3: float = 0.0,
+    grow_mm: float = 0.0,
 ) -> tuple[LogisticModel, int]:
     """The typicality classifier fitted on the cases of ``datasets`` with a known label.
 
@@ -491,7 +529,9 @@ def fit_classifier(
     use_amp = params.amp and device.type == "cuda"
     xs, ys, seen = [], [], 0
     for ds in datasets:
-        x, y = case_features(net, ds, roi, device, use_amp, min_lesion_mm3, params.lung_from)
+        x, y = case_features(
+            net, ds, roi, device, use_amp, min_lesion_mm3, params.lung_from, grow_mm
+        )
         xs.append(x)
         ys.append(y)
         seen += len(ds)  # type: ignore[arg-type]
@@ -572,10 +612,19 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
         use_amp = params.amp and device.type == "cuda"
         val_cases = predict_dataset(net, val_set, roi, device, use_amp) if val_set else []
         lesion_filter = choose_lesion_filter(params.min_lesion_mm3, val_cases)
+        val_images = (
+            [val_set[i]["image"][0].numpy() for i in range(len(val_set))] if val_set else []
+        )
+        lesion_filter = choose_lesion_growth(
+            lesion_filter, params.lesion_grow_mm, val_cases, val_images, params.lung_from
+        )
         log.info(
-            "lesion post-processing: components below %g mm^3 removed (val lesion dice %s)",
+            "lesion post-processing: components below %g mm^3 removed (val lesion dice %s), "
+            "lesions grown by up to %g mm into dense lung (val lesion dice %s)",
             lesion_filter.min_lesion_mm3,
             _fmt(lesion_filter.val_lesion_dice[f"{lesion_filter.min_lesion_mm3:g}"]),
+            lesion_filter.lesion_grow_mm,
+            _fmt(lesion_filter.val_lesion_dice_by_grow_mm[f"{lesion_filter.lesion_grow_mm:g}"]),
         )
         feature_net = net if params.classifier_features == "predicted" else None
         fit_sets: list[Dataset[dict[str, Any]]] = [train_set]
@@ -584,7 +633,13 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
         if "train" not in params.classifier_splits:
             fit_sets = fit_sets[1:]
         classifier, seen = fit_classifier(
-            feature_net, fit_sets, params, roi, device, lesion_filter.min_lesion_mm3
+            feature_net,
+            fit_sets,
+            params,
+            roi,
+            device,
+            lesion_filter.min_lesion_mm3,
+            lesion_filter.lesion_grow_mm,
         )
         log.info(
             "typicality classifier fitted on %d cases of %s (%d typical, %d other, %d unknown)",
