@@ -283,6 +283,7 @@ def test_predict_equals_evaluate_on_a_released_case(world: World, tmp_path: Path
         evaluate.lesion_cut_mm3(card),
         train.spacing_of(sample["meta"]),
         evaluate.lung_source(card),
+        evaluate.lesion_grow_mm(card),
     )
     series = world.archive / SITE / f"s{world.uids.index(uid)}"
     models = predict.load(world.models, PACK.spacing_mm, torch.device("cpu"))
