@@ -613,7 +613,11 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
         val_cases = predict_dataset(net, val_set, roi, device, use_amp) if val_set else []
         lesion_filter = choose_lesion_filter(params.min_lesion_mm3, val_cases)
         val_images = (
-            [val_set[i]["image"][0].numpy() for i in range(len(val_set))] if val_set else []
+            [  # HU as the release stores it (int16): half of float32's memory
+                val_set[i]["image"][0].numpy().astype(np.int16) for i in range(len(val_set))
+            ]
+            if val_set
+            else []
         )
         lesion_filter = choose_lesion_growth(
             lesion_filter, params.lesion_grow_mm, val_cases, val_images, params.lung_from
