@@ -178,15 +178,25 @@ def test_overlay_png_deterministic() -> None:
     assert b"Software" not in first
 
 
+def _with_postprocess(models: Path, dest: Path, **changes: Any) -> Path:
+    """A copy of ``models`` at ``dest`` whose card's ``postprocess`` has ``changes``
+    (a value of ``None`` removes the entry, as in a card from before it existed)."""
+    shutil.copytree(models, dest)
+    card = json.loads((dest / "model.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            card["postprocess"].pop(key, None)
+        else:
+            card["postprocess"][key] = value
+    (dest / "model.json").write_text(json.dumps(card))
+    return dest
+
+
 def test_lesion_growth_of_the_model_card_is_applied(
     trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release, models = trained
-    grown = tmp_path / "models"
-    shutil.copytree(models, grown)
-    card = json.loads((grown / "model.json").read_text())
-    card["postprocess"]["lesion_grow_mm"] = 6.5
-    (grown / "model.json").write_text(json.dumps(card))
+    grown = _with_postprocess(models, tmp_path / "models", lesion_grow_mm=6.5)
     reaches: list[float] = []
     real = nets.grow_lesions
 
@@ -197,10 +207,9 @@ def test_lesion_growth_of_the_model_card_is_applied(
     monkeypatch.setattr(nets, "grow_lesions", spy)
     report, _ = _run(release, grown, tmp_path / "grown", max_overlays=0)
     assert reaches == [6.5] * report["n_test"]
-    del card["postprocess"]["lesion_grow_mm"]  # a card from before the growth: none
-    (grown / "model.json").write_text(json.dumps(card))
-    reaches.clear()
-    _run(release, grown, tmp_path / "old", max_overlays=0)
+    old = _with_postprocess(grown, tmp_path / "old_models", lesion_grow_mm=None)
+    reaches.clear()  # a card from before the growth: none
+    _run(release, old, tmp_path / "old", max_overlays=0)
     assert reaches == [0.0] * report["n_test"]
 
 
@@ -210,16 +219,10 @@ def test_lesion_cut_of_the_model_card_is_applied(
     release, models = trained
     # the lung as the network draws it (with the lung from HU, a removed lesion outside the
     # aerated lung would leave the lung, and the lung Dice below would move)
-    plain = tmp_path / "plain"
-    shutil.copytree(models, plain)
-    card = json.loads((plain / "model.json").read_text())
-    card["postprocess"]["lung_from"] = "network"
-    (plain / "model.json").write_text(json.dumps(card))
+    plain = _with_postprocess(models, tmp_path / "plain", lung_from="network")
     base, _ = _run(release, plain, tmp_path / "base", max_overlays=0)
-    cut = tmp_path / "models"
-    shutil.copytree(plain, cut)
-    card["postprocess"]["min_lesion_mm3"] = 1e12  # larger than any lung: no lesion is kept
-    (cut / "model.json").write_text(json.dumps(card))
+    # larger than any lung: no lesion is kept
+    cut = _with_postprocess(plain, tmp_path / "models", min_lesion_mm3=1e12)
     calls: list[tuple[float, int, int]] = []
     real = nets.remove_small_lesions
 
