@@ -471,7 +471,7 @@ def choose_lesion_growth(
     lesion_filter: LesionFilter,
     candidates: Sequence[float],
     cases: Sequence[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], Sequence[float]]],
-    images: Sequence[npt.NDArray[np.floating[Any]]],
+    images: Sequence[npt.NDArray[Any]],
     lung_from: str,
 ) -> LesionFilter:
     """``lesion_filter`` with the reach of :func:`grow_lesions` of the best mean val lesion
