@@ -82,3 +82,31 @@ def test_an_unknown_lung_source_in_a_model_card_is_refused() -> None:
 
     with pytest.raises(ParamsError, match=r"model\.json: unknown postprocess lung_from 'atlas'"):
         lung_source({"postprocess": {"lung_from": "atlas"}})
+
+
+def test_the_outline_in_plane_keeps_outside_air_out_and_a_cut_lung_in() -> None:
+    """One slice: body tissue with a closed lung (left) and a lung the field of view cuts
+    open at the right edge, so that it joins the air outside the body."""
+    from ctcurate.models.nets import lung_outline_in_plane
+
+    hu = np.full((1, 20, 30), 40.0)
+    hu[:, :2, :] = -1000.0  # air outside the body, above it
+    hu[:, 5:15, 3:10] = -850.0  # the closed lung, with a vessel
+    hu[:, 9, 6] = 40.0
+    hu[:, 5:15, 20:] = -850.0  # the cut lung, reaching the right edge
+    hu[:, 2:5, 28:] = -1000.0  # ... and joined to the outside air along that edge
+    label = np.zeros(hu.shape, dtype=np.uint8)
+    label[:, 6:14, 4:9] = NORMAL  # the coarse lung: inside the closed one, stepped
+    label[:, 8:10, 4:6] = GGO
+    label[:, 6:14, 22:29] = NORMAL  # the coarse lung of the cut side
+    label[:, 2:4, 10:14] = NORMAL  # a step of the coarse lung over the chest wall
+    covered = np.ones(hu.shape, dtype=bool)
+    out = lung_outline_in_plane(label, hu, covered)
+    closed = np.zeros(hu.shape, dtype=bool)
+    closed[:, 5:15, 3:10] = True
+    np.testing.assert_array_equal(out[:, :, :15] > 0, closed[:, :, :15])  # outline + vessel
+    assert (out[:, 8:10, 4:6] == GGO).all()
+    assert not out[:, :5, :15].any()  # neither the outside air nor the step is lung
+    np.testing.assert_array_equal(out[:, :, 15:] > 0, label[:, :, 15:] > 0)  # cut: kept as is
+    covered[:, 10:] = False
+    assert not lung_outline_in_plane(label, hu, covered)[:, 10:].any()
