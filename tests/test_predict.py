@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,19 +221,26 @@ def test_lung_centre_finds_the_phantom_lungs(tmp_path: Path) -> None:
     assert np.abs(inference.lung_centre(stack, PACK) - truth).max() <= 2.0  # one 4 mm step
 
 
+def _phantom_on_grid(folder: Path, pattern: str, seed: int) -> tuple[Any, Any, Any, Any]:
+    """A phantom series' stack, its release grid (centred as predict centres it), its
+    truth labels on the stack and those labels on the grid (a network right on its grid)."""
+    datasets, label = write_phantom(folder, f"1.2.3.{seed}", pattern, seed)
+    stack = assemble_series(datasets)
+    truth = stack.orient(label)
+    grid = centred_grid(stack, inference.lung_centre(stack, PACK), PACK)
+    return stack, grid, truth, resample_label(stack, grid, truth)
+
+
 @pytest.mark.parametrize(("pattern", "seed"), [("typical", 1), ("negative", 3)])
-def test_lung_from_hu_outlines_the_lung_at_the_series_resolution(pattern: str, seed: int) -> None:
+def test_lung_from_hu_outlines_the_lung_at_the_series_resolution(
+    pattern: str, seed: int, tmp_path: Path
+) -> None:
     """With the lung from HU, the native SEG's lung follows the series' own pixels (2 mm
     here) rather than the 4 mm release grid's steps; the lesions stay those of the grid,
     and nothing outside the grid is labelled."""
     from ctcurate.models.metrics import dice
 
-    with tempfile.TemporaryDirectory() as folder:
-        datasets, label = write_phantom(Path(folder) / "s", f"1.2.3.{seed}", pattern, seed)
-    stack = assemble_series(datasets)
-    truth = stack.orient(label)
-    grid = centred_grid(stack, inference.lung_centre(stack, PACK), PACK)
-    on_grid = resample_label(stack, grid, truth)  # a network that is right on its grid
+    stack, grid, truth, on_grid = _phantom_on_grid(tmp_path / "s", pattern, seed)
     stepped = inference.native_labels(stack, grid, on_grid, "network")
     outlined = inference.native_labels(stack, grid, on_grid, "hu")
     assert dice(stepped > 0, truth > 0) < 0.9
@@ -249,13 +255,9 @@ def test_lung_from_hu_outlines_the_lung_at_the_series_resolution(pattern: str, s
 
 
 def test_the_native_outline_does_not_depend_on_the_slices_per_step(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        datasets, label = write_phantom(Path(folder) / "s", "1.2.3.5", "typical", 5)
-    stack = assemble_series(datasets)
-    grid = centred_grid(stack, inference.lung_centre(stack, PACK), PACK)
-    on_grid = resample_label(stack, grid, stack.orient(label))
+    stack, grid, _, on_grid = _phantom_on_grid(tmp_path / "s", "typical", 5)
     results = []
     for step in (1, 5, 1000):
         monkeypatch.setattr(inference, "NATIVE_SLICES", step)

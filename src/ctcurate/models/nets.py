@@ -175,8 +175,14 @@ def lung_from_hu(
     side_air = np.bincount(pieces[air_at_side(hu)], minlength=n + 1)
     lost = (held < HU_LUNG_MIN_SHARE * size) & (side_air >= HU_LUNG_MIN_SHARE * size)
     lost[0] = False
-    lung = hu_lung | lost[pieces]
-    out: npt.NDArray[np.uint8] = np.where(lab >= GGO, lab, np.where(lung, NORMAL, 0)).astype(
+    return _lesions_over_lung(lab, hu_lung | lost[pieces])
+
+
+def _lesions_over_lung(
+    label: npt.NDArray[np.uint8], lung: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.uint8]:
+    """``label``'s GGO and consolidation as they are, normal lung where ``lung``, else 0."""
+    out: npt.NDArray[np.uint8] = np.where(label >= GGO, label, np.where(lung, NORMAL, 0)).astype(
         np.uint8
     )
     return out
@@ -213,9 +219,7 @@ def lung_outline_in_plane(
     keep[0] = False
     side = reaching_side(air, n)
     lung = fill_slices(keep[air]) | ((lab > 0) & side[air])
-    out: npt.NDArray[np.uint8] = np.where(
-        cover, np.where(lab >= GGO, lab, np.where(lung, NORMAL, 0)), 0
-    ).astype(np.uint8)
+    out: npt.NDArray[np.uint8] = np.where(cover, _lesions_over_lung(lab, lung), 0).astype(np.uint8)
     return out
 
 

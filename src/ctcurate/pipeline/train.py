@@ -65,6 +65,7 @@ from ctcurate.models.nets import (
     balanced_weights,
     build_unet,
     fit_logistic,
+    grow_lesions,
     normalise_hu,
     postprocess_label,
     predict_labels,
@@ -443,6 +444,24 @@ class LesionFilter:
         }
 
 
+def _best_on_val(
+    candidates: Sequence[float], score_of: Callable[[float], float | None]
+) -> tuple[float, dict[str, float | None]]:
+    """The candidate of the best score and every candidate's score (keyed ``f"{c:g}"``).
+
+    Candidates are tried in increasing order and a later one must be strictly better, so
+    a tie keeps the smallest; with no defined score the smallest is kept."""
+    ordered = sorted({float(c) for c in candidates})
+    scores: dict[str, float | None] = {}
+    best, best_score = ordered[0], -math.inf
+    for value in ordered:
+        score = score_of(value)
+        scores[f"{value:g}"] = score
+        if score is not None and score > best_score:
+            best, best_score = value, score
+    return best, scores
+
+
 def choose_lesion_filter(
     candidates: Sequence[float],
     cases: Sequence[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], Sequence[float]]],
@@ -453,17 +472,13 @@ def choose_lesion_filter(
     in increasing order and a later one must be strictly better, so a tie keeps the
     smallest. Without cases (or without a defined Dice) the smallest candidate is kept.
     """
-    ordered = sorted({float(c) for c in candidates})
-    scores: dict[str, float | None] = {}
-    best, best_score = ordered[0], -math.inf
-    for cut in ordered:
-        score = mean_defined(
+    best, scores = _best_on_val(
+        candidates,
+        lambda cut: mean_defined(
             dice(remove_small_lesions(pred, cut, spacing) >= GGO, truth >= GGO)
             for pred, truth, spacing in cases
-        )
-        scores[f"{cut:g}"] = score
-        if score is not None and score > best_score:
-            best, best_score = cut, score
+        ),
+    )
     return LesionFilter(min_lesion_mm3=best, val_lesion_dice=scores)
 
 
@@ -479,18 +494,19 @@ def choose_lesion_growth(
     ``lung_from``); ``images`` are the val cases' HU. Candidates in increasing order, a
     later one must be strictly better (a tie keeps the smallest); without cases the
     smallest is kept."""
-    ordered = sorted({float(c) for c in candidates})
-    scores: dict[str, float | None] = {}
-    best, best_score = ordered[0], -math.inf
     cut = lesion_filter.min_lesion_mm3
-    for reach in ordered:
-        score = mean_defined(
-            dice(postprocess_label(pred, hu, spacing, cut, lung_from, reach) >= GGO, truth >= GGO)
-            for (pred, truth, spacing), hu in zip(cases, images, strict=True)
-        )
-        scores[f"{reach:g}"] = score
-        if score is not None and score > best_score:
-            best, best_score = reach, score
+    # the size cut and the lung source once per case; only the growth differs per reach
+    before = [
+        (postprocess_label(pred, hu, spacing, cut, lung_from), hu, truth, spacing)
+        for (pred, truth, spacing), hu in zip(cases, images, strict=True)
+    ]
+    best, scores = _best_on_val(
+        candidates,
+        lambda reach: mean_defined(
+            dice(grow_lesions(label, hu, spacing, reach) >= GGO, truth >= GGO)
+            for label, hu, truth, spacing in before
+        ),
+    )
     return replace(lesion_filter, lesion_grow_mm=best, val_lesion_dice_by_grow_mm=scores)
 
 
