@@ -21,6 +21,7 @@ import torch
 from helpers.ct import make_ct, make_series
 from helpers.release import case_id, write_cases
 from helpers.train import make_case, make_release, tiny_params
+from scipy import ndimage
 
 import ctcurate.release
 from ctcurate.dicom.seg import LABELS, read_seg_labels, write_seg
@@ -254,6 +255,23 @@ def test_lung_from_hu_outlines_the_lung_at_the_series_resolution(
     assert not partial[16:].any()
 
 
+def test_native_lesions_follow_the_series_pixels_within_the_growth_reach(tmp_path: Path) -> None:
+    """With the card's lesion growth, the native SEG's lesions are drawn again from HU
+    within that reach of the grid's lesions: their borders follow the series' 2 mm pixels
+    instead of the 4 mm grid's steps; without growth they stay the grid's."""
+    from ctcurate.models.metrics import dice
+
+    stack, grid, truth, on_grid = _phantom_on_grid(tmp_path / "s", "typical", 1)
+    stepped = inference.native_labels(stack, grid, on_grid, "hu")
+    redrawn = inference.native_labels(stack, grid, on_grid, "hu", grow_mm=4.0)
+    before, after = dice(stepped >= 2, truth >= 2), dice(redrawn >= 2, truth >= 2)
+    assert after > before + 0.15, (before, after)
+    np.testing.assert_array_equal(redrawn > 0, stepped > 0)  # the lung is the same
+    # far from any lesion nothing changes
+    far = ndimage.distance_transform_edt(stepped < 2, sampling=stack.spacing_mm) > 4.0
+    np.testing.assert_array_equal(redrawn[far], stepped[far])
+
+
 def test_the_native_outline_does_not_depend_on_the_slices_per_step(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -261,7 +279,9 @@ def test_the_native_outline_does_not_depend_on_the_slices_per_step(
     results = []
     for step in (1, 5, 1000):
         monkeypatch.setattr(inference, "NATIVE_SLICES", step)
-        results.append(inference.native_labels(stack, grid, on_grid, "hu"))
+        results.append(inference.native_labels(stack, grid, on_grid, "hu", grow_mm=8.0))
+    # the lesions were drawn again (the halo of slices matters)
+    assert not np.array_equal(results[0], inference.native_labels(stack, grid, on_grid, "hu"))
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
 

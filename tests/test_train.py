@@ -365,6 +365,29 @@ def test_grow_lesions_takes_dense_lung_within_reach() -> None:
     np.testing.assert_array_equal(grow_lesions(no_lesion, hu, spacing, 6.0), no_lesion)
 
 
+def test_redraw_lesions_follows_hu_within_reach() -> None:
+    """Within the reach of the lesions, dense lung is lesion and light lung normal (the
+    lesion's own light voxels too); lung beyond the reach and non-lung stay as they were."""
+    from ctcurate.models.nets import GROW_HU_MIN, redraw_lesions
+
+    label = np.ones((1, 1, 12), dtype=np.uint8)
+    label[0, 0, 0:3] = 2  # a coarse lesion at 0-4 mm; voxels are 2 mm along x
+    label[0, 0, 11] = 0  # not lung
+    hu = np.full(label.shape, -850.0)
+    hu[0, 0, 0] = -100.0  # consolidation, labelled GGO by the coarse grid
+    hu[0, 0, 1] = GROW_HU_MIN + 50  # ground glass
+    hu[0, 0, 3] = GROW_HU_MIN + 50  # ground glass next to it, outside the coarse lesion
+    hu[0, 0, 9] = -500.0  # dense lung 14 mm beyond the lesion
+    hu[0, 0, 11] = 40.0  # dense, not lung
+    spacing = (1.0, 1.0, 2.0)
+    # voxel 2 (light, inside the coarse lesion) becomes normal lung
+    assert redraw_lesions(label, hu, spacing, 6.0)[0, 0].tolist() == [3, 2, 1, 2] + [1] * 7 + [0]
+    np.testing.assert_array_equal(redraw_lesions(label, hu, spacing, 0.0), label)
+    no_lesion = np.ones_like(label)
+    np.testing.assert_array_equal(redraw_lesions(no_lesion, hu, spacing, 6.0), no_lesion)
+    assert label[0, 0, 2] == 2  # the input is not changed
+
+
 def test_choose_lesion_growth_on_val() -> None:
     truth = np.zeros((4, 8, 8), dtype=np.uint8)
     truth[:, 1:7, 1:7] = 1

@@ -42,6 +42,7 @@ from ctcurate.models.nets import (
     lung_outline_in_plane,
     postprocess_label,
     predict_labels,
+    redraw_lesions,
     typicality_features,
 )
 from ctcurate.params import PackParams
@@ -239,33 +240,50 @@ def predict_series(
         models.lung_from,
         models.grow_mm,
     )
-    native = native_labels(stack, grid, label, models.lung_from)
+    native = native_labels(stack, grid, label, models.lung_from, models.grow_mm)
     return Prediction(
         stack, grid, image, label, native, stack.unorient(native), probability, centred_on
     )
 
 
 def native_labels(
-    stack: SeriesStack, grid: ReleaseGrid, label: npt.NDArray[np.uint8], lung_from: str
+    stack: SeriesStack,
+    grid: ReleaseGrid,
+    label: npt.NDArray[np.uint8],
+    lung_from: str,
+    grow_mm: float = 0.0,
 ) -> npt.NDArray[np.uint8]:
     """The release-grid ``label`` on the stack's own (z, y, x) grid (0 outside the grid).
 
     With ``lung_from`` ``"hu"`` the lung's outline is drawn again from HU at the series'
     own resolution (:func:`ctcurate.models.nets.lung_outline_in_plane`, inside the part of
     the series the release grid covers), so the SEG follows the pleura pixel by pixel
-    instead of in release-grid steps; the lesions stay the network's, brought over by
-    nearest neighbour. It works on :data:`NATIVE_SLICES` slices at a time, so its memory
-    does not grow with the series' length. The release-grid labels (what ``evaluate``
-    scores) are unchanged.
+    instead of in release-grid steps. With ``grow_mm`` > 0 (the model card's lesion growth)
+    the lesions are then drawn again from HU within that reach of the network's
+    (:func:`ctcurate.models.nets.redraw_lesions`), so their borders follow the series'
+    pixels too; otherwise they stay the network's, brought over by nearest neighbour. Both
+    work on :data:`NATIVE_SLICES` slices at a time (the lesions with the slices within the
+    reach on either side), so memory does not grow with the series' length. The
+    release-grid labels (what ``evaluate`` scores) are unchanged.
     """
     native = label_to_stack(stack, grid, label)
-    if lung_from != "hu":
+    if lung_from == "hu":
+        covered = label_to_stack(stack, grid, np.ones(grid.shape, dtype=np.uint8)).astype(bool)
+        for start in range(0, native.shape[0], NATIVE_SLICES):
+            part = slice(start, start + NATIVE_SLICES)
+            native[part] = lung_outline_in_plane(native[part], stack.image[part], covered[part])
+    if grow_mm <= 0 or not (native >= GGO).any():
         return native
-    covered = label_to_stack(stack, grid, np.ones(grid.shape, dtype=np.uint8)).astype(bool)
-    for start in range(0, native.shape[0], NATIVE_SLICES):
-        part = slice(start, start + NATIVE_SLICES)
-        native[part] = lung_outline_in_plane(native[part], stack.image[part], covered[part])
-    return native
+    spacing = [float(v) for v in stack.spacing_mm]
+    halo = int(np.ceil(grow_mm / spacing[0])) + 1
+    drawn = native.copy()
+    n = native.shape[0]
+    for start in range(0, n, NATIVE_SLICES):
+        stop = min(start + NATIVE_SLICES, n)
+        lo, hi = max(start - halo, 0), min(stop + halo, n)
+        slab = redraw_lesions(native[lo:hi], stack.image[lo:hi], spacing, grow_mm)
+        drawn[start:stop] = slab[start - lo : stop - lo]
+    return drawn
 
 
 def summary(

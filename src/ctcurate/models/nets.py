@@ -256,6 +256,45 @@ def grow_lesions(
     return lab
 
 
+def redraw_lesions(
+    label: npt.NDArray[np.integer[Any]],
+    image_hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: Sequence[float],
+    reach_mm: float,
+) -> npt.NDArray[np.uint8]:
+    """``label`` with its lesions drawn again from HU within ``reach_mm`` of them.
+
+    For labels brought from the network's coarser grid onto a series' own voxels
+    (``predict``'s SEG): in the lung (label 1–3) within ``reach_mm`` (Euclidean, in mm of
+    ``spacing_mm``, z, y, x) of a GGO or consolidation voxel, a voxel at :data:`GROW_HU_MIN`
+    or denser is lesion (consolidation from :data:`GROW_CONSOLIDATION_HU_MIN`, ground glass
+    below it) and a lighter one normal lung, so the lesions' borders follow the series'
+    pixels instead of the grid's steps. The same rule and reach as :func:`grow_lesions`, which
+    only adds. Lung away from the lesions and everything outside the lung are unchanged;
+    ``reach_mm <= 0`` or no lesion returns an unchanged copy.
+    """
+    lab = np.asarray(label).astype(np.uint8, copy=True)
+    lesion = lab >= GGO
+    if reach_mm <= 0 or not lesion.any():
+        return lab
+    spacing = np.asarray([float(v) for v in spacing_mm], dtype=np.float64)
+    # only the lesions' bounding box grown by the reach can change: the distance is taken there
+    pad = np.ceil(reach_mm / spacing).astype(np.int64) + 1
+    where = np.argwhere(lesion)
+    lo = np.maximum(where.min(axis=0) - pad, 0)
+    hi = np.minimum(where.max(axis=0) + pad + 1, lab.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    sub = lab[box]
+    hu = np.asarray(image_hu)[box]
+    distance = ndimage.distance_transform_edt(~lesion[box], sampling=spacing)
+    near = (distance <= reach_mm) & (sub >= NORMAL)
+    dense = hu >= GROW_HU_MIN
+    sub[near & ~dense] = NORMAL
+    drawn = near & dense
+    sub[drawn] = np.where(hu[drawn] >= GROW_CONSOLIDATION_HU_MIN, CONSOLIDATION, GGO)
+    return lab
+
+
 def postprocess_label(
     label: npt.NDArray[np.integer[Any]],
     image_hu: npt.NDArray[np.floating[Any]],
