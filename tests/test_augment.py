@@ -22,6 +22,7 @@ from ctcurate.models.augment_ops import (
     RandCtNoised,
     RandHuIntensityd,
     RandKerneld,
+    RandLesionLookd,
     RandResolutiond,
     gaussian_blur,
 )
@@ -29,7 +30,12 @@ from ctcurate.params import AugmentParams, load_section
 
 SHAPE = (24, 32, 32)
 ALL_ON = AugmentParams(
-    affine_prob=1.0, intensity_prob=1.0, noise_prob=1.0, kernel_prob=1.0, resolution_prob=1.0
+    affine_prob=1.0,
+    intensity_prob=1.0,
+    noise_prob=1.0,
+    kernel_prob=1.0,
+    resolution_prob=1.0,
+    lesion_look_prob=1.0,
 )
 
 
@@ -150,6 +156,36 @@ def test_intensity_is_affine_in_hu_and_keeps_labels() -> None:
     assert torch.equal(out["label"], case["label"])
 
 
+def test_lesion_look_renders_the_lesions_again_and_keeps_labels() -> None:
+    from scipy import ndimage
+
+    case = _case()
+    case["label"][0, 10, 14, 10] = 3  # a consolidation voxel at the lesion's centre
+    case["image"][0, 10, 14, 10] = 30.0
+    before, label = case["image"][0].clone(), case["label"][0].clone()
+    ggo, lung = label == 2, label >= 1
+    faint = RandLesionLookd(1.0, (0.5, 0.5), (0.0, 0.0), (0.0, 0.0))
+    faint.set_random_state(seed=0)
+    out = faint(case)
+    after = out["image"][0]
+    # the ground glass's excess over the lung (550 HU) halved; all else as it was
+    assert torch.allclose(after[ggo], torch.full_like(after[ggo], -850.0 + 275.0))
+    assert torch.equal(after[~ggo], before[~ggo])
+    assert torch.equal(out["label"][0], label)
+
+    soft = RandLesionLookd(1.0, (1.0, 1.0), (1.5, 1.5), (30.0, 30.0))
+    soft.set_random_state(seed=0)
+    image = soft({"image": before[None].clone(), "label": label[None]})["image"][0]
+    lesion = (label >= 2).numpy()
+    outside = torch.from_numpy(ndimage.binary_dilation(lesion, iterations=1) & ~lesion)
+    rim = torch.from_numpy(lesion & ~ndimage.binary_erosion(lesion))
+    assert float(image[outside & lung].mean()) > -850.0 + 50.0  # the margin blurs outward
+    assert float(image[rim].mean()) < -300.0 - 50.0  # and the lesion's edge falls
+    assert torch.equal(image[~lung], before[~lung])  # nothing outside the lung changes
+    no_lesion = {"image": before[None].clone(), "label": (label >= 1).to(torch.int64)[None]}
+    assert torch.equal(soft(no_lesion)["image"], no_lesion["image"])
+
+
 def test_noise_level_within_range() -> None:
     t = RandCtNoised(1.0, (30.0, 30.0))
     t.set_random_state(seed=0)
@@ -210,6 +246,9 @@ def test_augment_params_validated(tmp_path: Path) -> None:
         load_section(path, "train", TrainParams)
     path.write_text("train:\n  augment:\n    blur: 1\n", encoding="utf-8")
     with pytest.raises(ParamsError, match=r"unknown key 'train\.augment\.blur'"):
+        load_section(path, "train", TrainParams)
+    path.write_text("train:\n  augment:\n    lesion_contrast: [1.2, 0.5]\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match=r"lesion_contrast: the low end \(1\.2\) is above"):
         load_section(path, "train", TrainParams)
     path.write_text("train:\n  augment:\n    noise_prob: 1.5\n", encoding="utf-8")
     with pytest.raises(ParamsError, match=r"train\.augment\.noise_prob"):

@@ -35,10 +35,11 @@ def test_repository_params_file_is_valid() -> None:
     assert set(raw) == set(Params.model_fields), "one params section per stage"
 
 
-def test_large_profile_merges_into_valid_params(tmp_path: Path) -> None:
-    """stages/profiles/large.yaml holds only known keys and fits the U-Net it asks for."""
+@pytest.mark.parametrize("name", ["large.yaml", "whole_lung_gpu.yaml"])
+def test_profile_merges_into_valid_params(name: str, tmp_path: Path) -> None:
+    """A profile of stages/profiles holds only known keys and fits the U-Net it asks for."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    profile = yaml.safe_load((ROOT / "stages" / "profiles" / "large.yaml").read_text())
+    profile = yaml.safe_load((ROOT / "stages" / "profiles" / name).read_text())
     for section, values in profile.items():
         assert section in raw, f"profile section {section!r} is not a stage"
         raw[section].update(values)

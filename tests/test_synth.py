@@ -325,6 +325,33 @@ def test_border_consolidation_hides_lung_from_a_threshold() -> None:
     assert float(np.median(hu[cons])) > -100.0  # a -400 HU lung threshold misses it
 
 
+def test_pleural_consolidation_lies_against_the_chest_wall_anywhere() -> None:
+    """With ``pleural`` 1 a pneumonia gets far more consolidation against non-lung tissue,
+    in front as well as behind; with 0 the random stream (and the chest) is unchanged."""
+
+    def wall_contact(seed: int, pleural: float) -> tuple[int, int]:
+        rng, chest = _chest(seed)
+        hu, labels, _ = add_pattern(rng, chest, "typical", 0.5, False, pleural=pleural)  # type: ignore[arg-type]
+        cons = labels == CONSOLIDATION
+        assert float(np.median(hu[cons])) > -100.0
+        wall = ndimage.binary_dilation(chest.tissue != LUNG) & cons  # type: ignore[attr-defined]
+        return int(wall.sum()), int((wall & (chest.posterior < 0)).sum())  # type: ignore[attr-defined]
+
+    seeds = (4, 7, 9)
+    on = np.sum([wall_contact(s, 1.0) for s in seeds], axis=0)
+    off = np.sum([wall_contact(s, 0.0) for s in seeds], axis=0)
+    assert on[0] > 3 * off[0]
+    assert on[1] > 3 * off[1]  # anterior contact too
+    for seed in seeds:
+        rng0, chest0 = _chest(seed)
+        plain = add_pattern(rng0, chest0, "typical", 0.5, False)  # type: ignore[arg-type]
+        rng1, chest1 = _chest(seed)
+        zero = add_pattern(rng1, chest1, "typical", 0.5, False, pleural=0.0)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(plain[0], zero[0])
+        np.testing.assert_array_equal(plain[1], zero[1])
+        assert rng0.random() == rng1.random()
+
+
 def test_negative_has_only_normal_lung_and_patterns_are_checked() -> None:
     rng, chest = _chest(6)
     _, labels, _ = add_pattern(rng, chest, "negative", 0.0, False)  # type: ignore[arg-type]

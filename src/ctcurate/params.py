@@ -65,6 +65,10 @@ class SynthParams(Section):
     seed: Annotated[int, Field(ge=0)] = 20200101
     matrix: Annotated[int, Field(ge=32, le=512)] = 96
     pandemic_start: dt.date = dt.date(2020, 1, 1)
+    #: Share of pneumonia studies given consolidation against the pleura anywhere around
+    #: the lung (anterior, lateral, medial, posterior), with a ground-glass rim; 0 keeps the
+    #: demo's lesion model (docs/synth.md).
+    pleural_consolidation: Fraction = 0.0
 
     @model_validator(mode="after")
     def _check_pandemic_start(self) -> SynthParams:
@@ -291,6 +295,10 @@ class AugmentParams(Section):
     resolution_xy: tuple[
         Annotated[float, Field(ge=1.0, le=8.0)], Annotated[float, Field(ge=1.0, le=8.0)]
     ] = (1.0, 1.5)  # down-sampling factor in the axial plane
+    lesion_look_prob: Fraction = 0.0  # the lesions rendered again: density, margin, texture
+    lesion_contrast: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.1)  # GGO excess over lung
+    lesion_edge_vox: tuple[NonNegativeFloat, NonNegativeFloat] = (0.0, 1.5)  # margin blur
+    lesion_texture_hu: tuple[NonNegativeFloat, NonNegativeFloat] = (0.0, 40.0)
 
     @model_validator(mode="after")
     def _check_ranges(self) -> AugmentParams:
@@ -304,6 +312,9 @@ class AugmentParams(Section):
             "sharpen_amount",
             "resolution_z",
             "resolution_xy",
+            "lesion_contrast",
+            "lesion_edge_vox",
+            "lesion_texture_hu",
         ):
             lo, hi = getattr(self, name)
             if name != "rotate_deg" and lo > hi:

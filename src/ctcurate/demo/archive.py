@@ -69,6 +69,7 @@ class ArchiveWriter:
     root: Path
     seed: int
     matrix: int
+    pleural_consolidation: float = 0.0
     truth: list[TruthRow] = field(default_factory=list)
     trap_files: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)
     tiles: list[Tile] = field(default_factory=list)
@@ -194,7 +195,15 @@ class ArchiveWriter:
         pixel = study.fov / matrix
         chest = make_chest(rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel))
         pattern = study.pattern or "negative"
-        hu, labels, _ = add_pattern(rng, chest, pattern, study.severity, study.border, copy=False)
+        hu, labels, _ = add_pattern(
+            rng,
+            chest,
+            pattern,
+            study.severity,
+            study.border,
+            copy=False,
+            pleural=self.pleural_consolidation,
+        )
         del chest  # the phantom's coordinate volumes: the painted HU and labels carry on
         offset = -round(float(rng.uniform(40.0, 220.0)), 1)
         sn_loc, sn_thin, sn_thick, sn_dose = vendor.series_numbers

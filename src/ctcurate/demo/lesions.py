@@ -94,6 +94,7 @@ def add_pattern(
     severity: float,
     border_consolidation: bool,
     copy: bool = True,
+    pleural: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paint ``pattern`` at ``severity`` (0–1) into a copy of the chest (with ``copy`` False,
     into the chest's own HU and tissue arrays: for a caller that drops the chest).
@@ -150,6 +151,8 @@ def add_pattern(
     else:
         _atypical(rng, chest, hu, labels, tissue, lung, rough, severity)
 
+    if pleural > 0 and rng.random() < pleural:
+        _pleural_consolidation(rng, chest, hu, labels, lung, rough, severity, ggo_hu)
     if border_consolidation:
         # dense consolidation against the posterior chest wall: a plain threshold misses it
         side = int(rng.choice([-1, 1]))
@@ -165,6 +168,31 @@ def add_pattern(
     air = (labels == CONSOLIDATION) & chest.airway
     hu[air] = -900.0  # air bronchograms
     return hu, labels, tissue
+
+
+def _pleural_consolidation(
+    rng: np.random.Generator,
+    chest: Chest,
+    hu: np.ndarray,
+    labels: np.ndarray,
+    lung: np.ndarray,
+    rough: np.ndarray,
+    severity: float,
+    ggo_hu: float,
+) -> None:
+    """One to three patches of consolidation against the pleura, anywhere around the lung
+    (centred within the outer tenth of its radius, so a broad face lies on the chest wall
+    or mediastinum and the pleura between them cannot be seen), each in a ground-glass rim."""
+    for _ in range(1 + int(rng.integers(0, 3))):
+        side = int(rng.choice([-1, 1]))
+        p = _lung_point(rng, chest, side, (0.9, 0.99), (0.1, 0.95))
+        if p is None:
+            continue
+        radii = _radii(rng, 10.0 + 25.0 * severity)
+        rim = _blob(chest, p, (radii[0] * 1.4, radii[1] * 1.4, radii[2] * 1.4), rough) & lung
+        _paint(hu, labels, rim, GGO, ggo_hu)
+        core = _blob(chest, p, radii, rough) & lung
+        _paint(hu, labels, core, CONSOLIDATION, HU_CONSOLIDATION)
 
 
 def _atypical(

@@ -12,7 +12,9 @@ Samples are the release's dicts (``image`` float32 HU (1, z, y, x), ``label`` in
 3. with ``train.augment`` (:class:`ctcurate.params.AugmentParams`), each with its own
    probability: a random scale / rotation about the patch centre, sampled from the whole
    volume together with the crop (:class:`RandAffineCropd`; labels nearest, image linear),
-   then on the image only, in the order a scanner applies them: HU scale and offset
+   then on the image only: the lesions rendered again, fainter or denser, with a soft
+   margin and a texture (:class:`RandLesionLookd`, which reads the labels to find them),
+   and in the order a scanner applies them: HU scale and offset
    (:class:`RandHuIntensityd`), white noise (:class:`RandCtNoised`), a reconstruction
    kernel, Gaussian blur or unsharp-mask sharpening, which colours that noise
    (:class:`RandKerneld`), and a coarser resolution, resampled down and up again
@@ -39,13 +41,24 @@ from monai.transforms.spatial.dictionary import RandFlipd
 from monai.transforms.transform import MapTransform, Randomizable
 
 from ctcurate.labels import GGO
-from ctcurate.models.augment_ops import RandCtNoised, RandHuIntensityd, RandKerneld, RandResolutiond
+from ctcurate.models.augment_ops import (
+    RandCtNoised,
+    RandHuIntensityd,
+    RandKerneld,
+    RandLesionLookd,
+    RandResolutiond,
+)
 from ctcurate.params import AugmentParams
 
 KEYS = ("image", "label")
 #: No augmentation beyond the crop and the flip (every probability 0).
 NO_AUGMENT = AugmentParams(
-    affine_prob=0.0, intensity_prob=0.0, noise_prob=0.0, kernel_prob=0.0, resolution_prob=0.0
+    affine_prob=0.0,
+    intensity_prob=0.0,
+    noise_prob=0.0,
+    kernel_prob=0.0,
+    resolution_prob=0.0,
+    lesion_look_prob=0.0,
 )
 #: Probability of a left-right flip.
 FLIP_PROB = 0.5
@@ -249,6 +262,15 @@ def train_transform(
         steps.append(RandLesionCropd(KEYS, patch, lesion_fraction))
     if flip:
         steps.append(RandFlipd(KEYS, prob=FLIP_PROB, spatial_axis=2))
+    if aug.lesion_look_prob > 0:
+        steps.append(
+            RandLesionLookd(
+                aug.lesion_look_prob,
+                aug.lesion_contrast,
+                aug.lesion_edge_vox,
+                aug.lesion_texture_hu,
+            )
+        )
     if aug.intensity_prob > 0:
         steps.append(RandHuIntensityd(aug.intensity_prob, aug.hu_scale, aug.hu_offset))
     if aug.noise_prob > 0:

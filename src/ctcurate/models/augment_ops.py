@@ -1,8 +1,10 @@
-"""Image-only training augmentation: what another scanner or reconstruction changes.
+"""Image-only training augmentation: what another scanner, reconstruction or rendering of
+the same lesions changes.
 
 Each transform takes the sample dict of :mod:`ctcurate.models.augment` (``image`` float HU
 (1, z, y, x)), runs with probability ``prob`` and leaves every other key (the labels) as
-it is: the anatomy does not change with the scanner. All random draws go through the
+it is: the anatomy does not change with the scanner. :class:`RandLesionLookd` reads the
+labels to find the lesions, and changes only the image too. All random draws go through the
 transform's own ``numpy.random.RandomState`` (seeded by ``Compose.set_random_state``),
 with a fixed number of parameter draws per call, so a seed gives the same patches
 whatever the global generators do. The torch operations are deterministic on the CPU.
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms.transform import Randomizable
+
+from ctcurate.labels import GGO
 
 IMAGE = "image"
 
@@ -156,3 +160,75 @@ class RandResolutiond(_RandImage):
         down = F.adaptive_avg_pool3d(image[None], small)
         up = F.interpolate(down, size=(z, y, x), mode="trilinear", align_corners=False)
         return up[0]
+
+
+LABEL = "label"
+
+
+def smooth_noise(shape: tuple[int, ...], rng: np.random.RandomState, sigma: float) -> torch.Tensor:
+    """White noise of ``shape`` (1, z, y, x) blurred by ``sigma`` voxels, scaled to unit
+    standard deviation."""
+    white = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    field = gaussian_blur(white, sigma)
+    sd = float(field.std())
+    return field / sd if sd > 0 else field
+
+
+class RandLesionLookd(_RandImage):
+    """Another rendering of the same lesions: their density, margin and texture.
+
+    The one transform that reads the labels (it never changes them). Within the lung
+    (label 1–3) the lesions' excess over the normal lung's median HU is taken out, its
+    ground-glass part scaled by a factor drawn from ``contrast`` (fainter or denser ground
+    glass), given a texture of a standard deviation drawn from ``texture_hu`` (smooth noise
+    of one voxel), blurred by a Gaussian of ``edge_vox`` voxels (an ill-defined margin: the
+    label's border lies where the blurred step is at half height) and put back, inside the
+    lung only. A patch without lesion or normal lung is left as it is.
+    """
+
+    def __init__(
+        self,
+        prob: float,
+        contrast: tuple[float, float],
+        edge_vox: tuple[float, float],
+        texture_hu: tuple[float, float],
+    ) -> None:
+        super().__init__(prob)
+        self.contrast, self.edge_vox, self.texture_hu = contrast, edge_vox, texture_hu
+        self._contrast, self._edge, self._texture = 1.0, 0.0, 0.0
+        self._noise_seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(data)
+        self._contrast = self._uniform(self.contrast)
+        self._edge = self._uniform(self.edge_vox)
+        self._texture = self._uniform(self.texture_hu)
+        self._noise_seed = int(self.R.randint(0, 2**31 - 1))
+
+    def look(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``image`` with the lesions of ``label`` rendered again (see the class)."""
+        lung = label >= 1
+        lesion = label >= GGO
+        normal = lung & ~lesion
+        if not lesion.any() or not normal.any():
+            return image
+        base = float(image[normal].median())
+        excess = torch.where(lesion, image - base, torch.zeros_like(image))
+        ggo = label == GGO
+        excess = torch.where(ggo, excess * self._contrast, excess)
+        if self._texture > 0:
+            noise = smooth_noise(tuple(image.shape), np.random.RandomState(self._noise_seed), 1.0)
+            excess = torch.where(lesion, excess + self._texture * noise, excess)
+        if self._edge > 0:
+            excess = gaussian_blur(excess, self._edge)
+        flat = torch.where(lesion, torch.full_like(image, base), image)
+        return torch.where(lung, flat + excess, image)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(d[IMAGE])
+        if self._apply:
+            value = d[LABEL]
+            label = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+            d[IMAGE] = self.look(_image(d), label)
+        return d

@@ -59,7 +59,12 @@ def run(out: Path, params: SynthParams) -> None:
         guarded_output(Path(out), "synth", own=OWN_FILES),
         marked_dir(Path(out), "synth", fsync_each_file=False) as tmp,  # many small files
     ):
-        writer = ArchiveWriter(root=tmp, seed=params.seed, matrix=params.matrix)
+        writer = ArchiveWriter(
+            root=tmp,
+            seed=params.seed,
+            matrix=params.matrix,
+            pleural_consolidation=params.pleural_consolidation,
+        )
         for study in progress(studies, len(studies), "synth", log, unit="studies"):
             writer.write_study(study)
             release_freed_memory()
