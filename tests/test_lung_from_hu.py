@@ -15,7 +15,9 @@ from ctcurate.models.nets import lung_from_hu, postprocess_label, remove_small_l
 
 def network_like(lung: np.ndarray) -> np.ndarray:
     """A network's labels: the true lung grown by a pixel everywhere plus a spurious patch
-    of lung below the left lung, a GGO blob inside and consolidation outside the HU lung."""
+    of lung below the left lung, a GGO blob inside, consolidation outside the HU lung
+    against its side, and consolidation in the soft tissue between the lungs, touching
+    neither (:data:`DETACHED`)."""
     label = np.zeros(lung.shape, dtype=np.uint8)
     grown = lung.copy()
     grown[:, 1:] |= lung[:, :-1]
@@ -23,8 +25,12 @@ def network_like(lung: np.ndarray) -> np.ndarray:
     label[grown] = NORMAL
     label[:, 33:35, 14:20] = NORMAL  # spurious lung in the body behind the lungs
     label[2:4, 18:21, 12:15] = GGO
-    label[4:6, 5:8, 20:24] = CONSOLIDATION  # outside the aerated lung (soft tissue)
+    label[4:6, 18:21, 4:7] = CONSOLIDATION  # outside the aerated lung, against its side
+    label[DETACHED] = CONSOLIDATION  # in the soft tissue, touching no lung
     return label
+
+
+DETACHED = (slice(4, 6), slice(5, 8), slice(20, 24))
 
 
 def test_the_outline_is_the_threshold_mask_and_the_lesions_stay() -> None:
@@ -32,8 +38,11 @@ def test_the_outline_is_the_threshold_mask_and_the_lesions_stay() -> None:
     label = network_like(lung)
     out = lung_from_hu(label, hu)
     hu_lung = threshold_lung_mask(hu)
+    assert not (hu_lung[4:6, 18:21, 4:7]).any()  # that consolidation is not aerated lung
+    assert not out[DETACHED].any()  # the lesion touching no lung is dropped
+    label[DETACHED] = 0
     lesion = label >= GGO
-    assert np.array_equal(out[lesion], label[lesion])  # every lesion voxel as predicted
+    assert np.array_equal(out[lesion], label[lesion])  # every other lesion voxel as predicted
     assert np.array_equal(out == NORMAL, hu_lung & ~lesion)  # the outline from HU
     assert not out[:, 33:35, 14:20].any()  # the spurious patch is gone
     assert out.dtype == np.uint8
@@ -54,6 +63,7 @@ def test_a_lung_cut_at_the_grid_side_stays_the_network_lung() -> None:
     near[:, :33, :10] = True  # the cut lung's side (the spurious patch lies below row 33)
     assert np.array_equal(out[near], label[near])  # the cut lung: the network's, as predicted
     far = ~near
+    label[4:6, 5:8, 10:14] = 0  # the detached consolidation (columns 20-23 before the cut)
     want = hu_lung | (label >= GGO)
     assert np.array_equal((out > 0)[far], want[far])  # the right lung and the rest: from HU
     assert not out[:, 33:35, 4:10].any()  # the spurious patch is still gone
@@ -110,3 +120,20 @@ def test_the_outline_in_plane_keeps_outside_air_out_and_a_cut_lung_in() -> None:
     np.testing.assert_array_equal(out[:, :, 15:] > 0, label[:, :, 15:] > 0)  # cut: kept as is
     covered[:, 10:] = False
     assert not lung_outline_in_plane(label, hu, covered)[:, 10:].any()
+
+
+def test_drop_detached_lesions_keeps_every_lesion_that_touches_lung() -> None:
+    from ctcurate.models.nets import drop_detached_lesions
+
+    label = np.zeros((3, 9, 9), dtype=np.uint8)
+    label[1, 1:4, 1:4] = NORMAL
+    label[1, 4, 4] = CONSOLIDATION  # touches the lung only at a corner
+    label[1, 5, 5] = GGO  # one component with it
+    label[1, 7:9, 7:9] = GGO  # a second component, two voxels from the first
+    out = drop_detached_lesions(label)
+    assert out[1, 4, 4] == CONSOLIDATION
+    assert out[1, 5, 5] == GGO
+    assert not out[1, 7:9, 7:9].any()  # touching no lung: background
+    np.testing.assert_array_equal(out[label < GGO], label[label < GGO])
+    no_lung = np.where(label == NORMAL, 0, label).astype(np.uint8)
+    np.testing.assert_array_equal(drop_detached_lesions(no_lung), no_lung)

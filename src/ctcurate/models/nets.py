@@ -26,7 +26,7 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 
-from ctcurate.labels import CONSOLIDATION, GGO, N_CLASSES, NORMAL
+from ctcurate.labels import BACKGROUND, CONSOLIDATION, GGO, N_CLASSES, NORMAL
 from ctcurate.models.logistic import StandardisedLogistic, fit_newton, predict_standardised
 
 #: Hounsfield window of the network input: clipped, then scaled to [0, 1].
@@ -140,6 +140,29 @@ def remove_small_lesions(
     return lab
 
 
+def drop_detached_lesions(label: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.uint8]:
+    """``label`` without the lesion components that touch no normal lung.
+
+    A lesion component (26-connected GGO and consolidation) none of whose voxels has a
+    normal-lung voxel among its 26 neighbours lies in the chest wall, the mediastinum or
+    below the diaphragm, not in a lung: it becomes background. Pneumonia, even a lobe
+    consolidated to the pleura, borders aerated lung somewhere. No lesion or no normal lung
+    returns an unchanged copy.
+    """
+    lab = np.asarray(label).astype(np.uint8, copy=True)
+    lesion = lab >= GGO
+    normal = lab == NORMAL
+    if not lesion.any() or not normal.any():
+        return lab
+    box = np.ones((3, 3, 3), dtype=bool)
+    components, n = ndimage.label(lesion, structure=box)
+    touching = np.unique(components[ndimage.binary_dilation(normal, structure=box) & lesion])
+    detached = np.setdiff1d(np.arange(1, n + 1), touching)
+    if detached.size:
+        lab[np.isin(components, detached)] = BACKGROUND
+    return lab
+
+
 #: Where the post-processed lung comes from: the network's labels, or the HU lung mask
 #: with the network's lesions (:func:`lung_from_hu`).
 LUNG_SOURCES = ("network", "hu")
@@ -154,12 +177,14 @@ HU_LUNG_MIN_SHARE = 0.5
 def lung_from_hu(
     label: npt.NDArray[np.integer[Any]], image_hu: npt.NDArray[np.floating[Any]]
 ) -> npt.NDArray[np.uint8]:
-    """``label`` with its lung outline taken from HU, its lesions kept.
+    """``label`` with its lung outline taken from HU, its lesions kept where they touch it.
 
     The normal lung becomes the plain threshold lung mask of ``image_hu``
     (:func:`ctcurate.imaging.lungmask.threshold_lung_mask`: aerated voxels inside the body,
     vessels filled); every GGO and consolidation voxel of ``label`` stays as it is, so
-    consolidation the threshold mask loses at the pleura is still lung. A piece of the
+    consolidation the threshold mask loses at the pleura is still lung, except a lesion
+    component that touches no normal lung at all (:func:`drop_detached_lesions`: one in the
+    chest wall or the mediastinum). A piece of the
     network's lung (in-plane connected, one slice) of which the mask holds less than
     :data:`HU_LUNG_MIN_SHARE`, while as much of it lies on air reaching the volume's side
     (a lung the grid cuts open), stays the network's. Same shape, (z, y, x).
@@ -175,7 +200,7 @@ def lung_from_hu(
     side_air = np.bincount(pieces[air_at_side(hu)], minlength=n + 1)
     lost = (held < HU_LUNG_MIN_SHARE * size) & (side_air >= HU_LUNG_MIN_SHARE * size)
     lost[0] = False
-    return _lesions_over_lung(lab, hu_lung | lost[pieces])
+    return drop_detached_lesions(_lesions_over_lung(lab, hu_lung | lost[pieces]))
 
 
 def _lesions_over_lung(
