@@ -277,8 +277,14 @@ def grow_lesions(
     hu = np.asarray(image_hu)
     distance = ndimage.distance_transform_edt(~lesion, sampling=[float(v) for v in spacing_mm])
     grown = (distance <= reach_mm) & (lab == NORMAL) & (hu >= GROW_HU_MIN)
-    lab[grown] = np.where(hu[grown] >= GROW_CONSOLIDATION_HU_MIN, CONSOLIDATION, GGO)
+    lab[grown] = _lesion_class(hu[grown])
     return lab
+
+
+def _lesion_class(hu: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """Consolidation from :data:`GROW_CONSOLIDATION_HU_MIN`, ground glass below it."""
+    out: npt.NDArray[np.uint8] = np.where(hu >= GROW_CONSOLIDATION_HU_MIN, CONSOLIDATION, GGO)
+    return out.astype(np.uint8)
 
 
 def redraw_lesions(
@@ -316,7 +322,7 @@ def redraw_lesions(
     dense = hu >= GROW_HU_MIN
     sub[near & ~dense] = NORMAL
     drawn = near & dense
-    sub[drawn] = np.where(hu[drawn] >= GROW_CONSOLIDATION_HU_MIN, CONSOLIDATION, GGO)
+    sub[drawn] = _lesion_class(hu[drawn])
     return lab
 
 
