@@ -29,13 +29,9 @@ from ctcurate.models.augment_ops import (
 from ctcurate.params import AugmentParams, load_section
 
 SHAPE = (24, 32, 32)
-ALL_ON = AugmentParams(
-    affine_prob=1.0,
-    intensity_prob=1.0,
-    noise_prob=1.0,
-    kernel_prob=1.0,
-    resolution_prob=1.0,
-    lesion_look_prob=1.0,
+#: Every transform on every patch.
+ALL_ON = NO_AUGMENT.model_copy(
+    update={name: 1.0 for name in AugmentParams.model_fields if name.endswith("_prob")}
 )
 
 

@@ -52,13 +52,8 @@ from ctcurate.params import AugmentParams
 
 KEYS = ("image", "label")
 #: No augmentation beyond the crop and the flip (every probability 0).
-NO_AUGMENT = AugmentParams(
-    affine_prob=0.0,
-    intensity_prob=0.0,
-    noise_prob=0.0,
-    kernel_prob=0.0,
-    resolution_prob=0.0,
-    lesion_look_prob=0.0,
+NO_AUGMENT = AugmentParams().model_copy(
+    update={name: 0.0 for name in AugmentParams.model_fields if name.endswith("_prob")}
 )
 #: Probability of a left-right flip.
 FLIP_PROB = 0.5
