@@ -286,6 +286,42 @@ def test_the_native_outline_does_not_depend_on_the_slices_per_step(
     np.testing.assert_array_equal(results[0], results[2])
 
 
+def test_native_labels_on_real_ct() -> None:
+    """On a real chest CT (TCIA Lung-PET-CT-Dx, patient A0001, 64 slices of 5 mm at 512²;
+    Li et al. 2020, doi:10.7937/TCIA.2020.NNC20461, CC BY 4.0), grid labels that hold the
+    series' own threshold lung and one lesion come back on the series' pixels as that lung,
+    and the redrawn lesion holds only lung at ground-glass density or denser, within the
+    reach of the grid's lesion."""
+    from helpers.realdata import TCIA
+
+    from ctcurate.dicom.series_dir import read_series_dir
+    from ctcurate.imaging.lungmask import threshold_lung_mask
+    from ctcurate.models.metrics import dice
+    from ctcurate.models.nets import GROW_HU_MIN
+
+    folders = sorted({p.parent for p in TCIA.rglob("*.dcm") if "A0001" in str(p)})
+    if not folders:
+        pytest.skip("../shared/realct is absent")
+    stack = assemble_series(read_series_dir(folders[0]))
+    grid_params = PackParams(spacing_mm=(4.0, 4.0, 4.0), shape=(48, 96, 96))
+    grid = centred_grid(stack, inference.lung_centre(stack, grid_params), grid_params)
+    lung = threshold_lung_mask(stack.image)
+    on_grid = resample_label(stack, grid, lung.astype(np.uint8))
+    z, y, x = (int(np.median(v)) for v in np.nonzero(on_grid))
+    on_grid[z - 1 : z + 2, y - 1 : y + 2, x - 1 : x + 2] = 2  # a 12 mm lesion in the lung
+    covered = label_to_stack(stack, grid, np.ones(grid.shape, dtype=np.uint8)) > 0
+    outlined = inference.native_labels(stack, grid, on_grid, "hu")
+    redrawn = inference.native_labels(stack, grid, on_grid, "hu", grow_mm=8.0)
+    assert dice(outlined[covered] > 0, lung[covered]) > 0.97
+    np.testing.assert_array_equal(redrawn > 0, outlined > 0)  # the redraw keeps the lung
+    lesion = redrawn >= 2
+    assert lesion.any()
+    assert (stack.image[lesion] >= GROW_HU_MIN).all()
+    reach = ndimage.distance_transform_edt(outlined < 2, sampling=stack.spacing_mm)
+    assert reach[lesion].max() <= 8.0
+    assert not redrawn[~covered].any()
+
+
 # --------------------------------------------------------------------------- one series
 
 
