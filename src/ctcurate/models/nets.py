@@ -270,21 +270,41 @@ def grow_lesions(
     lesions are drawn too small on another scanner's CT, and the density around them says
     how far they reach. ``reach_mm <= 0`` or no lesion returns an unchanged copy.
     """
+    return _by_density_near_lesions(label, image_hu, spacing_mm, reach_mm, lesions_too=False)
+
+
+def _by_density_near_lesions(
+    label: npt.NDArray[np.integer[Any]],
+    image_hu: npt.NDArray[np.floating[Any]],
+    spacing_mm: Sequence[float],
+    reach_mm: float,
+    lesions_too: bool,
+) -> npt.NDArray[np.uint8]:
+    """The rule of :func:`grow_lesions` and :func:`redraw_lesions`: within ``reach_mm`` of
+    the lesions, normal lung (with ``lesions_too`` the lesions as well) at
+    :data:`GROW_HU_MIN` or denser becomes consolidation from
+    :data:`GROW_CONSOLIDATION_HU_MIN` and ground glass below it, lighter lung normal. The
+    distance is taken only in the lesions' bounding box grown by the reach, since nothing
+    farther can be within it."""
     lab = np.asarray(label).astype(np.uint8, copy=True)
     lesion = lab >= GGO
     if reach_mm <= 0 or not lesion.any():
         return lab
-    hu = np.asarray(image_hu)
-    distance = ndimage.distance_transform_edt(~lesion, sampling=[float(v) for v in spacing_mm])
-    grown = (distance <= reach_mm) & (lab == NORMAL) & (hu >= GROW_HU_MIN)
-    lab[grown] = _lesion_class(hu[grown])
+    spacing = np.asarray([float(v) for v in spacing_mm], dtype=np.float64)
+    pad = np.ceil(reach_mm / spacing).astype(np.int64) + 1
+    where = np.argwhere(lesion)
+    lo = np.maximum(where.min(axis=0) - pad, 0)
+    hi = np.minimum(where.max(axis=0) + pad + 1, lab.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    sub = lab[box]  # a view: writing it writes lab
+    hu = np.asarray(image_hu)[box]
+    near = ndimage.distance_transform_edt(~lesion[box], sampling=spacing) <= reach_mm
+    near &= (sub >= NORMAL) if lesions_too else (sub == NORMAL)
+    dense = hu >= GROW_HU_MIN
+    sub[near & ~dense] = NORMAL
+    drawn = near & dense
+    sub[drawn] = np.where(hu[drawn] >= GROW_CONSOLIDATION_HU_MIN, CONSOLIDATION, GGO)
     return lab
-
-
-def _lesion_class(hu: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-    """Consolidation from :data:`GROW_CONSOLIDATION_HU_MIN`, ground glass below it."""
-    out: npt.NDArray[np.uint8] = np.where(hu >= GROW_CONSOLIDATION_HU_MIN, CONSOLIDATION, GGO)
-    return out.astype(np.uint8)
 
 
 def redraw_lesions(
@@ -304,26 +324,7 @@ def redraw_lesions(
     only adds. Lung away from the lesions and everything outside the lung are unchanged;
     ``reach_mm <= 0`` or no lesion returns an unchanged copy.
     """
-    lab = np.asarray(label).astype(np.uint8, copy=True)
-    lesion = lab >= GGO
-    if reach_mm <= 0 or not lesion.any():
-        return lab
-    spacing = np.asarray([float(v) for v in spacing_mm], dtype=np.float64)
-    # only the lesions' bounding box grown by the reach can change: the distance is taken there
-    pad = np.ceil(reach_mm / spacing).astype(np.int64) + 1
-    where = np.argwhere(lesion)
-    lo = np.maximum(where.min(axis=0) - pad, 0)
-    hi = np.minimum(where.max(axis=0) + pad + 1, lab.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    sub = lab[box]
-    hu = np.asarray(image_hu)[box]
-    distance = ndimage.distance_transform_edt(~lesion[box], sampling=spacing)
-    near = (distance <= reach_mm) & (sub >= NORMAL)
-    dense = hu >= GROW_HU_MIN
-    sub[near & ~dense] = NORMAL
-    drawn = near & dense
-    sub[drawn] = _lesion_class(hu[drawn])
-    return lab
+    return _by_density_near_lesions(label, image_hu, spacing_mm, reach_mm, lesions_too=True)
 
 
 def postprocess_label(
