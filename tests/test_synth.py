@@ -352,6 +352,32 @@ def test_pleural_consolidation_lies_against_the_chest_wall_anywhere() -> None:
         assert rng0.random() == rng1.random()
 
 
+def test_dependent_atelectasis_densifies_the_back_of_the_lower_lungs_labelled_normal() -> None:
+    """With ``atelectasis`` 1 a clear chest gets dense lung at the back of its lower zones,
+    still labelled normal lung; the front hardly changes, the apices not at all; with 0 the
+    random stream (and the chest) is unchanged."""
+    rng, chest = _chest(8)
+    base = chest.hu.copy()
+    hu, labels, _ = add_pattern(rng, chest, "negative", 0.0, False, atelectasis=1.0)  # type: ignore[arg-type]
+    lung = chest.tissue == LUNG
+    assert set(np.unique(labels[lung])) == {NORMAL}
+    raised = hu - base
+    back = lung & (chest.posterior > 0.6) & (chest.depth > 0.75)  # type: ignore[operator]
+    front = lung & (chest.posterior < 0.0)  # type: ignore[operator]
+    apex = lung & (chest.depth < 0.3)  # type: ignore[operator]
+    assert float(raised[back].mean()) > 40.0
+    assert float((hu[back] > -600.0).mean()) > 0.1  # dense enough to read as opacity
+    assert float(raised[front].mean()) < 0.1 * float(raised[back].mean())  # thin bases only
+    assert float(np.abs(raised[apex]).max()) == 0.0
+    for seed in (3, 8):
+        rng0, chest0 = _chest(seed)
+        plain = add_pattern(rng0, chest0, "typical", 0.5, False)  # type: ignore[arg-type]
+        rng1, chest1 = _chest(seed)
+        zero = add_pattern(rng1, chest1, "typical", 0.5, False, atelectasis=0.0)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(plain[0], zero[0])
+        assert rng0.random() == rng1.random()
+
+
 def test_negative_has_only_normal_lung_and_patterns_are_checked() -> None:
     rng, chest = _chest(6)
     _, labels, _ = add_pattern(rng, chest, "negative", 0.0, False)  # type: ignore[arg-type]

@@ -69,6 +69,9 @@ class SynthParams(Section):
     #: the lung (anterior, lateral, medial, posterior), with a ground-glass rim; 0 keeps the
     #: demo's lesion model (docs/synth.md).
     pleural_consolidation: Fraction = 0.0
+    #: Share of chest studies (any pattern, clear lungs too) given dependent density along
+    #: the back of the lower lungs, labelled normal lung; 0 keeps the demo's lungs.
+    dependent_atelectasis: Fraction = 0.0
 
     @model_validator(mode="after")
     def _check_pandemic_start(self) -> SynthParams:

@@ -70,6 +70,7 @@ class ArchiveWriter:
     seed: int
     matrix: int
     pleural_consolidation: float = 0.0
+    dependent_atelectasis: float = 0.0
     truth: list[TruthRow] = field(default_factory=list)
     trap_files: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)
     tiles: list[Tile] = field(default_factory=list)
@@ -203,6 +204,7 @@ class ArchiveWriter:
             study.border,
             copy=False,
             pleural=self.pleural_consolidation,
+            atelectasis=self.dependent_atelectasis,
         )
         del chest  # the phantom's coordinate volumes: the painted HU and labels carry on
         offset = -round(float(rng.uniform(40.0, 220.0)), 1)

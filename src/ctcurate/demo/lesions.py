@@ -95,6 +95,7 @@ def add_pattern(
     border_consolidation: bool,
     copy: bool = True,
     pleural: float = 0.0,
+    atelectasis: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paint ``pattern`` at ``severity`` (0–1) into a copy of the chest (with ``copy`` False,
     into the chest's own HU and tissue arrays: for a caller that drops the chest).
@@ -115,6 +116,8 @@ def add_pattern(
     tissue = chest.tissue.copy() if copy else chest.tissue
     lung = tissue == LUNG
     labels = np.where(lung, NORMAL, BACKGROUND).astype(np.uint8)
+    if atelectasis > 0 and rng.random() < atelectasis:
+        _dependent_atelectasis(rng, chest, hu, lung)
     if pattern == "negative":
         return hu, labels, tissue
     rough = smooth_noise(rng, hu.shape, (1.2, 1.5, 1.5))
@@ -168,6 +171,27 @@ def add_pattern(
     air = (labels == CONSOLIDATION) & chest.airway
     hu[air] = -900.0  # air bronchograms
     return hu, labels, tissue
+
+
+def _dependent_atelectasis(
+    rng: np.random.Generator, chest: Chest, hu: np.ndarray, lung: np.ndarray
+) -> None:
+    """Dependent (gravitational) density of a supine patient, no pneumonia: a band along the
+    back of the lung in the lower zones, 5–30 mm deep, denser toward the back (up to
+    -500..-100 HU at the pleura) with an irregular edge. Its label stays normal lung, as a
+    reader leaves it out of ground glass and consolidation."""
+    width_mm = float(rng.uniform(5.0, 30.0))
+    top = float(rng.uniform(0.3, 0.6))  # from this lung depth (0 apex .. 1 base) down
+    target = float(rng.uniform(-500.0, -100.0))
+    edge = smooth_noise(rng, hu.shape, (1.5, 2.0, 2.0))
+    rows = np.arange(hu.shape[1], dtype=np.float32)[None, :, None]
+    last = hu.shape[1] - 1 - np.argmax(lung[:, ::-1, :], axis=1)  # the back, per (z, x)
+    from_back = (last[:, None, :] - rows) * np.float32(chest.grid.pixel)  # mm
+    into = 1.0 - from_back / (width_mm * (1.0 + 0.3 * edge))  # 1 at the back, 0 at the edge
+    zone = np.clip((chest.depth - top) / 0.15, 0.0, 1.0)  # fades in downward
+    weight = np.clip(into, 0.0, 1.0) ** 1.5 * zone
+    band = lung & (weight > 0)
+    hu[band] = hu[band] + weight[band] * (target - hu[band])
 
 
 def _pleural_consolidation(

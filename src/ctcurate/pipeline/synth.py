@@ -64,6 +64,7 @@ def run(out: Path, params: SynthParams) -> None:
             seed=params.seed,
             matrix=params.matrix,
             pleural_consolidation=params.pleural_consolidation,
+            dependent_atelectasis=params.dependent_atelectasis,
         )
         for study in progress(studies, len(studies), "synth", log, unit="studies"):
             writer.write_study(study)
