@@ -378,6 +378,32 @@ def test_dependent_atelectasis_densifies_the_back_of_the_lower_lungs_labelled_no
         assert rng0.random() == rng1.random()
 
 
+def test_more_vessel_trees_put_more_vessels_in_the_lung() -> None:
+    """``vessel_trees`` 12 gives clearly more vessel voxels in the lung than the demo's 4,
+    and more cross-sections per slice; 4 is the default and draws nothing more."""
+
+    def chest_with(trees: int | None) -> tuple[object, float]:
+        rng = np.random.default_rng(5)
+        body = sample_body(rng)
+        top, bottom = scan_range(body)
+        grid = Grid(z=np.arange(top, bottom, -2.5), matrix=96, pixel=360.0 / 96)
+        chest = make_chest(rng, body, grid) if trees is None else make_chest(rng, body, grid, trees)
+        return chest, float(rng.random())
+
+    (plain, next_plain), (four, next_four), (twelve, _) = (chest_with(t) for t in (None, 4, 12))
+    np.testing.assert_array_equal(plain.hu, four.hu)  # type: ignore[attr-defined]
+    assert next_plain == next_four
+    lung = plain.tissue == LUNG  # type: ignore[attr-defined]
+    vessels = [int((c.hu[lung] > -500.0).sum()) for c in (four, twelve)]  # type: ignore[attr-defined]
+    assert vessels[1] > 1.8 * vessels[0]
+    mid = lung.shape[0] // 2
+    sections = [
+        ndimage.label(lung[mid] & (c.hu[mid] > -500.0))[1]  # type: ignore[attr-defined]
+        for c in (four, twelve)
+    ]
+    assert sections[1] > sections[0]
+
+
 def test_negative_has_only_normal_lung_and_patterns_are_checked() -> None:
     rng, chest = _chest(6)
     _, labels, _ = add_pattern(rng, chest, "negative", 0.0, False)  # type: ignore[arg-type]

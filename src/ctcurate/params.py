@@ -72,6 +72,9 @@ class SynthParams(Section):
     #: Share of chest studies (any pattern, clear lungs too) given dependent density along
     #: the back of the lower lungs, labelled normal lung; 0 keeps the demo's lungs.
     dependent_atelectasis: Fraction = 0.0
+    #: Vessel trees per lung from each hilum (4: the demo's; more gives the vessel load of
+    #: real chest CT, docs/synth.md).
+    vessel_trees: Annotated[int, Field(ge=4, le=32)] = 4
 
     @model_validator(mode="after")
     def _check_pandemic_start(self) -> SynthParams:

@@ -157,10 +157,20 @@ def _segments(
     return out
 
 
+#: Vessel trees per lung of the demo (upper, lower posterior basal, anterior, lateral).
+VESSEL_TREES = 4
+
+
 def _tree_fields(
-    rng: np.random.Generator, body: Body, grid: Grid, hila: list[np.ndarray]
+    rng: np.random.Generator,
+    body: Body,
+    grid: Grid,
+    hila: list[np.ndarray],
+    trees: int = VESSEL_TREES,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Vessel and airway lumen fractions (partial volume) from trees rooted at the hila."""
+    """Vessel and airway lumen fractions (partial volume) from trees rooted at the hila:
+    the four named roots per lung, then ``trees`` − 4 more in random lateral directions with
+    root radii of 3.5–6.5 mm (none drawn for 4)."""
     shape = (grid.z.size, grid.matrix, grid.matrix)
     classes = (4.0, 1.6)  # representative radii (mm)
     points: list[list[np.ndarray]] = [[] for _ in classes]
@@ -173,9 +183,14 @@ def _tree_fields(
             np.array([side * 0.5, -0.55, -0.55]),  # anterior / middle lobe
             np.array([side * 0.8, 0.35, -0.2]),  # lateral
         ]
-        for root in roots:
+        radii = [6.5] * len(roots)
+        for _ in range(max(trees - len(roots), 0)):
+            lateral = rng.uniform([0.3, -0.7, -0.9], [0.9, 0.7, 0.9])
+            roots.append(np.array([side * lateral[0], lateral[1], lateral[2]]))
+            radii.append(float(rng.uniform(3.5, 6.5)))
+        for root, radius in zip(roots, radii, strict=True):
             d = root / float(np.linalg.norm(root))
-            for p0, p1, r, g in _segments(rng, hilum, d, 6.5):
+            for p0, p1, r, g in _segments(rng, hilum, d, radius):
                 n = max(
                     2, int(float(np.linalg.norm(p1 - p0, axis=1).max()) / (0.5 * grid.pixel)) + 1
                 )
@@ -219,8 +234,11 @@ def _tree_fields(
     return vessel, air
 
 
-def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
-    """Evaluate a noiseless chest on ``grid``: HU, tissue classes and lung coordinates."""
+def make_chest(
+    rng: np.random.Generator, body: Body, grid: Grid, vessel_trees: int = VESSEL_TREES
+) -> Chest:
+    """Evaluate a noiseless chest on ``grid``: HU, tissue classes and lung coordinates
+    (``vessel_trees`` vessel trees per lung)."""
     z = grid.z.astype(np.float32)[:, None, None]
     y = grid.y.astype(np.float32)[None, :, None]
     x = grid.x.astype(np.float32)[None, None, :]
@@ -354,7 +372,7 @@ def make_chest(rng: np.random.Generator, body: Body, grid: Grid) -> Chest:
         np.array([s * a_hilum * 0.3, 0.0, -0.42 * height], dtype=np.float64) for s in (-1.0, 1.0)
     ]
     del r_tr, trachea, wall
-    vessel, airway = _tree_fields(rng, body, grid, hila)
+    vessel, airway = _tree_fields(rng, body, grid, hila, vessel_trees)
     vessel = np.where(lung, vessel, 0.0)
     airway = np.where(lung, airway, 0.0).astype(np.float32, copy=False)
     for k in range(0, shape[0], SLAB):

@@ -17,7 +17,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctcurate.demo import extras
-from ctcurate.demo.anatomy import Grid, make_chest, reconstruct, scan_range, thick_average
+from ctcurate.demo.anatomy import (
+    VESSEL_TREES,
+    Grid,
+    make_chest,
+    reconstruct,
+    scan_range,
+    thick_average,
+)
 from ctcurate.demo.cohort import THICK_MM, Study, uid
 from ctcurate.demo.dicomwrite import (
     SeriesInfo,
@@ -71,6 +78,7 @@ class ArchiveWriter:
     matrix: int
     pleural_consolidation: float = 0.0
     dependent_atelectasis: float = 0.0
+    vessel_trees: int = VESSEL_TREES
     truth: list[TruthRow] = field(default_factory=list)
     trap_files: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)
     tiles: list[Tile] = field(default_factory=list)
@@ -194,7 +202,9 @@ class ArchiveWriter:
         z = np.arange(top, bottom - 1e-6, -study.thickness)
         matrix = site.matrix(self.matrix)
         pixel = study.fov / matrix
-        chest = make_chest(rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel))
+        chest = make_chest(
+            rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel), self.vessel_trees
+        )
         pattern = study.pattern or "negative"
         hu, labels, _ = add_pattern(
             rng,

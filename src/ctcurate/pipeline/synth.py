@@ -65,6 +65,7 @@ def run(out: Path, params: SynthParams) -> None:
             matrix=params.matrix,
             pleural_consolidation=params.pleural_consolidation,
             dependent_atelectasis=params.dependent_atelectasis,
+            vessel_trees=params.vessel_trees,
         )
         for study in progress(studies, len(studies), "synth", log, unit="studies"):
             writer.write_study(study)
