@@ -655,3 +655,32 @@ def test_batch_on_a_release_uses_its_recorded_grids(world: World, tmp_path: Path
         assert grid["centred_on"] == "release_case"
         assert grid["origin_mm"] == origins[uid]
         assert grid["shape"] == list(PACK.shape)
+
+
+def test_gpu_predict_check_dry_run_agrees_and_cuda_is_refused_without_it(
+    world: World, tmp_path: Path
+) -> None:
+    import torch
+
+    params = _write_params(tmp_path / "params.yaml")
+    script = ROOT / "scripts" / "gpu_predict_check.py"
+    base = [sys.executable, str(script), "--series", str(world.archive / SITE / "s0")]
+    base += ["--models", str(world.models), "--params", str(params)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    dry = subprocess.run(
+        [*base, "--device", "cpu"], check=False, capture_output=True, text=True, env=env
+    )
+    assert dry.returncode == 0, dry.stderr
+    result = json.loads(dry.stdout)
+    assert result["ok"] is True
+    assert result["seg_agreement"] == 1.0
+    assert result["probability"]["test"] == result["probability"]["cpu"]
+    assert result["volumes_ml"]["test"] == result["volumes_ml"]["cpu"]
+    assert result["seg_frames"][1:] == list(SHAPE[1:])  # frames in the series' pixel grid
+    if not torch.cuda.is_available():
+        cuda = subprocess.run(
+            [*base, "--device", "cuda"], check=False, capture_output=True, text=True, env=env
+        )
+        assert cuda.returncode == 2
+        assert cuda.stderr.strip().count("\n") == 0
+        assert "CUDA is not available" in cuda.stderr
