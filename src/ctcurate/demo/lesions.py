@@ -179,19 +179,30 @@ def _dependent_atelectasis(
     """Dependent (gravitational) density of a supine patient, no pneumonia: a band along the
     back of the lung in the lower zones, 5–30 mm deep, denser toward the back (up to
     -500..-100 HU at the pleura) with an irregular edge. Its label stays normal lung, as a
-    reader leaves it out of ground glass and consolidation."""
+    reader leaves it out of ground glass and consolidation.
+
+    The band's depth varies over the back (a smooth field over slices and columns), and the
+    volume is painted in slabs of slices: no whole-volume temporary at clinical size."""
     width_mm = float(rng.uniform(5.0, 30.0))
     top = float(rng.uniform(0.3, 0.6))  # from this lung depth (0 apex .. 1 base) down
     target = float(rng.uniform(-500.0, -100.0))
-    edge = smooth_noise(rng, hu.shape, (1.5, 2.0, 2.0))
-    rows = np.arange(hu.shape[1], dtype=np.float32)[None, :, None]
-    last = hu.shape[1] - 1 - np.argmax(lung[:, ::-1, :], axis=1)  # the back, per (z, x)
-    from_back = (last[:, None, :] - rows) * np.float32(chest.grid.pixel)  # mm
-    into = 1.0 - from_back / (width_mm * (1.0 + 0.3 * edge))  # 1 at the back, 0 at the edge
-    zone = np.clip((chest.depth - top) / 0.15, 0.0, 1.0)  # fades in downward
-    weight = np.clip(into, 0.0, 1.0) ** 1.5 * zone
-    band = lung & (weight > 0)
-    hu[band] = hu[band] + weight[band] * (target - hu[band])
+    nz, ny, nx = hu.shape
+    edge = smooth_noise(rng, (nz, nx), (1.5, 2.0))  # per slice and column
+    reach = (width_mm * (1.0 + 0.3 * edge))[:, None, :]  # mm from the back, (z, 1, x)
+    rows = np.arange(ny, dtype=np.float32)[None, :, None]
+    depth = np.broadcast_to(chest.depth, hu.shape)
+    pixel = np.float32(chest.grid.pixel)
+    for k in range(0, nz, SLAB):
+        part = slice(k, k + SLAB)
+        one = lung[part]
+        last = ny - 1 - np.argmax(one[:, ::-1, :], axis=1)  # the back, per (z, x)
+        from_back = (last[:, None, :] - rows) * pixel
+        into = 1.0 - from_back / reach[part]  # 1 at the back, 0 at the band's edge
+        zone = np.clip((depth[part] - top) / 0.15, 0.0, 1.0)  # fades in downward
+        weight = np.clip(into, 0.0, 1.0) ** 1.5 * zone
+        band = one & (weight > 0)
+        block = hu[part]
+        block[band] = block[band] + weight[band] * (target - block[band])
 
 
 def _pleural_consolidation(
