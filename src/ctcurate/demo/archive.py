@@ -399,7 +399,8 @@ class ArchiveWriter:
             pixel = study.fov / matrix
             height = study.body.lung_height
             z = -height - 10.0 - 5.0 * np.arange(extras.ABDOMEN_SLICES)
-            chest = make_chest(rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel))
+            grid = Grid(z=z, matrix=matrix, pixel=pixel)
+            chest = make_chest(rng, study.body, grid, self.vessel_trees)
             hu = reconstruct(rng, chest.hu, 0.3, 8.0)
             sops = [uid(self.seed, "sop", info.series_uid, i) for i in range(z.size)]
             datasets = ct_series(study, site, info, hu, z, pixel, 5.0, sops, -300.0)
@@ -412,7 +413,9 @@ class ArchiveWriter:
             info = self.series_info(study, kind, 1, "Chest PA", "", "ORIGINAL\\PRIMARY")
             top, bottom = scan_range(study.body)
             grid = Grid(z=np.arange(top, bottom, -6.0), matrix=48, pixel=400.0 / 48)
-            image = extras.radiograph(make_chest(rng, study.body, grid), 2 * matrix)
+            image = extras.radiograph(
+                make_chest(rng, study.body, grid, self.vessel_trees), 2 * matrix
+            )
             datasets = [
                 cr_image(study, site, info, image, uid(self.seed, "sop", info.series_uid, 0))
             ]
