@@ -18,7 +18,6 @@ from pydicom.dataset import Dataset
 
 from ctcurate.demo import extras
 from ctcurate.demo.anatomy import (
-    VESSEL_TREES,
     Grid,
     make_chest,
     reconstruct,
@@ -40,6 +39,7 @@ from ctcurate.demo.lesions import add_pattern
 from ctcurate.demo.preview import Tile
 from ctcurate.demo.vendors import SITE_BY_CODE, SITES, SeriesKey, Site, series_files
 from ctcurate.dicom.seg import write_seg
+from ctcurate.params import SynthParams
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
@@ -76,9 +76,11 @@ class ArchiveWriter:
     root: Path
     seed: int
     matrix: int
-    pleural_consolidation: float = 0.0
-    dependent_atelectasis: float = 0.0
-    vessel_trees: int = VESSEL_TREES
+    #: The ``synth`` section whose drawing options (``pleural_consolidation``,
+    #: ``dependent_atelectasis``, ``vessel_trees``...) the chests are rendered with; its
+    #: defaults draw the demo's chests. ``seed`` and ``matrix`` above are the writer's own
+    #: (the header-heavy archive writes 16-pixel images that the section does not allow).
+    options: SynthParams = field(default_factory=SynthParams)
     truth: list[TruthRow] = field(default_factory=list)
     trap_files: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)
     tiles: list[Tile] = field(default_factory=list)
@@ -203,7 +205,7 @@ class ArchiveWriter:
         matrix = site.matrix(self.matrix)
         pixel = study.fov / matrix
         chest = make_chest(
-            rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel), self.vessel_trees
+            rng, study.body, Grid(z=z, matrix=matrix, pixel=pixel), self.options.vessel_trees
         )
         pattern = study.pattern or "negative"
         hu, labels, _ = add_pattern(
@@ -213,8 +215,8 @@ class ArchiveWriter:
             study.severity,
             study.border,
             copy=False,
-            pleural=self.pleural_consolidation,
-            atelectasis=self.dependent_atelectasis,
+            pleural=self.options.pleural_consolidation,
+            atelectasis=self.options.dependent_atelectasis,
         )
         del chest  # the phantom's coordinate volumes: the painted HU and labels carry on
         offset = -round(float(rng.uniform(40.0, 220.0)), 1)
@@ -400,7 +402,7 @@ class ArchiveWriter:
             height = study.body.lung_height
             z = -height - 10.0 - 5.0 * np.arange(extras.ABDOMEN_SLICES)
             grid = Grid(z=z, matrix=matrix, pixel=pixel)
-            chest = make_chest(rng, study.body, grid, self.vessel_trees)
+            chest = make_chest(rng, study.body, grid, self.options.vessel_trees)
             hu = reconstruct(rng, chest.hu, 0.3, 8.0)
             sops = [uid(self.seed, "sop", info.series_uid, i) for i in range(z.size)]
             datasets = ct_series(study, site, info, hu, z, pixel, 5.0, sops, -300.0)
@@ -414,7 +416,7 @@ class ArchiveWriter:
             top, bottom = scan_range(study.body)
             grid = Grid(z=np.arange(top, bottom, -6.0), matrix=48, pixel=400.0 / 48)
             image = extras.radiograph(
-                make_chest(rng, study.body, grid, self.vessel_trees), 2 * matrix
+                make_chest(rng, study.body, grid, self.options.vessel_trees), 2 * matrix
             )
             datasets = [
                 cr_image(study, site, info, image, uid(self.seed, "sop", info.series_uid, 0))

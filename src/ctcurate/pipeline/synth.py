@@ -63,9 +63,7 @@ def run(out: Path, params: SynthParams) -> None:
             root=tmp,
             seed=params.seed,
             matrix=params.matrix,
-            pleural_consolidation=params.pleural_consolidation,
-            dependent_atelectasis=params.dependent_atelectasis,
-            vessel_trees=params.vessel_trees,
+            options=params,
         )
         for study in progress(studies, len(studies), "synth", log, unit="studies"):
             writer.write_study(study)
