@@ -15,7 +15,7 @@ import ctcurate.release
 from ctcurate.errors import InputError, ParamsError
 from ctcurate.io.outputs import MARKER
 from ctcurate.models import checkpoint
-from ctcurate.models.augment import RandLesionCropd, patch_start, train_transform
+from ctcurate.models.augment import RandLesionCropd, patch_start, scanner_look, train_transform
 from ctcurate.models.nets import (
     FEATURES,
     balanced_weights,
@@ -420,3 +420,55 @@ def test_dice_over_case_weighs_a_small_lesion_like_a_large_one(loss: str) -> Non
     by_batch = train.make_loss(TrainParams(loss=loss, dice_over="batch"))(logits, labels)
     by_case = train.make_loss(TrainParams(loss=loss, dice_over="case"))(logits, labels)
     assert float(by_case) > float(by_batch) + 0.05
+
+
+class _DensityNet(torch.nn.Module):
+    """A stand-in for the network whose labels follow the image's HU: ground glass denser
+    than -600 HU, normal lung below (so other noise or another kernel gives other labels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = (-600.0 + 1024.0) / 1624.0  # -600 HU after normalise_hu
+        lesion = (x - level) * 100.0
+        return torch.cat([torch.zeros_like(x), -lesion, lesion, torch.full_like(x, -1e3)], 1)
+
+
+def test_scanner_look_changes_every_image_and_is_seeded() -> None:
+    image = torch.from_numpy(
+        np.random.default_rng(0).normal(-800.0, 100.0, (1, 16, 16, 16)).astype(np.float32)
+    )
+    looks = [scanner_look(TrainParams().augment, seed) for seed in (0, 0, 1)]
+    out = [look({"image": image.clone()})["image"] for look in looks]
+    assert all(o.shape == image.shape for o in out)
+    assert not torch.equal(out[0], image)
+    assert torch.equal(out[0], out[1])  # the same seed, the same scanner
+    assert not torch.equal(out[0], out[2])
+
+
+def test_classifier_copies_add_predictions_as_other_scanners_give_them(
+    release: Path, tmp_path: Path
+) -> None:
+    data = ctcurate.release.open(release, split="train")
+    cpu, roi, net = torch.device("cpu"), (16, 16, 16), _DensityNet()
+    params = tiny_params(classifier_copies=2)
+    x0, y0 = train.case_features(net, data, roi, cpu, False)
+    look = scanner_look(params.augment, params.seed)
+    x2, y2 = train.case_features(net, data, roi, cpu, False, copies=2, look=look)
+    assert len(y0) > 0
+    assert len(y2) == 3 * len(y0)
+    np.testing.assert_array_equal(x2[::3], x0)  # each case's own prediction first
+    np.testing.assert_array_equal(y2, np.repeat(y0, 3))
+    assert not np.array_equal(x2[1::3], x0)
+    assert not np.array_equal(x2[2::3], x2[1::3])
+    again, _ = train.case_features(
+        net, data, roi, cpu, False, copies=2, look=scanner_look(params.augment, params.seed)
+    )
+    np.testing.assert_array_equal(again, x2)
+    # the reference labels do not change with the scanner: no copies of them
+    xt, _ = train.case_features(None, data, roi, cpu, False, copies=2, look=look)
+    assert len(xt) == len(y0)
+
+    out = tmp_path / "models"
+    train.run(release, out, tmp_path / "live", params)
+    card = json.loads((out / "model.json").read_text())
+    assert card["classifier"]["scanner_copies"] == 2
+    assert json.loads((out / "classifier.json").read_text())["n_fit"] == 18  # 6 cases x 3

@@ -369,6 +369,10 @@ class TrainParams(Section):
     )
     classifier_balanced: bool = False  # weight the two classes equally in the fit
     classifier_l2: PositiveFloat = 1.0
+    # extra copies of each fit case, predicted after every scanner transform of `augment`
+    # (HU calibration, noise, kernel, resolution at their ranges): the classifier then meets
+    # predictions made on other scanners' images; 0 fits on the cases as they are
+    classifier_copies: Annotated[int, Field(ge=0, le=16)] = 0
     # lesion components smaller than this (mm^3) become normal lung; with several values
     # the one with the best mean val lesion Dice is kept (the smallest on a tie)
     min_lesion_mm3: tuple[Annotated[float, Field(ge=0.0)], ...] = Field(

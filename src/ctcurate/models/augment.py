@@ -278,3 +278,23 @@ def train_transform(
     compose = Compose(steps)
     compose.set_random_state(seed=seed)
     return compose
+
+
+def scanner_look(augment: AugmentParams, seed: int) -> Compose:
+    """Every image-only scanner transform of ``augment``, each applied (probability 1) with
+    its ranges, in the order a scanner applies them: HU scale and offset, noise, kernel,
+    resolution. For predictions "as another scanner would give them" (the typicality
+    classifier's extra fit copies, ``train.classifier_copies``); the probabilities of
+    ``augment`` are not used. Takes and returns a dict with ``image`` (1, z, y, x); seeded
+    like :func:`train_transform`.
+    """
+    compose = Compose(
+        [
+            RandHuIntensityd(1.0, augment.hu_scale, augment.hu_offset),
+            RandCtNoised(1.0, augment.noise_sd_hu),
+            RandKerneld(1.0, augment.blur_sigma_vox, augment.sharpen_amount),
+            RandResolutiond(1.0, augment.resolution_z, augment.resolution_xy),
+        ]
+    )
+    compose.set_random_state(seed=seed)
+    return compose

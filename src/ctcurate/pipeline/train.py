@@ -44,7 +44,7 @@ from ctcurate.io.atomic import dumps_json
 from ctcurate.io.outputs import check_output_dir, publish_dir
 from ctcurate.labels import GGO
 from ctcurate.log import get_logger
-from ctcurate.models.augment import train_transform
+from ctcurate.models.augment import scanner_look, train_transform
 from ctcurate.models.checkpoint import (
     CLASSIFIER_FILE,
     LAST_FILE,
@@ -258,33 +258,44 @@ def case_features(
     min_lesion_mm3: float = 0.0,
     lung_from: str = "network",
     grow_mm: float = 0.0,
+    copies: int = 0,
+    look: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Typicality features and labels of the dataset's cases with a known label.
 
     With ``net`` the features are measured on its predicted segmentation post-processed
     as evaluate does it (lesions below ``min_lesion_mm3`` removed, the lung from
     ``lung_from``, lesions grown by ``grow_mm``), without it on the reference labels.
+    With ``net``, ``copies`` > 0 and ``look`` (:func:`ctcurate.models.augment.scanner_look`),
+    each case also gives ``copies`` more rows, each predicted on the case's image after
+    ``look`` (the case's own row first, then its copies, case by case).
     """
     rows: list[npt.NDArray[np.float64]] = []
     ys: list[int] = []
+    n_images = 1 + (copies if net is not None and look is not None else 0)
     for i in range(len(dataset)):  # type: ignore[arg-type]
         sample = dataset[i]
         if sample["typical"] not in (0, 1):
             continue
-        if net is None:
-            label = sample["label"][0].numpy().astype(np.uint8)
-        else:
-            label = predict_labels(net, sample["image"][None], roi, device, amp)[0]
-            label = postprocess_label(
-                label,
-                sample["image"][0].numpy(),
-                spacing_of(sample["meta"]),
-                min_lesion_mm3,
-                lung_from,
-                grow_mm,
-            )
-        rows.append(typicality_features(label, spacing_of(sample["meta"])))
-        ys.append(int(sample["typical"]))
+        spacing = spacing_of(sample["meta"])
+        for k in range(n_images):
+            if net is None:
+                label = sample["label"][0].numpy().astype(np.uint8)
+            else:
+                image = sample["image"]
+                if k and look is not None:
+                    image = look({"image": torch.as_tensor(image).clone()})["image"]
+                label = predict_labels(net, image[None], roi, device, amp)[0]
+                label = postprocess_label(
+                    label,
+                    np.asarray(image[0], dtype=np.float32),
+                    spacing,
+                    min_lesion_mm3,
+                    lung_from,
+                    grow_mm,
+                )
+            rows.append(typicality_features(label, spacing))
+            ys.append(int(sample["typical"]))
     x = np.vstack(rows) if rows else np.zeros((0, len(FEATURES)))
     return x, np.asarray(ys, dtype=np.int64)
 
@@ -332,6 +343,7 @@ def model_card(
             "features_from": params.classifier_features,
             "fitted_on": list(params.classifier_splits),
             "class_balanced": params.classifier_balanced,
+            "scanner_copies": params.classifier_copies,
             "positive_class": "typical (RSNA 1-2)",
         },
         "params": params.model_dump(mode="json"),
@@ -539,14 +551,26 @@ def fit_classifier(
     """The typicality classifier fitted on the cases of ``datasets`` with a known label.
 
     Features from ``net``'s predictions (``None``: from the reference labels); with
-    ``params.classifier_balanced`` each class weighs half of the fit. Returns the model
-    and the number of cases seen (with or without a label).
+    ``params.classifier_balanced`` each class weighs half of the fit; with
+    ``params.classifier_copies`` each case is also predicted that many times after
+    :func:`ctcurate.models.augment.scanner_look` (seeded with ``params.seed``). Returns the
+    model and the number of cases seen (with or without a label).
     """
     use_amp = params.amp and device.type == "cuda"
+    look = scanner_look(params.augment, params.seed) if params.classifier_copies else None
     xs, ys, seen = [], [], 0
     for ds in datasets:
         x, y = case_features(
-            net, ds, roi, device, use_amp, min_lesion_mm3, params.lung_from, grow_mm
+            net,
+            ds,
+            roi,
+            device,
+            use_amp,
+            min_lesion_mm3,
+            params.lung_from,
+            grow_mm,
+            params.classifier_copies,
+            look,
         )
         xs.append(x)
         ys.append(y)
@@ -661,13 +685,16 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
             lesion_filter.min_lesion_mm3,
             lesion_filter.lesion_grow_mm,
         )
+        per_case = 1 + (params.classifier_copies if feature_net is not None else 0)
         log.info(
-            "typicality classifier fitted on %d cases of %s (%d typical, %d other, %d unknown)",
-            classifier.n_fit,
+            "typicality classifier fitted on %d cases of %s (%d typical, %d other, %d unknown)"
+            ", %d image(s) each",
+            classifier.n_fit // per_case,
             "+".join(params.classifier_splits),
-            classifier.n_positive,
-            classifier.n_fit - classifier.n_positive,
-            seen - classifier.n_fit,
+            classifier.n_positive // per_case,
+            (classifier.n_fit - classifier.n_positive) // per_case,
+            seen - classifier.n_fit // per_case,
+            per_case,
         )
         if classifier.n_positive in (0, classifier.n_fit):
             log.warning("typicality: the fit cases lack a class; the classifier is a prior")
