@@ -17,13 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctcurate.demo import extras
-from ctcurate.demo.anatomy import (
-    Grid,
-    make_chest,
-    reconstruct,
-    scan_range,
-    thick_average,
-)
+from ctcurate.demo.anatomy import Grid, make_chest, reconstruct, scan_range, thick_average
 from ctcurate.demo.cohort import THICK_MM, Study, uid
 from ctcurate.demo.dicomwrite import (
     SeriesInfo,

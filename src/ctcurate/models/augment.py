@@ -266,14 +266,7 @@ def train_transform(
                 aug.lesion_texture_hu,
             )
         )
-    if aug.intensity_prob > 0:
-        steps.append(RandHuIntensityd(aug.intensity_prob, aug.hu_scale, aug.hu_offset))
-    if aug.noise_prob > 0:
-        steps.append(RandCtNoised(aug.noise_prob, aug.noise_sd_hu))
-    if aug.kernel_prob > 0:
-        steps.append(RandKerneld(aug.kernel_prob, aug.blur_sigma_vox, aug.sharpen_amount))
-    if aug.resolution_prob > 0:
-        steps.append(RandResolutiond(aug.resolution_prob, aug.resolution_z, aug.resolution_xy))
+    steps.extend(_scanner_steps(aug, every=False))
     steps.append(_plain_tensors)
     compose = Compose(steps)
     compose.set_random_state(seed=seed)
@@ -288,13 +281,23 @@ def scanner_look(augment: AugmentParams, seed: int) -> Compose:
     ``augment`` are not used. Takes and returns a dict with ``image`` (1, z, y, x); seeded
     like :func:`train_transform`.
     """
-    compose = Compose(
-        [
-            RandHuIntensityd(1.0, augment.hu_scale, augment.hu_offset),
-            RandCtNoised(1.0, augment.noise_sd_hu),
-            RandKerneld(1.0, augment.blur_sigma_vox, augment.sharpen_amount),
-            RandResolutiond(1.0, augment.resolution_z, augment.resolution_xy),
-        ]
-    )
+    compose = Compose(_scanner_steps(augment, every=True))
     compose.set_random_state(seed=seed)
     return compose
+
+
+def _scanner_steps(aug: AugmentParams, every: bool) -> list[Any]:
+    """The image-only scanner transforms of ``aug`` in the order a scanner applies them (HU
+    scale and offset, noise, kernel, resolution): with ``every`` each at probability 1,
+    otherwise at its own probability, a transform of probability 0 left out."""
+
+    def prob(own: float) -> float:
+        return 1.0 if every else own
+
+    steps = [
+        RandHuIntensityd(prob(aug.intensity_prob), aug.hu_scale, aug.hu_offset),
+        RandCtNoised(prob(aug.noise_prob), aug.noise_sd_hu),
+        RandKerneld(prob(aug.kernel_prob), aug.blur_sigma_vox, aug.sharpen_amount),
+        RandResolutiond(prob(aug.resolution_prob), aug.resolution_z, aug.resolution_xy),
+    ]
+    return [step for step in steps if step.prob > 0]
