@@ -159,6 +159,29 @@ def test_select_train_is_deterministic_and_separates_the_audit_list(tmp_path: Pa
     assert [bool(p >= model.threshold) for p in probs] == [sick for _, _, sick in series]
 
 
+def test_select_train_writes_its_validation_report(tmp_path: Path) -> None:
+    tiny_archive(tmp_path)
+    args = (tmp_path / "index", tmp_path / "archive", tmp_path / "audit.csv")
+    reports = [tmp_path / "a" / "validation.json", tmp_path / "b" / "validation.json"]
+    for i, report in enumerate(reports):
+        select_train.run(*args, tmp_path / f"m{i}.json", PARAMS, validation=report)
+    data = reports[0].read_bytes()
+    assert reports[1].read_bytes() == data  # same audit list, same bytes
+    assert (tmp_path / "m0.json").read_bytes() == (tmp_path / "m1.json").read_bytes()
+    report = json.loads(data)
+    _, version = read_model(tmp_path / "m0.json")
+    assert report["selector"] == version
+    assert (report["series"], report["pneumonia"]) == (4, 2)  # the unindexed row left out
+    cv = report["cross_validation"]
+    assert cv["folds"] == 2 and cv["series"] == 4  # two of each class: two folds
+    assert cv["precision"] == cv["recall"] == 1.0  # ground glass against none
+    assert report["leave_one_site_out"] is None  # one site
+    # a report that would overwrite the model is refused before anything is written
+    with pytest.raises(InputError, match="must be different files"):
+        select_train.run(*args, tmp_path / "m2.json", PARAMS, validation=tmp_path / "m2.json")
+    assert not (tmp_path / "m2.json").exists()
+
+
 @pytest.mark.slow
 def test_select_train_gives_the_same_model_on_a_pool_and_on_dask(tmp_path: Path) -> None:
     from distributed import LocalCluster

@@ -267,6 +267,14 @@ def select_train(
     out: Annotated[
         Path, typer.Option("--out", help="Selector model JSON to write.", dir_okay=False)
     ],
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            "--validation",
+            help="Also write the fit's cross-validated and leave-one-site-out figures here.",
+            dir_okay=False,
+        ),
+    ] = None,
     scheduler: SchedulerOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
@@ -280,6 +288,7 @@ def select_train(
         out=out,
         params=_section_or_default(params, "select", SelectParams),
         scheduler=scheduler,
+        validation=validation,
     )
 
 

@@ -208,6 +208,7 @@ class SelectParams(Section):
     working_spacing_mm: PositiveFloat = 2.0  # the scorer's isotropic working grid
     threshold: Fraction = 0.5  # pneumonia score >= threshold → pneumonia
     l2: PositiveFloat = 0.1  # L2 penalty of the pneumonia logistic regression
+    validation_folds: Annotated[int, Field(ge=2)] = 5  # select-train's cross-validation
     audit_seed: Annotated[int, Field(ge=0)] = 7  # demo audit list sample / audit sample
     audit_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75  # of the truth's chest CTs
     audit_sample_k: Annotated[int, Field(ge=0)] = 5  # selected + rejected series for review

@@ -12,7 +12,10 @@ truth: a seeded, per-class sample of ``audit_fraction`` of the chest CT series.
 ``select-train`` reads the listed series' pixels from the archive (paths from the index),
 measures their opacity features (:mod:`ctcurate.selection.pneumonia`) on a local process pool and
 fits the logistic regression; the model file is canonical JSON whose sha256 is the
-selector's version. Audited series that are not indexed or whose pixels cannot be read
+selector's version. With ``validation``, it also writes what the fit is expected to be worth
+on series it has not seen (:mod:`ctcurate.selection.validation`: stratified
+cross-validation over ``select.validation_folds`` folds and leave one site out), from the
+same features, as canonical JSON. Audited series that are not indexed or whose pixels cannot be read
 are left out of the fit and counted in the log; an audit list that gives no usable row
 fails the stage. With one class only, the model is the class prior (a warning says so).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -45,6 +49,7 @@ from ctcurate.selection.pneumonia import (
     model_version,
     score_all,
 )
+from ctcurate.selection.validation import validate_selector
 
 log = get_logger("select_train")
 
@@ -140,23 +145,60 @@ def read_audit_list(path: Path) -> list[AuditRow]:
     return parse_audit_list(text, str(path))
 
 
+def _fit_rows(
+    audit: Sequence[AuditRow], features: Mapping[tuple[str, str], Sequence[float]]
+) -> tuple[list[AuditRow], np.ndarray, np.ndarray]:
+    """The audited series that have features (audit-list order), their features and labels."""
+    used = [r for r in audit if (r.site, r.series_instance_uid) in features]
+    x = np.asarray(
+        [features[(r.site, r.series_instance_uid)] for r in used], dtype=np.float64
+    ).reshape(len(used), len(FEATURES))
+    y = np.asarray([int(r.pneumonia) for r in used], dtype=np.int64)
+    return used, x, y
+
+
 def train_selector(
     audit: Sequence[AuditRow],
     features: Mapping[tuple[str, str], Sequence[float]],
     params: SelectParams,
 ) -> SelectorModel:
     """Fit the selector on the audited series that have features (audit-list order)."""
-    used = [r for r in audit if (r.site, r.series_instance_uid) in features]
-    x = np.asarray(
-        [features[(r.site, r.series_instance_uid)] for r in used], dtype=np.float64
-    ).reshape(len(used), len(FEATURES))
-    y = np.asarray([int(r.pneumonia) for r in used], dtype=np.int64)
+    _, x, y = _fit_rows(audit, features)
     return fit_selector(
         x,
         y,
         l2=params.l2,
         threshold=params.threshold,
         working_spacing_mm=params.working_spacing_mm,
+    )
+
+
+def validation_report(
+    audit: Sequence[AuditRow],
+    features: Mapping[tuple[str, str], Sequence[float]],
+    params: SelectParams,
+    version: str,
+) -> bytes:
+    """The validation file's bytes (canonical JSON) for the fit of :func:`train_selector`."""
+    used, x, y = _fit_rows(audit, features)
+    report = validate_selector(
+        x,
+        [int(v) for v in y],
+        [r.site for r in used],
+        l2=params.l2,
+        threshold=params.threshold,
+        folds=params.validation_folds,
+    )
+    report = {"selector": version, "l2": params.l2, **report}
+    return (json.dumps(report, sort_keys=True, indent=2) + "\n").encode()
+
+
+def _figures(part: dict[str, object] | None) -> str:
+    if not part:
+        return "n/a"
+    return ", ".join(
+        f"{name} {'n/a' if part[name] is None else format(part[name], '.3f')}"
+        for name in ("precision", "recall", "auc")
     )
 
 
@@ -192,13 +234,20 @@ def run(
     out: Path,
     params: SelectParams,
     scheduler: str | None = None,
+    validation: Path | None = None,
 ) -> None:
-    """Fit the selector on ``audit_list`` and write the model file ``out`` atomically.
+    """Fit the selector on ``audit_list`` and write the model file ``out`` atomically; with
+    ``validation``, also the validation report there.
 
     The audited series are scored on the local pool of ``params.workers`` or, with
     ``scheduler``, on that Dask cluster."""
     inputs = [Path(index_dir), Path(archive), Path(audit_list)]
     check_output_file(Path(out), inputs)
+    if validation is not None:
+        if Path(validation).resolve() == Path(out).resolve():
+            msg = f"{validation}: the validation report and the model must be different files"
+            raise InputError(msg)
+        check_output_file(Path(validation), inputs)
     audit = read_audit_list(Path(audit_list))
     paths = series_paths(Path(index_dir) / "instances")
     archive = Path(archive)
@@ -246,3 +295,13 @@ def run(
         model.n_fit,
         model.n_positive,
     )
+    if validation is not None:
+        report = validation_report(audit, features, params, model_version(data))
+        with publish_file(Path(validation), inputs=inputs) as tmp:
+            tmp.write_bytes(report)
+        parsed = json.loads(report)
+        log.info("validation, cross-validated: %s", _figures(parsed["cross_validation"]))
+        log.info(
+            "validation, leave one site out: %s",
+            _figures((parsed["leave_one_site_out"] or {}).get("pooled")),
+        )
