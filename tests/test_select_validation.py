@@ -55,7 +55,9 @@ def test_decision_figures_count_what_the_threshold_selects() -> None:
         "auc": pytest.approx(4 / 6),  # 4 of the 6 (pneumonia, clear) pairs ordered
     }
     none = decision_figures([0, 0], [0.1, 0.2], 0.5)
-    assert none["precision"] is None and none["recall"] is None and none["auc"] is None
+    assert none["precision"] is None
+    assert none["recall"] is None
+    assert none["auc"] is None
 
 
 def test_one_site_separates_within_and_across_folds() -> None:
@@ -73,12 +75,14 @@ def test_one_site_separates_within_and_across_folds() -> None:
 def test_leave_one_site_out_shows_a_fit_that_does_not_carry_to_another_site() -> None:
     x, y, sites = two_sites()
     report = validate_selector(x, y, sites, l2=L2, threshold=THRESHOLD, folds=5)
-    assert report["series"] == 48 and report["pneumonia"] == 24
+    assert report["series"] == 48
+    assert report["pneumonia"] == 24
     cv = report["cross_validation"]
     loso = report["leave_one_site_out"]
     # mixed sites in every fold: the fit sees both sites' clear lungs and ranks well
     assert cv["auc"] == 1.0
-    assert cv["precision"] >= 0.9 and cv["recall"] >= 0.9
+    assert cv["precision"] >= 0.9
+    assert cv["recall"] >= 0.9
     # fitted on A, B's denser clear lungs read as pneumonia; fitted on B, A's pneumonias
     # read as clear
     per_site = loso["per_site"]
@@ -87,7 +91,8 @@ def test_leave_one_site_out_shows_a_fit_that_does_not_carry_to_another_site() ->
     assert per_site["A"]["auc"] == per_site["B"]["auc"] == 1.0  # the ranking still holds
     pooled = loso["pooled"]
     assert pooled["series"] == 48
-    assert pooled["precision"] < cv["precision"] and pooled["recall"] < cv["recall"]
+    assert pooled["precision"] < cv["precision"]
+    assert pooled["recall"] < cv["recall"]
 
 
 def test_the_report_is_deterministic_and_follows_the_audit_order() -> None:

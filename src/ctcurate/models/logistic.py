@@ -4,6 +4,12 @@ Pure numpy and deterministic (no random start, no threads beyond BLAS): the pneu
 selector and the typicality classifier both fit through :func:`fit_newton`, predict
 through :func:`predict_standardised` and keep their coefficients as a
 :class:`StandardisedLogistic`; each adds its own ``kind`` (and fields) to the model file.
+
+The fitted coefficients are kept to :data:`COEFFICIENT_DIGITS` significant digits. BLAS
+and LAPACK pick their kernels by CPU (OpenBLAS by core type), and another kernel sums in
+another order: the same features fitted on another machine differ in the last bits, far
+below the fit's own tolerance. Rounded, both machines write the same model file, so a
+release rebuilt elsewhere keeps its selector version and id (docs/select.md).
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ FloatArray = npt.NDArray[np.float64]
 
 #: Logits are clipped to this magnitude before ``exp`` (beyond it σ is 0 or 1 in float64).
 LOGIT_CLIP = 500.0
+#: Significant digits a fitted coefficient keeps (Newton stops at steps of 1e-10).
+COEFFICIENT_DIGITS = 10
+
+
+def significant(value: float, digits: int = COEFFICIENT_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant digits (0.0 for -0.0)."""
+    out = float(f"{float(value):.{digits}g}")
+    return out + 0.0
 
 
 @dataclass(frozen=True)
@@ -51,10 +65,10 @@ class StandardisedLogistic:
         """Constructor arguments from a :func:`fit_newton` result."""
         return {
             "features": tuple(features),
-            "mean": tuple(float(v) for v in fit.mean),
-            "scale": tuple(float(v) for v in fit.scale),
-            "weights": tuple(float(v) for v in fit.weights),
-            "bias": fit.bias,
+            "mean": tuple(significant(v) for v in fit.mean),
+            "scale": tuple(significant(v) for v in fit.scale),
+            "weights": tuple(significant(v) for v in fit.weights),
+            "bias": significant(fit.bias),
             "l2": float(l2),
             "n_fit": fit.n_fit,
             "n_positive": fit.n_positive,
