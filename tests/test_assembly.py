@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers.chest import chest, ct_slices
 
@@ -81,3 +82,27 @@ def test_both_assemblies_accept_the_clean_series_and_a_repeated_slice() -> None:
     repeated.append(twin)  # the same position and pixels: kept once, no gap, no error
     assert assemble_series(copy.deepcopy(repeated)).image.shape[0] == 12
     assert working_volume(iter(repeated), 2.0).source_shape[0] == 13
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("flips", [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+def test_slices_are_oriented_one_at_a_time_as_a_stacked_copy_would_be(
+    transposed: bool, flips: tuple[int, int, int]
+) -> None:
+    from ctcurate.imaging.volume import _orient_slices
+
+    rng = np.random.default_rng(5)
+    slices = {i: rng.normal(size=(3, 5)) for i in range(6)}
+    kept = [4, 0, 2, 5]
+    expected = np.stack([slices[i] for i in kept])  # the volume as one stacked copy
+    if transposed:
+        expected = expected.transpose(0, 2, 1)
+    for axis, flip in enumerate(flips):
+        if flip:
+            expected = np.flip(expected, axis=axis)
+    got = _orient_slices(
+        lambda i: slices[i], kept, transposed, tuple(map(bool, flips)), (3, 5), np.float64
+    )
+    assert got.flags.c_contiguous
+    assert got.dtype == np.float64
+    assert np.array_equal(got, expected)

@@ -684,3 +684,15 @@ def test_gpu_predict_check_dry_run_agrees_and_cuda_is_refused_without_it(
         assert cuda.returncode == 2
         assert cuda.stderr.strip().count("\n") == 0
         assert "CUDA is not available" in cuda.stderr
+
+
+def test_label_counts_match_a_bincount_of_the_whole_volume() -> None:
+    from ctcurate.models.inference import label_counts
+
+    rng = np.random.default_rng(2)
+    label = rng.integers(0, 4, size=(7, 9, 11), dtype=np.uint8)
+    assert label_counts(label, 4).tolist() == np.bincount(label.ravel(), minlength=4).tolist()
+    label[3, 2, 1] = 6  # a value past minlength is counted, not dropped
+    assert label_counts(label, 4).tolist() == np.bincount(label.ravel(), minlength=4).tolist()
+    empty = np.zeros((2, 3, 3), dtype=np.uint8)
+    assert label_counts(empty, 4).tolist() == [18, 0, 0, 0]

@@ -20,7 +20,7 @@ without labels and maps its labels back with :func:`label_to_stack` and
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,13 +158,18 @@ PIXEL_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _hu_slice(ds: Any) -> npt.NDArray[np.float64]:
+def _pixels(ds: Any) -> npt.NDArray[Any]:
+    """The instance's stored pixel values (pydicom decodes once and keeps them)."""
     try:
-        pixels = np.asarray(ds.pixel_array)
+        return np.asarray(ds.pixel_array)
     except PIXEL_ERRORS as e:
         raise ExcludedSeries(
             reason="pixel_data", detail=f"pixel data unreadable ({e.__class__.__name__})"
         ) from e
+
+
+def _hu_slice(ds: Any) -> npt.NDArray[np.float64]:
+    pixels = _pixels(ds)
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return pixels.astype(np.float64) * slope + intercept
@@ -243,14 +248,17 @@ def _check_tilt(positions: npt.NDArray[np.float64], normal: npt.NDArray[np.float
 
 
 def _dedupe(
-    order: list[int], along: npt.NDArray[np.float64], hu: dict[int, npt.NDArray[np.float64]]
+    order: list[int],
+    along: npt.NDArray[np.float64],
+    hu: Callable[[int], npt.NDArray[np.float64]],
 ) -> tuple[list[int], npt.NDArray[np.float64]]:
-    """Drop slices at an already seen position with identical pixels; conflicts exclude."""
+    """Drop slices at an already seen position with identical HU (``hu(i)``, made only for
+    slices that share a position); conflicts exclude."""
     kept: list[int] = [order[0]]
     kept_along: list[float] = [float(along[0])]
     for idx, pos in zip(order[1:], along[1:], strict=True):
         if float(pos) - kept_along[-1] < DUPLICATE_TOL_MM:
-            if not np.array_equal(hu[idx], hu[kept[-1]]):
+            if not np.array_equal(hu(idx), hu(kept[-1])):
                 raise ExcludedSeries(
                     reason="duplicate_conflict", detail="two slices share a position"
                 )
@@ -289,13 +297,35 @@ def _orient(
     transposed: bool,
     flips: tuple[bool, bool, bool],
 ) -> npt.NDArray[Any]:
-    volume = np.stack([slices[i] for i in kept])
-    if transposed:
-        volume = volume.transpose(0, 2, 1)
-    for axis, flip in enumerate(flips):
-        if flip:
-            volume = np.flip(volume, axis=axis)
-    return np.ascontiguousarray(volume)
+    first = slices[kept[0]]
+    return _orient_slices(lambda i: slices[i], kept, transposed, flips, first.shape, first.dtype)
+
+
+def _orient_slices(
+    get: Callable[[int], npt.NDArray[Any]],
+    kept: Sequence[int],
+    transposed: bool,
+    flips: tuple[bool, bool, bool],
+    shape: tuple[int, ...],
+    dtype: npt.DTypeLike,
+) -> npt.NDArray[Any]:
+    """The slices ``get(i)`` of ``kept`` (each of ``shape``) stacked, transposed and flipped
+    onto the LPS axes, written slice by slice into the one output array (no stacked copy
+    beside it: at 512 × 512 × 500 in float64 each copy is 1 GB)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    ny, nx = (cols, rows) if transposed else (rows, cols)
+    n = len(kept)
+    volume = np.empty((n, ny, nx), dtype=dtype)
+    for k, idx in enumerate(kept):
+        piece = get(idx)
+        if transposed:
+            piece = piece.T
+        if flips[1]:
+            piece = piece[::-1, :]
+        if flips[2]:
+            piece = piece[:, ::-1]
+        volume[n - 1 - k if flips[0] else k] = piece
+    return volume
 
 
 @dataclass(frozen=True)
@@ -404,10 +434,11 @@ def assemble_series(datasets: Sequence[Any]) -> SeriesStack:
     )
     row_spacing, col_spacing = geometry.row_spacing, geometry.col_spacing
     transposed, x_sign, y_sign = geometry.transposed, geometry.x_sign, geometry.y_sign
-    hu = {i: _hu_slice(datasets[i]) for i in order}
-    if any(h.shape != (rows, cols) for h in hu.values()):
+    # every instance's pixels are decoded and checked; HU are made one slice at a time
+    # (a stack of float64 slices beside the volume would double the peak memory)
+    if any(_pixels(datasets[i]).shape != (rows, cols) for i in order):
         raise ExcludedSeries(reason="pixel_data", detail="pixel data does not match Rows / Columns")
-    kept, along_kept = _dedupe(order, along, hu)
+    kept, along_kept = _dedupe(order, along, lambda i: _hu_slice(datasets[i]))
     if len(kept) < MIN_SLICES:
         raise ExcludedSeries(reason="too_few_slices", detail=f"{len(kept)} distinct positions")
     sz, positions = check_stack(datasets, kept, along_kept, normal)
@@ -422,7 +453,9 @@ def assemble_series(datasets: Sequence[Any]) -> SeriesStack:
         sx, sy = row_spacing, col_spacing
     z_values = positions[:, 2]
     flips = (bool(z_values[-1] < z_values[0]), y_sign < 0, x_sign < 0)
-    image = _orient(hu, kept, transposed, flips)
+    image = _orient_slices(
+        lambda i: _hu_slice(datasets[i]), kept, transposed, flips, (rows, cols), np.float64
+    )
     _, ny, nx = image.shape
     x0 = positions[0, 0] - (nx - 1) * sx if x_sign < 0 else positions[0, 0]
     y0 = positions[0, 1] - (ny - 1) * sy if y_sign < 0 else positions[0, 1]
