@@ -106,3 +106,16 @@ def test_slices_are_oriented_one_at_a_time_as_a_stacked_copy_would_be(
     assert got.flags.c_contiguous
     assert got.dtype == np.float64
     assert np.array_equal(got, expected)
+
+
+def test_box_centre_is_the_centre_of_the_true_voxels_bounding_box() -> None:
+    from ctcurate.imaging.volume import box_centre
+
+    rng = np.random.default_rng(8)
+    mask = rng.random((6, 7, 9)) > 0.97
+    where = np.argwhere(mask)
+    expected = (where.min(axis=0) + where.max(axis=0)) / 2.0
+    got = box_centre(mask)
+    assert got is not None
+    assert got.tolist() == expected.tolist()
+    assert box_centre(np.zeros((3, 4, 5), dtype=bool)) is None

@@ -513,6 +513,20 @@ def label_to_stack(
     return _resample(label, scale, offset, shape, order=0, cval=0.0).astype(np.uint8)
 
 
+def box_centre(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64] | None:
+    """The (fractional) index at the centre of the bounding box of ``mask``'s true voxels;
+    ``None`` when there is none. Read off the per-axis projections: the voxels' coordinates
+    (``np.argwhere``) of a lung at 512 × 512 × 400 would take 400 MB."""
+    ends = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=others))
+        if not len(hit):
+            return None
+        ends.append((hit[0] + hit[-1]) / 2.0)
+    return np.asarray(ends, dtype=np.float64)
+
+
 def series_to_volume(
     datasets: Sequence[Any], labels: npt.NDArray[np.uint8], params: PackParams
 ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8], VolumeGeometry]:
@@ -552,10 +566,8 @@ def series_to_volume(
         )
     stack = assemble_series(datasets)
     label = stack.orient(labels.astype(np.uint8, copy=False))
-    lung = np.argwhere(label > 0)
-    if len(lung):
-        centre_idx = (lung.min(axis=0) + lung.max(axis=0)) / 2.0
-    else:
+    centre_idx = box_centre(label > 0)
+    if centre_idx is None:
         centre_idx = (np.asarray(stack.image.shape, dtype=np.float64) - 1) / 2.0
     grid = centred_grid(stack, centre_idx, params)
     packed_image = resample_image(stack, grid, params)
