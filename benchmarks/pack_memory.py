@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from side_by_side import summarise, write  # noqa: E402
 
 CHILD = r"""
 import hashlib, json, resource, sys, time
@@ -77,21 +79,16 @@ def main() -> None:
             runs[name].append(run_child(src, args.series, args.seg))
     digests = {r["volumes_sha256_16"] for rs in runs.values() for r in rs}
     result: dict[str, Any] = {"runs": runs, "volumes_identical": len(digests) == 1}
-    peak = {name: min(r["peak_rss_mb"] for r in rs) for name, rs in runs.items()}
-    over = {
-        name: min(r["peak_rss_mb"] - r["loaded_rss_mb"] for r in rs) for name, rs in runs.items()
-    }
-    fastest = {name: min(r["seconds"] for r in rs) for name, rs in runs.items()}
-    result.update(peak_rss_mb=peak, above_loaded_mb=over, seconds=fastest)
-    if "baseline" in peak:
-        result["ratio_current_to_baseline"] = {
-            "peak_rss": round(peak["current"] / peak["baseline"], 3),
-            "above_loaded": round(over["current"] / over["baseline"], 3),
-            "seconds": round(fastest["current"] / fastest["baseline"], 3),
-        }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "pack_memory.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(result, indent=2, sort_keys=True))
+    summarise(
+        result,
+        runs,
+        {
+            "peak_rss_mb": lambda r: r["peak_rss_mb"],
+            "above_loaded_mb": lambda r: r["peak_rss_mb"] - r["loaded_rss_mb"],
+            "seconds": lambda r: r["seconds"],
+        },
+    )
+    write("pack_memory", result)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Results: ``benchmarks/out/predict_memory.json`` (also printed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -27,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from side_by_side import summarise, write  # noqa: E402
+
 OUTPUTS = ("seg.dcm", "prediction.json", "overlay.png")
 
 
@@ -94,17 +96,12 @@ def main() -> None:
             for f in OUTPUTS
         )
     result: dict[str, Any] = {"instances": n, "runs": runs, "outputs_identical": same}
-    best = {name: min(r["peak_rss_mb"] for r in rs) for name, rs in runs.items()}
-    fastest = {name: min(r["seconds"] for r in rs) for name, rs in runs.items()}
-    result["peak_rss_mb"], result["seconds"] = best, fastest
-    if "baseline" in best:
-        result["ratio_current_to_baseline"] = {
-            "peak_rss": round(best["current"] / best["baseline"], 3),
-            "seconds": round(fastest["current"] / fastest["baseline"], 3),
-        }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "predict_memory.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(result, indent=2, sort_keys=True))
+    summarise(
+        result,
+        runs,
+        {"peak_rss_mb": lambda r: r["peak_rss_mb"], "seconds": lambda r: r["seconds"]},
+    )
+    write("predict_memory", result)
 
 
 if __name__ == "__main__":
