@@ -18,6 +18,7 @@ from ctcurate.io.tables import write_parquet
 from ctcurate.params import SelectParams
 from ctcurate.pipeline import select, select_train
 from ctcurate.selection.pneumonia import FEATURES, ScoreResult, read_model
+from ctcurate.selection.validation import REVIEW_COLUMNS
 
 PARAMS = SelectParams(workers=1)
 
@@ -178,9 +179,27 @@ def test_select_train_writes_its_validation_report(tmp_path: Path) -> None:
     assert cv["precision"] == cv["recall"] == 1.0  # ground glass against none
     assert report["leave_one_site_out"] is None  # one site
     # a report that would overwrite the model is refused before anything is written
-    with pytest.raises(InputError, match="must be different files"):
+    with pytest.raises(InputError, match="must be other files"):
         select_train.run(*args, tmp_path / "m2.json", PARAMS, validation=tmp_path / "m2.json")
+    with pytest.raises(InputError, match="must be other files"):
+        select_train.run(
+            *args, tmp_path / "m2.json", PARAMS, validation=tmp_path / "v.json",
+            review=tmp_path / "v.json",
+        )  # fmt: skip
     assert not (tmp_path / "m2.json").exists()
+    assert not (tmp_path / "v.json").exists()
+
+    # the review list: every audited series with features, largest disagreement first
+    review = tmp_path / "review.csv"
+    select_train.run(*args, tmp_path / "m3.json", PARAMS, review=review)
+    lines = review.read_text().splitlines()
+    assert lines[0] == ",".join(REVIEW_COLUMNS)
+    rows = [line.split(",") for line in lines[1:]]
+    assert len(rows) == 4  # the unindexed series has no features: not listed
+    misses = [abs((r[2] == "yes") - float(r[3])) for r in rows]
+    assert misses == sorted(misses, reverse=True)
+    assert all(r[4] == "" for r in rows)  # one site: nothing held out by site
+    assert all(r[5] == "no" for r in rows)
 
 
 @pytest.mark.slow

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from ctcurate.selection.pneumonia import FEATURES, LOG_FEATURES
-from ctcurate.selection.validation import decision_figures, stratified_folds, validate_selector
+from ctcurate.selection.validation import (
+    decision_figures,
+    review_csv,
+    stratified_folds,
+    validate,
+    validate_selector,
+)
 
 L2, THRESHOLD = 0.1, 0.5
 
@@ -104,3 +110,23 @@ def test_the_report_is_deterministic_and_follows_the_audit_order() -> None:
     assert small["cross_validation"]["folds"] <= 3
     with pytest.raises(ValueError, match="differ in number"):
         validate_selector(x, y[:-1], sites, l2=L2, threshold=THRESHOLD, folds=5)
+
+
+def test_the_review_list_puts_the_largest_disagreements_first() -> None:
+    x, y, sites = two_sites()
+    y = list(y)
+    y[7] = 1 - y[7]  # a label slip
+    checked = validate(x, y, sites, l2=L2, threshold=THRESHOLD, folds=5)
+    keys = [(s, f"1.2.{i}") for i, s in enumerate(sites)]
+    text = review_csv(keys, y, checked, THRESHOLD).decode()
+    lines = text.splitlines()
+    assert len(lines) == 1 + len(y)
+    first = lines[1].split(",")
+    assert first[1] == "1.2.7"  # the slipped label is the first to look at again
+    assert first[5] == "yes"
+    assert first[4] != ""  # two sites: the site-held-out score is there too
+    cv = checked.cross_validated
+    assert cv is not None
+    misses = [abs(int(r.split(",")[2] == "yes") - float(r.split(",")[3])) for r in lines[1:]]
+    assert misses == sorted(misses, reverse=True)
+    assert review_csv(keys, y, checked, THRESHOLD).decode() == text  # deterministic

@@ -275,6 +275,14 @@ def select_train(
             dir_okay=False,
         ),
     ] = None,
+    review: Annotated[
+        Path | None,
+        typer.Option(
+            "--review",
+            help="Also write the audited series, largest held-out disagreement first (CSV).",
+            dir_okay=False,
+        ),
+    ] = None,
     scheduler: SchedulerOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
@@ -289,6 +297,7 @@ def select_train(
         params=_section_or_default(params, "select", SelectParams),
         scheduler=scheduler,
         validation=validation,
+        review=review,
     )
 
 

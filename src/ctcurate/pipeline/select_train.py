@@ -15,9 +15,11 @@ fits the logistic regression; the model file is canonical JSON whose sha256 is t
 selector's version. With ``validation``, it also writes what the fit is expected to be worth
 on series it has not seen (:mod:`ctcurate.selection.validation`: stratified
 cross-validation over ``select.validation_folds`` folds and leave one site out), from the
-same features, as canonical JSON. Audited series that are not indexed or whose pixels cannot be read
-are left out of the fit and counted in the log; an audit list that gives no usable row
-fails the stage. With one class only, the model is the class prior (a warning says so).
+same features, as canonical JSON; with ``review``, the audited series from the largest
+held-out disagreement with their label down, as CSV. Audited series that are not indexed
+or whose pixels cannot be read are left out of the fit and counted in the log; an audit
+list that gives no usable row fails the stage. With one class only, the model is the
+class prior (a warning says so).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from ctcurate.selection.pneumonia import (
     model_version,
     score_all,
 )
-from ctcurate.selection.validation import validate_selector
+from ctcurate.selection.validation import review_csv, validate
 
 log = get_logger("select_train")
 
@@ -173,24 +175,30 @@ def train_selector(
     )
 
 
-def validation_report(
+def validation_files(
     audit: Sequence[AuditRow],
     features: Mapping[tuple[str, str], Sequence[float]],
     params: SelectParams,
     version: str,
-) -> bytes:
-    """The validation file's bytes (canonical JSON) for the fit of :func:`train_selector`."""
+) -> tuple[bytes, bytes]:
+    """The validation report (canonical JSON) and the review list (CSV) of the fit of
+    :func:`train_selector`."""
     used, x, y = _fit_rows(audit, features)
-    report = validate_selector(
+    labels = [int(v) for v in y]
+    checked = validate(
         x,
-        [int(v) for v in y],
+        labels,
         [r.site for r in used],
         l2=params.l2,
         threshold=params.threshold,
         folds=params.validation_folds,
     )
-    report = {"selector": version, "l2": params.l2, **report}
-    return (json.dumps(report, sort_keys=True, indent=2) + "\n").encode()
+    report = {"selector": version, "l2": params.l2, **checked.report}
+    keys = [(r.site, r.series_instance_uid) for r in used]
+    return (
+        (json.dumps(report, sort_keys=True, indent=2) + "\n").encode(),
+        review_csv(keys, labels, checked, params.threshold),
+    )
 
 
 def _figures(part: dict[str, object] | None) -> str:
@@ -235,19 +243,21 @@ def run(
     params: SelectParams,
     scheduler: str | None = None,
     validation: Path | None = None,
+    review: Path | None = None,
 ) -> None:
     """Fit the selector on ``audit_list`` and write the model file ``out`` atomically; with
-    ``validation``, also the validation report there.
+    ``validation`` and ``review``, also the validation report and the review list there.
 
     The audited series are scored on the local pool of ``params.workers`` or, with
     ``scheduler``, on that Dask cluster."""
     inputs = [Path(index_dir), Path(archive), Path(audit_list)]
     check_output_file(Path(out), inputs)
-    if validation is not None:
-        if Path(validation).resolve() == Path(out).resolve():
-            msg = f"{validation}: the validation report and the model must be different files"
+    extra = [Path(f) for f in (validation, review) if f is not None]
+    for i, path in enumerate(extra):
+        if path.resolve() in {Path(f).resolve() for f in [out, *extra[:i]]}:
+            msg = f"{path}: the model, validation report and review list must be other files"
             raise InputError(msg)
-        check_output_file(Path(validation), inputs)
+        check_output_file(path, inputs)
     audit = read_audit_list(Path(audit_list))
     paths = series_paths(Path(index_dir) / "instances")
     archive = Path(archive)
@@ -295,13 +305,16 @@ def run(
         model.n_fit,
         model.n_positive,
     )
-    if validation is not None:
-        report = validation_report(audit, features, params, model_version(data))
-        with publish_file(Path(validation), inputs=inputs) as tmp:
-            tmp.write_bytes(report)
-        parsed = json.loads(report)
-        log.info("validation, cross-validated: %s", _figures(parsed["cross_validation"]))
-        log.info(
-            "validation, leave one site out: %s",
-            _figures((parsed["leave_one_site_out"] or {}).get("pooled")),
-        )
+    if validation is None and review is None:
+        return
+    report, listing = validation_files(audit, features, params, model_version(data))
+    for target, content in ((validation, report), (review, listing)):
+        if target is not None:
+            with publish_file(Path(target), inputs=inputs) as tmp:
+                tmp.write_bytes(content)
+    parsed = json.loads(report)
+    log.info("validation, cross-validated: %s", _figures(parsed["cross_validation"]))
+    log.info(
+        "validation, leave one site out: %s",
+        _figures((parsed["leave_one_site_out"] or {}).get("pooled")),
+    )

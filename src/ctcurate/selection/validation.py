@@ -13,6 +13,10 @@ on the same audit list, what that fit is worth elsewhere (docs/select.md, "Valid
   ranks well within the list but loses precision or recall here is not calibrated across
   sites, and a new site needs audited series of its own.
 
+:func:`review_csv` lists the audited series from the largest held-out disagreement with
+their label down: where a radiologist looks again (a label slip, or a kind of series the
+features miss).
+
 Every fit is :func:`ctcurate.selection.pneumonia.fit_selector` with the stage's ``l2`` and
 ``threshold``; a training part with one class only gives the class prior, as the stage
 does. Undefined figures (no positive decision, no actual positive, one class only) are
@@ -21,7 +25,10 @@ does. Undefined figures (no positive decision, no actual positive, one class onl
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -84,7 +91,16 @@ def _out_of_part_scores(
     return scores
 
 
-def validate_selector(
+@dataclass(frozen=True)
+class Validation:
+    """The report and each row's held-out scores (``None`` where the report's part is)."""
+
+    report: dict[str, Any]
+    cross_validated: npt.NDArray[np.float64] | None
+    site_held_out: npt.NDArray[np.float64] | None
+
+
+def validate(
     x: npt.ArrayLike,
     y: npt.ArrayLike,
     sites: Sequence[str],
@@ -92,9 +108,9 @@ def validate_selector(
     l2: float,
     threshold: float,
     folds: int,
-) -> dict[str, Any]:
-    """The validation report of a selector fitted on rows ``x`` (features in
-    :data:`FEATURES` order) with labels ``y`` from ``sites``, in audit-list order.
+) -> Validation:
+    """Validate a selector fitted on rows ``x`` (features in :data:`FEATURES` order) with
+    labels ``y`` from ``sites``, in audit-list order: the report and the held-out scores.
 
     ``cross_validation`` needs ``folds`` ≥ 2 and at least two rows; ``leave_one_site_out``
     needs two sites or more (otherwise ``None``)."""
@@ -111,22 +127,89 @@ def validate_selector(
         "cross_validation": None,
         "leave_one_site_out": None,
     }
+    cv_scores = site_scores = None
     k = min(folds, len(ya))
     if k >= 2:
         part = stratified_folds(ya, k)
-        scores = _out_of_part_scores(xa, ya, part, l2, threshold)
+        cv_scores = _out_of_part_scores(xa, ya, part, l2, threshold)
         used = len(np.unique(part))  # a class smaller than k fills fewer folds
-        report["cross_validation"] = {"folds": used, **decision_figures(ya, scores, threshold)}
+        report["cross_validation"] = {"folds": used, **decision_figures(ya, cv_scores, threshold)}
     names = sorted(set(site_arr.tolist()))
     if len(names) >= 2:
         part = np.asarray([names.index(s) for s in site_arr], dtype=np.int64)
-        scores = _out_of_part_scores(xa, ya, part, l2, threshold)
+        site_scores = _out_of_part_scores(xa, ya, part, l2, threshold)
         per_site = {
-            name: decision_figures(ya[site_arr == name], scores[site_arr == name], threshold)
+            name: decision_figures(ya[site_arr == name], site_scores[site_arr == name], threshold)
             for name in names
         }
         report["leave_one_site_out"] = {
-            "pooled": decision_figures(ya, scores, threshold),
+            "pooled": decision_figures(ya, site_scores, threshold),
             "per_site": per_site,
         }
-    return report
+    return Validation(report, cv_scores, site_scores)
+
+
+def validate_selector(
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    sites: Sequence[str],
+    *,
+    l2: float,
+    threshold: float,
+    folds: int,
+) -> dict[str, Any]:
+    """The report of :func:`validate`."""
+    return validate(x, y, sites, l2=l2, threshold=threshold, folds=folds).report
+
+
+REVIEW_COLUMNS = (
+    "site",
+    "series_instance_uid",
+    "pneumonia",
+    "cross_validated_score",
+    "site_held_out_score",
+    "disagrees",
+)
+
+
+def review_csv(
+    keys: Sequence[tuple[str, str]],
+    labels: Sequence[int],
+    validation: Validation,
+    threshold: float,
+) -> bytes:
+    """The audited series as a reviewer would take them up (CSV bytes), one row per
+    (site, series uid) in ``keys``: the audited label, the cross-validated and the
+    site-held-out scores (6 decimals; empty where not measured) and whether the
+    cross-validated decision disagrees with the label. Rows run from the largest
+    disagreement (|label − cross-validated score|) down, ties by (site, uid)."""
+    cv, held = validation.cross_validated, validation.site_held_out
+
+    def score(values: npt.NDArray[np.float64] | None, i: int) -> str:
+        return "" if values is None else f"{values[i]:.6f}"
+
+    rows = []
+    for i, ((site, uid), label) in enumerate(zip(keys, labels, strict=True)):
+        miss = abs(int(label) - round(float(cv[i]), 6)) if cv is not None else 0.0
+        disagrees = cv is not None and (cv[i] >= threshold) != bool(label)
+        rows.append(
+            (
+                -miss,
+                site,
+                uid,
+                [
+                    site,
+                    uid,
+                    "yes" if label else "no",
+                    score(cv, i),
+                    score(held, i),
+                    "yes" if disagrees else "no",
+                ],
+            )
+        )
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(REVIEW_COLUMNS)
+    writer.writerows(r[3] for r in rows)
+    return out.getvalue().encode()
