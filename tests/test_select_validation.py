@@ -11,7 +11,6 @@ from ctcurate.selection.validation import (
     review_csv,
     stratified_folds,
     validate,
-    validate_selector,
 )
 
 L2, THRESHOLD = 0.1, 0.5
@@ -69,9 +68,9 @@ def test_decision_figures_count_what_the_threshold_selects() -> None:
 def test_one_site_separates_within_and_across_folds() -> None:
     x, y, sites = two_sites()
     a = [i for i, s in enumerate(sites) if s == "A"]
-    report = validate_selector(
+    report = validate(
         x[a], [y[i] for i in a], ["A"] * len(a), l2=L2, threshold=THRESHOLD, folds=5
-    )
+    ).report
     cv = report["cross_validation"]
     assert cv["folds"] == 5
     assert (cv["precision"], cv["recall"], cv["auc"]) == (1.0, 1.0, 1.0)
@@ -80,7 +79,7 @@ def test_one_site_separates_within_and_across_folds() -> None:
 
 def test_leave_one_site_out_shows_a_fit_that_does_not_carry_to_another_site() -> None:
     x, y, sites = two_sites()
-    report = validate_selector(x, y, sites, l2=L2, threshold=THRESHOLD, folds=5)
+    report = validate(x, y, sites, l2=L2, threshold=THRESHOLD, folds=5).report
     assert report["series"] == 48
     assert report["pneumonia"] == 24
     cv = report["cross_validation"]
@@ -103,13 +102,13 @@ def test_leave_one_site_out_shows_a_fit_that_does_not_carry_to_another_site() ->
 
 def test_the_report_is_deterministic_and_follows_the_audit_order() -> None:
     x, y, sites = two_sites()
-    one = validate_selector(x, y, sites, l2=L2, threshold=THRESHOLD, folds=4)
-    assert validate_selector(x, y, sites, l2=L2, threshold=THRESHOLD, folds=4) == one
+    one = validate(x, y, sites, l2=L2, threshold=THRESHOLD, folds=4).report
+    assert validate(x, y, sites, l2=L2, threshold=THRESHOLD, folds=4).report == one
     assert one["cross_validation"]["folds"] == 4
-    small = validate_selector(x[:3], y[:3], sites[:3], l2=L2, threshold=THRESHOLD, folds=5)
+    small = validate(x[:3], y[:3], sites[:3], l2=L2, threshold=THRESHOLD, folds=5).report
     assert small["cross_validation"]["folds"] <= 3
     with pytest.raises(ValueError, match="differ in number"):
-        validate_selector(x, y[:-1], sites, l2=L2, threshold=THRESHOLD, folds=5)
+        validate(x, y[:-1], sites, l2=L2, threshold=THRESHOLD, folds=5)
 
 
 def test_the_review_list_puts_the_largest_disagreements_first() -> None:

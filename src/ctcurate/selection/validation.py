@@ -118,7 +118,7 @@ def validate(
     ya = np.asarray(y, dtype=np.int64)
     site_arr = np.asarray([str(s) for s in sites])
     if not len(ya) == len(xa) == len(site_arr):
-        msg = "validate_selector: rows, labels and sites differ in number"
+        msg = "validate: rows, labels and sites differ in number"
         raise ValueError(msg)
     report: dict[str, Any] = {
         "series": len(ya),
@@ -147,19 +147,6 @@ def validate(
             "per_site": per_site,
         }
     return Validation(report, cv_scores, site_scores)
-
-
-def validate_selector(
-    x: npt.ArrayLike,
-    y: npt.ArrayLike,
-    sites: Sequence[str],
-    *,
-    l2: float,
-    threshold: float,
-    folds: int,
-) -> dict[str, Any]:
-    """The report of :func:`validate`."""
-    return validate(x, y, sites, l2=l2, threshold=threshold, folds=folds).report
 
 
 REVIEW_COLUMNS = (
