@@ -29,6 +29,7 @@ from ctcurate.imaging.volume import (
     ReleaseGrid,
     SeriesStack,
     assemble_series,
+    box_centre,
     centred_grid,
     label_to_stack,
     resample_image,
@@ -199,10 +200,10 @@ def lung_centre(stack: SeriesStack, pack: PackParams) -> npt.NDArray[np.float64]
     spacing = np.asarray(pack.spacing_mm, dtype=np.float64)
     step = np.maximum(1, np.floor(spacing / stack.spacing_mm)).astype(np.int64)
     coarse = stack.image[:: step[0], :: step[1], :: step[2]]
-    lung = np.argwhere(threshold_lung_mask(coarse))
-    if not len(lung):
+    box = box_centre(threshold_lung_mask(coarse))
+    if box is None:
         return (np.asarray(stack.image.shape, dtype=np.float64) - 1) / 2.0
-    centre: npt.NDArray[np.float64] = (lung.min(axis=0) + lung.max(axis=0)) / 2.0 * step
+    centre: npt.NDArray[np.float64] = box * step
     return centre
 
 

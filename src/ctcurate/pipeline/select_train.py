@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -180,9 +181,9 @@ def validation_files(
     features: Mapping[tuple[str, str], Sequence[float]],
     params: SelectParams,
     version: str,
-) -> tuple[bytes, bytes]:
-    """The validation report (canonical JSON) and the review list (CSV) of the fit of
-    :func:`train_selector`."""
+) -> tuple[dict[str, Any], bytes, bytes]:
+    """The validation report, its file (canonical JSON) and the review list (CSV) of the
+    fit of :func:`train_selector`."""
     used, x, y = _fit_rows(audit, features)
     labels = [int(v) for v in y]
     checked = validate(
@@ -196,6 +197,7 @@ def validation_files(
     report = {"selector": version, "l2": params.l2, **checked.report}
     keys = [(r.site, r.series_instance_uid) for r in used]
     return (
+        report,
         (json.dumps(report, sort_keys=True, indent=2) + "\n").encode(),
         review_csv(keys, labels, checked, params.threshold),
     )
@@ -307,14 +309,13 @@ def run(
     )
     if validation is None and review is None:
         return
-    report, listing = validation_files(audit, features, params, model_version(data))
-    for target, content in ((validation, report), (review, listing)):
+    report, report_file, listing = validation_files(audit, features, params, model_version(data))
+    for target, content in ((validation, report_file), (review, listing)):
         if target is not None:
             with publish_file(Path(target), inputs=inputs) as tmp:
                 tmp.write_bytes(content)
-    parsed = json.loads(report)
-    log.info("validation, cross-validated: %s", _figures(parsed["cross_validation"]))
+    log.info("validation, cross-validated: %s", _figures(report["cross_validation"]))
     log.info(
         "validation, leave one site out: %s",
-        _figures((parsed["leave_one_site_out"] or {}).get("pooled")),
+        _figures((report["leave_one_site_out"] or {}).get("pooled")),
     )
