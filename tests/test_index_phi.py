@@ -33,8 +33,17 @@ def rules(**policy: Any) -> phi.Rules:
         ("PatientName", ["anonymous"], {}, "dummy"),
         ("PatientName", ["----"], {}, "dummy"),  # no letter or digit
         ("PatientName", ["SITE7-0042"], {"pseudonym_patterns": [r"SITE7-[0-9]{4}"]}, "pseudonym"),
-        ("PatientName", ["XSITE7-0042"], {"pseudonym_patterns": [r"SITE7-[0-9]{4}"]}, "phi"),
+        ("PatientName", ["SITE7-0042 DOE"], {"pseudonym_patterns": [r"SITE7-[0-9]{4}"]}, "phi"),
         ("PatientName", ["^^", " "], {}, "empty"),
+        # a code: every word holds a digit (or is a dummy); no name is written so
+        ("PatientName", ["Anonymized1"], {}, "pseudonym"),
+        ("PatientName", ["ANON^0001"], {}, "pseudonym"),
+        ("PatientName", ["1001^6657^ISPY1"], {}, "pseudonym"),
+        ("PatientName", ["9f86d081884c7d65"], {}, "pseudonym"),
+        ("PatientName", ["DOE^JOHN^12345"], {}, "phi"),  # a name beside a number
+        ("PatientName", ["DOE_JOHN_12345"], {}, "phi"),
+        ("PatientName", ["ANONYMOUS^JOHN"], {}, "phi"),
+        ("PatientName", ["Anonymized1"], {"strict": True}, "phi"),
         ("PatientName", ["REMOVED", "DOE^JOHN"], {}, "phi"),  # every value must pass
         ("ReferringPhysicianName", ["Anonymized"], {}, "dummy"),
         ("ReferringPhysicianName", ["Moriarty^James"], {}, "phi"),
@@ -46,6 +55,14 @@ def rules(**policy: Any) -> phi.Rules:
         ("AccessionNumber", ["8000000000330109"], {}, "retain"),
         ("AccessionNumber", ["8000000000330109"], {"strict": True}, "phi"),
         ("InstitutionName", ["ST ELSEWHERE"], {}, "phi"),
+        ("InstitutionName", ["Hospital 12 de Octubre"], {}, "phi"),
+        # PS3.15 X/Z/D: a hash (neurolabusc/dcm_qa_deident) or a dummy in its place
+        ("InstitutionName", ["1177879318455840"], {}, "pseudonym"),
+        ("InstitutionName", ["ANONYMIZED"], {}, "dummy"),
+        ("InstitutionName", ["1177879318455840"], {"strict": True}, "phi"),
+        ("InstitutionName", ["1177879318455840"], {"actions": {"InstitutionName": "empty"}}, "phi"),
+        ("InstitutionAddress", ["1161 21st Ave South"], {}, "phi"),
+        ("OtherPatientNames", ["ANON1"], {}, "phi"),  # empty action: no code either
         ("InstitutionName", ["ST ELSEWHERE"], {"actions": {"InstitutionName": "retain"}}, "retain"),
         ("OtherPatientIDsSequence", None, {}, "phi"),  # a non-empty sequence
     ],
@@ -142,6 +159,22 @@ def test_pseudonymised_file_is_indexed_lean_with_deid_columns(
     assert out.record["deidentification_method_codes"] == ["113100", "113108"]
     assert out.record["longitudinal_temporal_information_modified"] == "MODIFIED"
     assert took_lean(tmp_path, "H01/a.dcm")  # no pydicom parse on the fast path
+
+
+def test_codes_in_place_of_names_are_indexed_and_counted(tmp_path: Path) -> None:
+    """A gateway's counter for the name and a hash for the institution (as in the BSD-licensed
+    neurolabusc/dcm_qa_deident series) are indexed on the fast path; a real name beside a
+    number is not."""
+    kept = deidentified(PatientName="Anonymized1", InstitutionName="1177879318455840")
+    save(kept, tmp_path / "H01" / "a.dcm")
+    out = both_paths(tmp_path, "H01/a.dcm")
+    assert out.status == "indexed"
+    assert out.record is not None
+    assert out.record["phi_accepted"] == ["InstitutionName:pseudonym", "PatientName:pseudonym"]
+    assert took_lean(tmp_path, "H01/a.dcm")
+    save(deidentified(1, PatientName="DOE^JOHN^12345"), tmp_path / "H01" / "b.dcm")
+    out = both_paths(tmp_path, "H01/b.dcm")
+    assert (out.status, out.reason, out.detail) == ("quarantined", "phi_present", "PatientName")
 
 
 def test_real_looking_name_is_quarantined_naming_the_tag(tmp_path: Path) -> None:

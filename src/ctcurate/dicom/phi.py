@@ -5,8 +5,11 @@ verifies it. Each identifying element has an action:
 
 - ``empty``: must be empty (PS3.15 ``X``: removed);
 - ``pseudonym``: empty, equal to the file's PatientID (a pseudonym), a full match of a
-  declared pseudonym pattern, or a dummy value (a declared one such as ``ANONYMOUS``, or a
-  value without any letter or digit such as ``----``) (PS3.15 ``Z``/``D``);
+  declared pseudonym pattern, a code (every word of the value holds a digit or is a
+  declared dummy: ``1177879318455840``, ``Anonymized1``, ``ANON^0001``; no person's or
+  institution's name is written with digits in every word), or a dummy value (a declared
+  one such as ``ANONYMOUS``, or a value without any letter or digit such as ``----``)
+  (PS3.15 ``Z``/``D``);
 - ``year``: a date that is empty or reduced to its year (``YYYY0101``);
 - ``retain``: kept (e.g. InstitutionName under the Retain Institution Identity option);
   counted, never checked.
@@ -70,7 +73,8 @@ DEFAULT_ACTIONS: dict[str, Action] = {
     # PS3.15 Z: gateways write an empty, dummy or hashed value that cannot be told from an
     # original; counted in the census, required empty by strict mode or an override
     "AccessionNumber": "retain",
-    "InstitutionName": "empty",
+    # PS3.15 X/Z/D: de-identifiers remove it or write a dummy or a hash in its place
+    "InstitutionName": "pseudonym",
     "InstitutionAddress": "empty",
     "ReferringPhysicianName": "pseudonym",
     "ReferringPhysicianAddress": "empty",
@@ -97,6 +101,9 @@ DEFAULT_DUMMIES: tuple[str, ...] = (
 _EMPTY = " \x00^=\\"  # a value made of separators only is empty
 _YEAR_ONLY = re.compile(r"[0-9]{4}0101")
 _ALNUM = re.compile(r"[^\W_]")
+#: A word of a value: a run of letters and digits (any script).
+_WORD = re.compile(r"[^\W_]+")
+_DIGIT = re.compile(r"[0-9]")
 
 
 def allowed_actions(element: str) -> frozenset[str]:
@@ -147,6 +154,11 @@ class Rules:
             return "pseudonym"
         if text.upper() in self.dummies or _ALNUM.search(text) is None:
             return "dummy"
+        words = _WORD.findall(text)
+        if any(_DIGIT.search(w) for w in words) and all(
+            _DIGIT.search(w) or w.upper() in self.dummies for w in words
+        ):
+            return "pseudonym"  # a code: a hash, a counter, a study number
         return "phi"
 
 
