@@ -9,7 +9,14 @@ table), pneumonia patterns as thresholded smooth noise fields with truth labels
 (0 background, 1 lung, 2 GGO, 3 consolidation), DICOM archive + ``truth.parquet``.
 """
 
-from phantom.archive import PhantomParams, Series, build_archive, make_series, write_series
+from phantom.archive import (
+    PhantomParams,
+    Series,
+    build_archive,
+    make_series,
+    write_annotations,
+    write_series,
+)
 from phantom.chest import Chest, Grid, build_chest
 from phantom.patterns import CONSOLIDATION, GGO, LUNG, PATTERNS, Lesions, paint
 
@@ -27,5 +34,6 @@ __all__ = [
     "build_chest",
     "make_series",
     "paint",
+    "write_annotations",
     "write_series",
 ]

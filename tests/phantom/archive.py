@@ -345,3 +345,34 @@ def build_archive(out: Path, params: PhantomParams | None = None) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=TRUTH_SCHEMA)
     pq.write_table(table, out / "truth.parquet")
     return table
+
+
+#: RSNA COVID-19 CT category of each pattern (1 typical … 4 negative).
+CATEGORY = {"typical": 1, "indeterminate": 2, "atypical": 3, "negative": 4}
+
+
+def write_annotations(out: Path, truth: pa.Table, seed: int = 0) -> None:
+    """A hospital's annotation files for the archive of ``truth`` (docs/annotations.md):
+    ``out/pcr.csv`` (pandemic-era studies: a positive swab two days before a COVID-19 CT,
+    two negative ones otherwise) and ``out/grades.csv`` (three readers; each read moves one
+    category off the pattern's with probability 0.15)."""
+    rng = np.random.default_rng([seed, 7])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = truth.to_pylist()
+    pcr = ["patient_id,site,test_date,result"]
+    grades = ["study_instance_uid,reader_id,category,read_date"]
+    for r in rows:
+        date = r["study_date"]
+        if r["era"] == "pandemic":
+            tests = [(2, "positive")] if r["covid"] else [(1, "negative"), (3, "negative")]
+            for days, result in tests:
+                day = (date - dt.timedelta(days=days)).isoformat()
+                pcr.append(f"{r['patient_id']},{r['site']},{day},{result}")
+        for reader in ("R01", "R02", "R03"):
+            category = CATEGORY[r["pattern"]]
+            if rng.random() < 0.15:
+                category = min(4, max(1, category + int(rng.choice([-1, 1]))))
+            day = (date + dt.timedelta(days=30)).isoformat()
+            grades.append(f"{r['study_instance_uid']},{reader},{category},{day}")
+    (out / "pcr.csv").write_text("\n".join(pcr) + "\n", encoding="utf-8")
+    (out / "grades.csv").write_text("\n".join(grades) + "\n", encoding="utf-8")

@@ -337,12 +337,13 @@ def run(
             sum(sc["errors"].values()),
         )
         lm = report["lung_mask"]
-        log.info(
-            "lung mask Dice on %d consolidated series: threshold %s, robust %s",
-            lm["series"],
-            lm["dice_threshold"],
-            lm["dice_robust"],
-        )
+        if lm["series"]:  # only with --seg: SEGs of consolidated series to compare with
+            log.info(
+                "lung mask Dice on %d consolidated series: threshold %s, robust %s",
+                lm["series"],
+                lm["dice_threshold"],
+                lm["dice_robust"],
+            )
     log.info(
         "%d series seen, %d selected (%s)",
         report["series_seen"],
