@@ -157,16 +157,12 @@ def _segments(
     return out
 
 
-#: Vessel trees per lung of the demo (upper, lower posterior basal, anterior, lateral).
-VESSEL_TREES = 4
-
-
 def _tree_fields(
     rng: np.random.Generator,
     body: Body,
     grid: Grid,
     hila: list[np.ndarray],
-    trees: int = VESSEL_TREES,
+    trees: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Vessel and airway lumen fractions (partial volume) from trees rooted at the hila:
     the four named roots per lung, then ``trees`` − 4 more in random lateral directions with
@@ -234,9 +230,7 @@ def _tree_fields(
     return vessel, air
 
 
-def make_chest(
-    rng: np.random.Generator, body: Body, grid: Grid, vessel_trees: int = VESSEL_TREES
-) -> Chest:
+def make_chest(rng: np.random.Generator, body: Body, grid: Grid, vessel_trees: int) -> Chest:
     """Evaluate a noiseless chest on ``grid``: HU, tissue classes and lung coordinates
     (``vessel_trees`` vessel trees per lung)."""
     z = grid.z.astype(np.float32)[:, None, None]

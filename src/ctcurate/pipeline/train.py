@@ -249,6 +249,12 @@ def train_segmenter(
     return SegmenterRun(net=net, best_state=best_state, best_epoch=best_epoch, history=history)
 
 
+def images_per_case(predicted: bool, copies: int) -> int:
+    """Rows each labelled case gives the typicality fit: its own, and ``copies`` scanner
+    looks of its image when its features come from a network's prediction."""
+    return 1 + (copies if predicted else 0)
+
+
 def case_features(
     net: torch.nn.Module | None,
     dataset: Dataset[dict[str, Any]],
@@ -272,7 +278,7 @@ def case_features(
     """
     rows: list[npt.NDArray[np.float64]] = []
     ys: list[int] = []
-    n_images = 1 + (copies if net is not None and look is not None else 0)
+    n_images = images_per_case(net is not None and look is not None, copies)
     for i in range(len(dataset)):  # type: ignore[arg-type]
         sample = dataset[i]
         if sample["typical"] not in (0, 1):
@@ -685,7 +691,7 @@ def run(release: Path, out: Path, live: Path, params: TrainParams) -> None:
             lesion_filter.min_lesion_mm3,
             lesion_filter.lesion_grow_mm,
         )
-        per_case = 1 + (params.classifier_copies if feature_net is not None else 0)
+        per_case = images_per_case(feature_net is not None, params.classifier_copies)
         log.info(
             "typicality classifier fitted on %d cases of %s (%d typical, %d other, %d unknown)"
             ", %d image(s) each",
