@@ -43,6 +43,10 @@ def rules(**policy: Any) -> phi.Rules:
         ("PatientName", ["DOE^JOHN^12345"], {}, "phi"),  # a name beside a number
         ("PatientName", ["DOE_JOHN_12345"], {}, "phi"),
         ("PatientName", ["ANONYMOUS^JOHN"], {}, "phi"),
+        ("PatientName", ["Patient 12"], {}, "pseudonym"),
+        ("PatientName", ["SUBJECT^007"], {}, "pseudonym"),
+        ("PatientName", ["Case^Steve"], {}, "phi"),  # a surname that is also a code word
+        ("PatientName", ["Patient"], {}, "dummy"),
         ("PatientName", ["Anonymized1"], {"strict": True}, "phi"),
         ("PatientName", ["REMOVED", "DOE^JOHN"], {}, "phi"),  # every value must pass
         ("ReferringPhysicianName", ["Anonymized"], {}, "dummy"),

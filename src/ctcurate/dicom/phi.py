@@ -95,8 +95,14 @@ DEFAULT_DUMMIES: tuple[str, ...] = (
     "ANONYMOUS",
     "DEIDENTIFIED",
     "DE-IDENTIFIED",
+    "PSEUDONYMISED",
+    "PSEUDONYMIZED",
     "REMOVED",
     "UNKNOWN",
+    # words of a code, never a name alone: "Patient 12", "SUBJECT^007", "Case-3"
+    "PATIENT",
+    "SUBJECT",
+    "CASE",
 )
 _EMPTY = " \x00^=\\"  # a value made of separators only is empty
 _YEAR_ONLY = re.compile(r"[0-9]{4}0101")
