@@ -485,7 +485,58 @@ def _broken_copy(world: World, tmp_path: Path, how: str) -> Path:
             path.unlink()
     elif how == "text":
         victim.write_text("not dicom")
+    elif how == "head":  # every header that could name a region names the head
+        for path in sorted(folder.iterdir()):
+            ds = pydicom.dcmread(path)
+            ds.BodyPartExamined = "HEAD"
+            ds.StudyDescription = "CT HEAD"
+            ds.SeriesDescription = "Brain 5mm"
+            ds.ProtocolName = "Routine Head"
+            for keyword in ("AnatomicRegionSequence", "RequestedProcedureDescription"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+            ds.save_as(path)
+    elif how == "dirfile":  # Philips writes a media storage directory into each series folder
+        from pydicom.dataset import FileDataset, FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+        meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        directory = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        directory.FileSetID = "EXPORT"
+        directory.DirectoryRecordSequence = []
+        directory.save_as(folder / "DIRFILE", enforce_file_format=True)
     return folder
+
+
+def test_a_media_storage_directory_in_the_folder_is_not_an_instance(
+    world: World, tmp_path: Path
+) -> None:
+    folder = _broken_copy(world, tmp_path, "dirfile")
+    plain = predict.run_series(
+        world.archive / SITE / "s2", world.models, tmp_path / "a", PACK, EVAL
+    )
+    with_dir = predict.run_series(folder, world.models, tmp_path / "b", PACK, EVAL)
+    assert with_dir == plain
+
+
+def test_a_series_whose_headers_name_the_head_is_refused(world: World, tmp_path: Path) -> None:
+    from ctcurate.selection.region import VOCABULARY_FILE, read_vocabulary
+
+    regions = read_vocabulary(ROOT / "stages" / "select" / VOCABULARY_FILE)
+    folder = _broken_copy(world, tmp_path, "head")
+    with pytest.raises(InputError, match=r"headers name the head, not the chest \(BodyPart"):
+        predict.run_series(folder, world.models, tmp_path / "out", PACK, EVAL, regions=regions)
+    assert not (tmp_path / "out").exists()
+    # the chest series of the same world pass the same check
+    predict.run_series(
+        world.archive / SITE / "s2", world.models, tmp_path / "chest", PACK, EVAL, regions=regions
+    )
+    # without the check (--any-region) the head series is predicted
+    predict.run_series(folder, world.models, tmp_path / "any", PACK, EVAL)
+    assert (tmp_path / "any" / "prediction.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -518,6 +569,23 @@ def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path:
     assert lines[0].startswith(f"ctcurate: error: {folder}: cannot assemble the series: ")
     assert "not_ct_image" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_head_series_is_one_line_unless_any_region(world: World, tmp_path: Path) -> None:
+    folder = _broken_copy(world, tmp_path, "head")
+    common = ("--series", str(folder), "--models", str(world.models))
+    rules = ("--rules", str(ROOT / "stages" / "select"))
+    proc = _predict_cli(tmp_path, *common, "--out", str(tmp_path / "out"), *rules)
+    assert proc.returncode == InputError.exit_code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"ctcurate: error: {folder}: its headers name the head")
+    assert "--any-region" in lines[0]
+    assert not (tmp_path / "out").exists()
+    anyway = _predict_cli(tmp_path, *common, "--out", str(tmp_path / "out"), *rules, "--any-region")
+    assert anyway.returncode == 0, anyway.stderr
+    assert (tmp_path / "out" / "prediction.json").is_file()
 
 
 # --------------------------------------------------------------------------- batch

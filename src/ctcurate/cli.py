@@ -45,6 +45,8 @@ ParamsOpt = Annotated[
     typer.Option("--params", help="params.yaml holding this stage's section.", dir_okay=False),
 ]
 DEFAULT_PARAMS = Path("params.yaml")
+#: Where `select` keeps its rule files and body region vocabulary in this repository.
+DEFAULT_RULES = Path("stages/select")
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(
@@ -524,6 +526,19 @@ def predict(
     workers: Annotated[int, typer.Option(help="Local worker processes (batch).", min=1)] = 1,
     scheduler: SchedulerOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
+    rules: Annotated[
+        Path,
+        typer.Option(
+            "--rules",
+            help="Folder holding select's body_region.yaml: --series refuses a series whose "
+            "headers name another region than the chest (not checked when the default folder "
+            "is absent).",
+            file_okay=False,
+        ),
+    ] = DEFAULT_RULES,
+    any_region: Annotated[
+        bool, typer.Option("--any-region", help="--series: predict whatever region it shows.")
+    ] = False,
 ) -> None:
     """Apply the trained models to one CT series or to the selected series: SEG, JSON, PNG."""
     from ctcurate.errors import InputError
@@ -536,7 +551,12 @@ def predict(
         msg = "predict: give either --series DIR or --selected F (with --index and --archive)"
         raise InputError(msg)
     if series is not None:
-        tool.run_series(series, models, out, pack_params, eval_params, release)
+        regions = None
+        if not any_region and (rules != DEFAULT_RULES or rules.is_dir()):
+            from ctcurate.selection.region import VOCABULARY_FILE, read_vocabulary
+
+            regions = read_vocabulary(rules / VOCABULARY_FILE)
+        tool.run_series(series, models, out, pack_params, eval_params, release, regions)
         return
     if selected is None or index is None or archive is None:
         msg = "predict: --selected needs --index and --archive"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ctcurate.dicom.checks import DICOMDIR_SOP_CLASS, sop_class
 from ctcurate.errors import InputError
 
 #: Files of a series folder that are not instances.
@@ -16,7 +17,9 @@ READ_ERRORS = (OSError, EOFError, ValueError, TypeError, AttributeError)
 
 
 def read_series_dir(folder: Path) -> list[Any]:
-    """The instances of one series folder (sorted file names; hidden files, DICOMDIR skipped).
+    """The instances of one series folder (sorted file names; hidden files and media storage
+    directories skipped: a DICOMDIR, or Philips' DIRFILE in every series folder of an export,
+    told by its SOP class whatever its name).
 
     Raises
     ------
@@ -41,10 +44,15 @@ def read_series_dir(folder: Path) -> list[Any]:
     datasets = []
     for path in files:
         try:
-            datasets.append(pydicom.dcmread(path))
+            ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, *READ_ERRORS) as exc:
             msg = f"{path}: not a readable DICOM file ({type(exc).__name__})"
             raise InputError(msg) from exc
+        if sop_class(ds) != DICOMDIR_SOP_CLASS:
+            datasets.append(ds)
+    if not datasets:
+        msg = f"{folder}: holds no DICOM instances (only media storage directories)"
+        raise InputError(msg)
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         msg = f"{folder}: holds {len(series)} series; give the folder of one series"

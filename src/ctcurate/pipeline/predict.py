@@ -39,6 +39,7 @@ from ctcurate.models.inference import (
     write_outputs,
 )
 from ctcurate.params import EvaluateParams, PackParams
+from ctcurate.selection.region import CHEST, UNKNOWN, BodyRegions, dataset_values
 
 log = get_logger("predict")
 
@@ -53,13 +54,18 @@ def run_series(
     pack: PackParams,
     params: EvaluateParams,
     release: Path | None = None,
+    regions: BodyRegions | None = None,
 ) -> dict[str, Any]:
     """Predict one series folder into the folder ``out``; returns ``prediction.json``'s content.
+
+    With ``regions`` (the body region vocabulary of ``select``), a series whose headers name
+    another region and not the chest (a head CT) is refused: the models know only chests.
 
     Raises
     ------
     InputError
-        When the series cannot be read or assembled (naming why), or an input is unusable.
+        When the series cannot be read or assembled (naming why), is not a chest CT by its
+        headers, or an input is unusable.
     """
     series, models_dir, out = Path(series), Path(models_dir), Path(out)
     inputs = [series, models_dir, *([Path(release)] if release else [])]
@@ -71,6 +77,14 @@ def run_series(
     torch.set_num_threads(params.threads)
     models = load(models_dir, pack.spacing_mm, device)
     datasets = read_series_dir(series)
+    if regions is not None:
+        region, header = regions.classify(dataset_values(regions, datasets[0]))
+        if region not in (CHEST, UNKNOWN):
+            msg = (
+                f"{series}: its headers name the {region}, not the chest ({header}); the "
+                "models are for chest CT (--any-region predicts anyway)"
+            )
+            raise InputError(msg)
     if release is not None:
         uid = str(datasets[0].get("SeriesInstanceUID", ""))
         found = [o for (_, u), o in sorted(origins.items()) if u == uid]
