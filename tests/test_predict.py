@@ -556,6 +556,14 @@ def test_a_broken_series_is_one_error_naming_why(
     assert not (tmp_path / "out").exists()
 
 
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one stderr line of a refused command (exit code of an input error)."""
+    assert proc.returncode == InputError.exit_code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 @pytest.mark.slow
 def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path: Path) -> None:
     folder = _broken_copy(world, tmp_path, "not_ct")
@@ -563,11 +571,9 @@ def test_cli_non_ct_series_is_one_line_and_non_zero_exit(world: World, tmp_path:
         tmp_path,
         *("--series", str(folder), "--models", str(world.models), "--out", str(tmp_path / "out")),
     )
-    assert proc.returncode == InputError.exit_code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"ctcurate: error: {folder}: cannot assemble the series: ")
-    assert "not_ct_image" in lines[0]
+    line = _one_line_error(proc)
+    assert line.startswith(f"ctcurate: error: {folder}: cannot assemble the series: ")
+    assert "not_ct_image" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -577,11 +583,9 @@ def test_cli_head_series_is_one_line_unless_any_region(world: World, tmp_path: P
     common = ("--series", str(folder), "--models", str(world.models))
     rules = ("--rules", str(ROOT / "stages" / "select"))
     proc = _predict_cli(tmp_path, *common, "--out", str(tmp_path / "out"), *rules)
-    assert proc.returncode == InputError.exit_code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"ctcurate: error: {folder}: its headers name the head")
-    assert "--any-region" in lines[0]
+    line = _one_line_error(proc)
+    assert line.startswith(f"ctcurate: error: {folder}: its headers name the head")
+    assert "--any-region" in line
     assert not (tmp_path / "out").exists()
     anyway = _predict_cli(tmp_path, *common, "--out", str(tmp_path / "out"), *rules, "--any-region")
     assert anyway.returncode == 0, anyway.stderr
