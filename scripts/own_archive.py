@@ -12,9 +12,10 @@ Rewrites ``dvc.yaml`` of the project (default: the current folder) in place:
   audits against the synthetic truth (``--seg``, ``--truth`` and their deps).
 
 Nothing else changes; comments stay. The paths are written as given (relative ones are
-relative to the project, as DVC reads them); they must exist. A ``dvc.yaml`` that is not
-the demo's (already pointed elsewhere, or edited by hand) is refused, naming what is
-missing, and left as it is. Then ``dvc repro``.
+relative to the project, as DVC reads them); they must exist. Run again on a pipeline it
+already edited, it only points the ``vars`` at the new paths (an archive that moved). A
+``dvc.yaml`` that is neither (edited by hand half-way) is refused, naming what is missing,
+and left as it is. Then ``dvc repro``.
 """
 
 from __future__ import annotations
@@ -76,15 +77,39 @@ def _yaml_scalar(value: str) -> str:
     return dumped.removesuffix("\n...").strip()
 
 
-def rewrite(text: str, archive: str, annotations: str, audit_list: str) -> str:
-    """The demo's ``dvc.yaml`` text pointed at an archive of one's own."""
-    new = {"archive": archive, "annotations": annotations, "audit_list": audit_list}
+def _converted(text: str) -> bool:
+    """Whether ``text`` is a pipeline this script already pointed elsewhere: the demo's
+    stages and truth options gone, the three ``vars`` still there."""
+    data = yaml.safe_load(text)
+    stages = data.get("stages", {}) if isinstance(data, dict) else {}
+    variables = data.get("vars") if isinstance(data, dict) else None
+    keys = set().union(*(v for v in variables if isinstance(v, dict))) if variables else set()
+    return (
+        not any(name in stages for name in DEMO_STAGES)
+        and not any(piece in text for piece in DEMO_PIECES)
+        and set(DEMO_VARS) <= keys
+    )
+
+
+def _set_vars(text: str, new: dict[str, str], demo_only: bool) -> str:
     for key, demo in DEMO_VARS.items():
-        pattern = re.compile(rf"^(\s+-?\s*{key}: ){re.escape(demo)}\s*$", re.MULTILINE)
+        value = re.escape(demo) if demo_only else r"\S.*?"
+        pattern = re.compile(rf"^(\s+-?\s*{key}: ){value}\s*$", re.MULTILINE)
         if len(pattern.findall(text)) != 1:
-            msg = f"dvc.yaml: vars '{key}: {demo}' not found: not the demo's pipeline"
+            want = f"'{key}: {demo}'" if demo_only else f"'{key}:'"
+            msg = f"dvc.yaml: vars {want} not found once: not the demo's pipeline"
             raise ScriptError(msg)
         text = pattern.sub(lambda m, key=key: m.group(1) + _yaml_scalar(new[key]), text)
+    return text
+
+
+def rewrite(text: str, archive: str, annotations: str, audit_list: str) -> str:
+    """The demo's ``dvc.yaml`` text pointed at an archive of one's own (one this script
+    already pointed elsewhere: only its ``vars`` change)."""
+    new = {"archive": archive, "annotations": annotations, "audit_list": audit_list}
+    if _converted(text):
+        return _set_vars(text, new, demo_only=False)
+    text = _set_vars(text, new, demo_only=True)
     for piece, replacement in zip(DEMO_PIECES, REPLACEMENTS, strict=True):
         if text.count(piece) != 1:
             first = piece.strip().splitlines()[0]

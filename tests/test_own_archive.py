@@ -78,17 +78,31 @@ def test_the_demo_pipeline_is_pointed_at_other_inputs(tmp_path: Path) -> None:
     assert "# The release build." in text
 
 
-def test_the_script_edits_once_and_refuses_what_it_does_not_know(tmp_path: Path) -> None:
+def test_the_script_repoints_its_own_edit_and_refuses_a_half_edited_one(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     args = _inputs(tmp_path)
     done = _call(tmp_path, *args)
     assert done.returncode == 0, done.stderr
     edited = (tmp_path / "dvc.yaml").read_bytes()
-    again = _call(tmp_path, *args)
-    assert again.returncode == 2
-    assert again.stderr.count("\n") == 1  # one line, no traceback
-    assert "not the demo's pipeline; nothing changed" in again.stderr
+    again = _call(tmp_path, *args)  # the same paths: the same file
+    assert again.returncode == 0, again.stderr
     assert (tmp_path / "dvc.yaml").read_bytes() == edited
+    (tmp_path / "moved").mkdir()
+    moved = _call(tmp_path, *args[:1], "moved", *args[2:])  # the archive moved: vars only
+    assert moved.returncode == 0, moved.stderr
+    repointed = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+    assert repointed["vars"][0]["archive"] == "moved"
+    before = yaml.safe_load(edited)
+    assert repointed["stages"] == before["stages"]
+    assert len((tmp_path / "dvc.yaml").read_text().splitlines()) == len(edited.splitlines())
+    # a pipeline edited half-way by hand (synth gone, the rest of the demo still there)
+    half = _script()._drop_stages((ROOT / "dvc.yaml").read_text(), ("synth",))
+    (tmp_path / "dvc.yaml").write_text(half)
+    refused = _call(tmp_path, *args)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1  # one line, no traceback
+    assert "not the demo's pipeline; nothing changed" in refused.stderr
+    assert (tmp_path / "dvc.yaml").read_text() == half
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     missing = _call(tmp_path, *args[:-1], "nowhere.csv")
     assert missing.returncode == 2
