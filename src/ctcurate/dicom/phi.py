@@ -106,7 +106,6 @@ DEFAULT_DUMMIES: tuple[str, ...] = (
 )
 _EMPTY = " \x00^=\\"  # a value made of separators only is empty
 _YEAR_ONLY = re.compile(r"[0-9]{4}0101")
-_ALNUM = re.compile(r"[^\W_]")
 #: A word of a value: a run of letters and digits (any script).
 _WORD = re.compile(r"[^\W_]+")
 _DIGIT = re.compile(r"[0-9]")
@@ -158,9 +157,9 @@ class Rules:
             return "pseudonym"
         if any(p.fullmatch(text) for p in self._compiled):
             return "pseudonym"
-        if text.upper() in self.dummies or _ALNUM.search(text) is None:
-            return "dummy"
         words = _WORD.findall(text)
+        if text.upper() in self.dummies or not words:  # not words: no letter or digit
+            return "dummy"
         if any(_DIGIT.search(w) for w in words) and all(
             _DIGIT.search(w) or w.upper() in self.dummies for w in words
         ):
