@@ -108,8 +108,8 @@ def column_value(ds: Header, kind: str, keyword: str) -> tuple[Any, list[str]]:
 
     ``kind`` names the conversion :func:`instance_record` applies to ``keyword``:
     ``text``, ``uid``, ``date``, ``float``, ``int``, ``core`` (a core attribute, ``None``
-    when missing or invalid), ``floats2`` / ``floats3`` (a list of 2 or 3 numbers) or
-    ``orientation``.
+    when missing or invalid), ``floats2`` / ``floats3`` (a list of 2 or 3 numbers),
+    ``orientation`` or ``codes`` (a code sequence's CodeMeanings, ``\\``-joined).
     """
     flags: list[str] = []
     value: Any
@@ -129,6 +129,8 @@ def column_value(ds: Header, kind: str, keyword: str) -> tuple[Any, list[str]]:
         value = _floats(ds, keyword, int(kind[-1]), flags)
     elif kind == "orientation":
         value = _orientation(ds, flags)
+    elif kind == "codes":
+        value = _code_meanings(ds, keyword, flags)
     else:
         msg = f"unknown column kind {kind!r}"
         raise ValueError(msg)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ctcurate.dicom.record import column_value
 from ctcurate.dicom.seg import SegWriteError
 from ctcurate.dicom.series_dir import read_series_dir
 from ctcurate.errors import InputError, one_line
@@ -39,12 +40,18 @@ from ctcurate.models.inference import (
     write_outputs,
 )
 from ctcurate.params import EvaluateParams, PackParams
-from ctcurate.selection.region import CHEST, UNKNOWN, BodyRegions, dataset_values
+from ctcurate.selection.region import CHEST, UNKNOWN, BodyRegions
 
 log = get_logger("predict")
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def _region_headers(regions: BodyRegions, ds: Any) -> list[str | None]:
+    """The headers ``regions`` reads, converted as ``index`` records them for ``select``."""
+    kinds = {"AnatomicRegionSequence": "codes"}
+    return [column_value(ds, kinds.get(h, "text"), h)[0] for h in regions.headers]
 
 
 def run_series(
@@ -78,7 +85,7 @@ def run_series(
     models = load(models_dir, pack.spacing_mm, device)
     datasets = read_series_dir(series)
     if regions is not None:
-        region, header = regions.classify(dataset_values(regions, datasets[0]))
+        region, header = regions.classify(_region_headers(regions, datasets[0]))
         if region not in (CHEST, UNKNOWN):
             msg = (
                 f"{series}: its headers name the {region}, not the chest ({header}); the "

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -121,25 +121,6 @@ class BodyRegions:
             if names:
                 return names[0], header
         return UNKNOWN, None
-
-
-def dataset_values(regions: BodyRegions, ds: Any) -> list[str | None]:
-    """The header values of one DICOM dataset in ``regions.headers`` order, as ``index``
-    records them (AnatomicRegionSequence: its items' CodeMeaning, ``\\``-joined)."""
-    values: list[str | None] = []
-    for header in regions.headers:
-        try:
-            value = ds.get(header)
-        except Exception:  # an unconvertible value counts as absent, as in index
-            value = None
-        if header == "AnatomicRegionSequence":
-            items = value if isinstance(value, Sequence) and not isinstance(value, str) else []
-            meanings = [str(item.get("CodeMeaning", "") or "").strip() for item in items]
-            values.append("\\".join(m for m in meanings if m) or None)
-        else:
-            text = "" if value is None else str(value).strip(" \x00")
-            values.append(text or None)
-    return values
 
 
 def compile_vocabulary(vocabulary: Vocabulary, where: str = "vocabulary") -> BodyRegions:
