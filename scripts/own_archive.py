@@ -21,13 +21,13 @@ and left as it is. Then ``dvc repro``.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from ctcurate.io.atomic import write_bytes
 
 DEMO_STAGES = ("synth", "select_audit")
 DEMO_VARS = {
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except ScriptError as exc:
         sys.stderr.write(f"error: {exc}; nothing changed\n")
         return 2
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dvc.yaml.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    Path(tmp).chmod(path.stat().st_mode & 0o777)
-    Path(tmp).replace(path)
+    write_bytes(path, text.encode("utf-8"))
     sys.stdout.write(
         f"{path}: archive, annotations and audit_list set; stages {', '.join(DEMO_STAGES)} "
         "removed; run `dvc repro`\n"
